@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make quickstart` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+QUICKSTART_DIR ?= out/quickstart
+
+.PHONY: quickstart test install install-test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+quickstart: install
+	QUICKSTART_DIR=$(QUICKSTART_DIR) bash experiments/quickstart.sh
+
+test: install-test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf out

@@ -1,0 +1,35 @@
+"""Small numerical helpers shared by every objective (one place for each)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-sequence token mean, then batch mean (upstream semantics, safe-rlhf #154).
+
+    x, mask: [B, T] -> scalar. Rows with an empty mask contribute 0.
+    """
+    mask = mask.astype(x.dtype)
+    per_sequence = jnp.sum(x * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    return jnp.mean(per_sequence)
+
+
+def token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log softmax(logits)[..., token] in fp32.
+
+    logits: [B, T, V], tokens: [B, T] -> [B, T]. Callers shift: pass logits[:, :-1]
+    and tokens[:, 1:] to score each next token.
+    """
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - log_z
+
+
+def last_true_index(mask: jax.Array) -> jax.Array:
+    """Index of the last True along the last axis (0 when none). mask: [B, T] -> [B] int32."""
+    length = mask.shape[-1]
+    reversed_first = jnp.argmax(jnp.flip(mask.astype(bool), axis=-1), axis=-1)
+    return (length - 1 - reversed_first).astype(jnp.int32)
