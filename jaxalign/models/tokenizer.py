@@ -1,0 +1,106 @@
+"""Tokenizers: load an HF tokenizer dir with the pad-token rule of Safe RLHF; train the small BPE.
+
+    tok = load_tokenizer(path)                 # tok.jaxalign_added_tokens: tokens appended to the vocab
+    train_bpe_tokenizer(texts, 1024, out_dir)  # byte-level BPE saved as an ordinary HF dir
+
+Upstream (spec §2.5) adds any missing special token (`<pad>`, `</s>`, `<s>`, `<unk>`) after
+loading, then resizes the embeddings. `load_tokenizer` does the same and records the tokens it
+added in `tok.jaxalign_added_tokens`; when that is not empty the caller resizes with
+`jaxalign.models.llama.resize_token_embeddings(cfg, params, len(tok))`.
+Encoding prepends BOS (`add_special_tokens=True`, like Llama) and never appends EOS: training
+texts append `tok.eos_token` as a string (spec §11.10).
+
+`jaxalign tokenizer --data DIR --out DIR --vocab-size N` trains on the prompts and responses of
+a release-layout dir.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Iterable
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+
+def load_tokenizer(path: str | os.PathLike, *, padding_side: str = "right", model_max_length: int | None = None):
+    """Load an HF tokenizer dir -> tokenizer, with `tokenizer.jaxalign_added_tokens: list[str]`.
+
+    Missing special tokens are added in the order pad, eos, bos, unk (upstream's), so a
+    Llama-1 tokenizer gets `<pad>` as id 32000. `len(tokenizer)` is then the vocab size the
+    embeddings must have.
+    """
+    from transformers import AutoTokenizer
+
+    kwargs = {"padding_side": padding_side}
+    if model_max_length is not None:
+        kwargs["model_max_length"] = model_max_length
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    added = []
+    for key in ("pad_token", "eos_token", "bos_token", "unk_token"):
+        if getattr(tokenizer, key) is None:
+            tokenizer.add_special_tokens({key: SPECIAL_TOKENS[key]})
+            added.append(SPECIAL_TOKENS[key])
+    tokenizer.jaxalign_added_tokens = added
+    return tokenizer
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike):
+    """Train a byte-level BPE on texts and save it as an HF tokenizer dir; returns the loaded tokenizer.
+
+    Ids 0..3 are `<s>`, `</s>`, `<unk>`, `<pad>`. The dir holds tokenizer.json and
+    tokenizer_config.json and loads with `AutoTokenizer.from_pretrained(out_dir)`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [SPECIAL_TOKENS[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    bpe = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no <unk> at run time
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        add_bos_token=True,  # builds the "<s> $A" post-processor, saved with the dir
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        **SPECIAL_TOKENS,
+    )
+    pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return load_tokenizer(out_dir)
+
+
+def release_texts(data_dir: str | os.PathLike) -> Iterable[str]:
+    """Prompts (formatted with the upstream template, as the models see them) and responses of
+    every file (all subsets, both splits) of a release-layout dir."""
+    from jaxalign.data import pku_saferlhf
+    from jaxalign.data.views import format_prompt
+
+    kind = pku_saferlhf.detect_kind(data_dir)
+    config = "v0" if kind == "v0" else ("single-default" if kind == "single" else "default")
+    for split in pku_saferlhf.SPLITS:
+        paths = pku_saferlhf.find_files(data_dir, config, split)
+        for _, _, row in pku_saferlhf.iter_rows(paths, kind, check_sha256=False):
+            yield format_prompt(row["prompt"])
+            yield row["response_0"]
+            yield row["response_1"]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, help="release-layout dir (data/<Model>/{train,test}.jsonl)")
+    parser.add_argument("--out", required=True, help="output tokenizer dir")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocab size incl. the 4 special tokens")
+
+
+def run(args) -> int:
+    tokenizer = train_bpe_tokenizer(release_texts(args.data), args.vocab_size, args.out)
+    print(f"wrote {args.out}: vocab {len(tokenizer)}, bos={tokenizer.bos_token_id} eos={tokenizer.eos_token_id} "
+          f"unk={tokenizer.unk_token_id} pad={tokenizer.pad_token_id}")
+    return 0
