@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-QUICKSTART_DIR ?= out/quickstart
 
 .PHONY: quickstart test install install-test bench clean
 
@@ -22,7 +21,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 quickstart: install
-	QUICKSTART_DIR=$(QUICKSTART_DIR) bash experiments/quickstart.sh
+	bash experiments/quickstart.sh
 
 test: install-test
 	$(PY) -m pytest -q tests

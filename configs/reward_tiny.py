@@ -1,0 +1,58 @@
+"""Tiny reward model on CPU: the sft_tiny model shape on the mini dataset's helpfulness pairs.
+
+Prepare the data, tokenizer and SFT model once (see configs/README.md), then
+
+    jaxalign train --config configs/reward_tiny.py --workdir out/reward_tiny
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def score_config() -> ml_collections.ConfigDict:
+    """Score-model fields of the tiny reward and cost configs (upstream script values)."""
+    return ml_collections.ConfigDict(
+        dict(
+            score_dim=1,  # one scalar score per token
+            score_bias=True,  # score head has a bias (upstream default)
+            loss_type="sequence-wise",  # sequence-wise | token-wise (spec §4.2)
+            regularization=0.001,  # reg · mean(end_score²) keeps scores near 0
+            normalizer_type="ExponentialMovingAverage",  # none | RunningMeanStd | ExponentialMovingAverage
+            momentum=0.9,  # EMA momentum of the end-score mean/var
+            normalize_during_training=False,  # stats are tracked and exported but not applied
+            inconsistent_pairs="skip",  # cost stage: safer-labelled-unsafe pairs (mini has 2% noise)
+        )
+    )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = base.get_config()
+    config.stage = "reward"  # score_stage.run with the preference-pair loss
+    config.seed = 0  # same seed as sft_tiny
+    config.model.init_path = "out/sft_tiny/export"  # the tiny SFT model; "" = random init below
+    hf = config.model.hf_config
+    hf.vocab_size = 1024  # replaced by len(tokenizer)
+    hf.hidden_size = 64  # sft_tiny shape (used only for random init)
+    hf.intermediate_size = 128  # sft_tiny shape
+    hf.num_hidden_layers = 2  # sft_tiny shape
+    hf.num_attention_heads = 4  # sft_tiny shape
+    hf.num_key_value_heads = 2  # sft_tiny shape
+    hf.max_position_embeddings = 256  # sft_tiny shape
+    config.tokenizer = "out/mini_tokenizer"  # `jaxalign tokenizer --data out/mini --out out/mini_tokenizer`
+    config.data.source = "out/mini"  # `jaxalign data mini --out out/mini`
+    config.data.max_length = 96  # mini texts are tens of tokens
+    config.data.batch_size = 16  # 16 pairs = 32 sequences per forward
+    config.data.eval_batch_size = 32  # 32 pairs per eval forward
+    config.mesh.fsdp = -1  # all local devices (1 on a plain CPU run)
+    config.train.epochs = 1  # ~170 updates on the mini train split
+    config.train.learning_rate = 1e-3  # a tiny model needs a much larger lr than 2e-5
+    config.train.warmup_ratio = 0.03  # upstream warmup
+    config.train.weight_decay = 0.1  # upstream --weight_decay 0.1
+    config.train.log_every = 10  # a line every 10 updates
+    config.train.eval_every = 50  # a few evals per run
+    config.train.eval_batches = -1  # the whole mini test split (~300 pairs)
+    config.checkpoint.save_every = 100  # a resumable checkpoint every 100 updates
+    config.checkpoint.keep = 2  # keep the last two
+    config.score = score_config()  # loss, regularization and normalizer (see score_config)
+    return config

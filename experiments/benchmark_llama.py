@@ -1,0 +1,216 @@
+"""Benchmark: jaxalign Llama (JAX) against transformers LlamaForCausalLM (torch) on CPU, fp32.
+
+    python experiments/benchmark_llama.py --out out/benchmark_llama.json [--reps 5]
+
+Measures, on one config (vocab 8192, hidden 512, intermediate 1408, 8 layers, 8 heads, 4 kv
+heads, seq 512, batch 4): (a) train step (fwd + bwd + AdamW) tokens/s, (b) forward tokens/s,
+(c) MFU of each against the fp32 matmul peak measured in the same run (2048^3, both
+frameworks), (d) sampling tokens/s (batch 16, prompt 64, 128 new tokens) against HF
+`generate` with its KV cache. Medians over --reps timed runs after warmup, jax and torch runs interleaved; prints a markdown
+table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxalign.generate import sampler
+from jaxalign.models import llama
+
+CONFIG = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+)
+BATCH, SEQ = 4, 512
+SAMPLE_BATCH, PROMPT, NEW = 16, 64, 128
+
+
+def timed_pair(fns: dict, reps: int, warmup: int = 1) -> dict:
+    """Median seconds of each fn() (each must block until its work is done). Runs are
+    interleaved (a, b, a, b, ...) so that load from other processes hits both alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def model_flops_per_token(cfg: llama.LlamaConfig, seq: int) -> float:
+    """Forward matmul FLOPs per token: 2 * matmul params + attention scores and values
+    (full T x T, the PaLM convention). A train step is 3x this."""
+    d, f, h, kv, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                       cfg.num_key_value_heads, cfg.head_dim)
+    per_layer = d * h * dh * 2 + 2 * d * kv * dh + 3 * d * f
+    matmul_params = cfg.num_hidden_layers * per_layer + d * cfg.vocab_size
+    attention = 2 * 2 * cfg.num_hidden_layers * seq * h * dh
+    return 2 * matmul_params + attention
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def jax_peak_fn():
+    a = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (2048, 2048), jnp.float32)
+    mm = jax.jit(jnp.dot)
+    return lambda: mm(a, b).block_until_ready()
+
+
+def jax_fns(cfg: llama.LlamaConfig) -> dict:
+    """Callables for the train step, forward and sampling of jaxalign's Llama."""
+    model = llama.Llama(cfg)
+    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (BATCH, SEQ), 0, cfg.vocab_size)
+    tx = optax.adamw(1e-4, weight_decay=0.0)
+
+    def loss_fn(params, ids):
+        logits = model.apply({"params": params}, ids).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+    @jax.jit
+    def train_step(params, opt_state, ids):
+        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    state = [params, tx.init(params)]
+
+    def train():
+        state[0], state[1], loss = train_step(state[0], state[1], ids)
+        loss.block_until_ready()
+
+    forward_fn = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
+    prompt = jax.random.randint(jax.random.PRNGKey(2), (SAMPLE_BATCH, PROMPT), 0, cfg.vocab_size)
+    mask = jnp.ones_like(prompt, bool)
+    sampling = sampler.SamplingConfig(max_new_tokens=NEW, temperature=1.0, pad_token_id=0)
+    keys = iter(jax.random.split(jax.random.PRNGKey(3), 1000))
+
+    def sample():
+        sampler.sample(params, cfg, prompt, mask, next(keys), sampling).sequences.block_until_ready()
+
+    return {
+        "train": train,
+        "forward": lambda: forward_fn(params, ids).block_until_ready(),
+        "sample": sample,
+        "peak": jax_peak_fn(),
+    }
+
+
+def torch_fns(cfg: llama.LlamaConfig) -> dict:
+    """The same callables for transformers.LlamaForCausalLM (sampling = `generate` with cache)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_config()))
+    ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+
+    def train():
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids).logits
+
+    prompt = torch.randint(0, cfg.vocab_size, (SAMPLE_BATCH, PROMPT))
+
+    def sample():
+        model.eval()
+        with torch.no_grad():
+            model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                use_cache=True,
+                pad_token_id=0,
+            )
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return {"train": train, "forward": forward, "sample": sample, "peak": lambda: torch.mm(a, b)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out/benchmark_llama.json")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--skip-torch", action="store_true")
+    args = parser.parse_args()
+
+    cfg = llama.LlamaConfig(**CONFIG)
+    flops_token = model_flops_per_token(cfg, SEQ)
+    tokens = BATCH * SEQ
+    fns = {"jax": jax_fns(cfg)}
+    if not args.skip_torch:
+        fns["torch"] = torch_fns(cfg)
+    seconds = {name: {} for name in fns}
+    for metric in ("peak", "train", "forward", "sample"):
+        reps = max(2, args.reps // 2) if metric == "sample" else args.reps
+        got = timed_pair({name: f[metric] for name, f in fns.items()}, reps, warmup=2 if metric == "peak" else 1)
+        for name, value in got.items():
+            seconds[name][metric] = value
+    results = {"jax": {}, "torch": {}}
+    for name, sec in seconds.items():
+        out = results[name]
+        out["peak_flops"] = 2 * 2048**3 / sec["peak"]
+        out["train_tokens_per_s"] = tokens / sec["train"]
+        out["forward_tokens_per_s"] = tokens / sec["forward"]
+        out["sample_tokens_per_s"] = SAMPLE_BATCH * NEW / sec["sample"]
+        out["train_mfu"] = 3 * flops_token * out["train_tokens_per_s"] / out["peak_flops"]
+        out["forward_mfu"] = flops_token * out["forward_tokens_per_s"] / out["peak_flops"]
+    results["config"] = dict(CONFIG, batch=BATCH, seq=SEQ, dtype="float32",
+                             sample=dict(batch=SAMPLE_BATCH, prompt=PROMPT, new_tokens=NEW))
+    results["machine"] = {"platform": platform.platform(), "jax": jax.__version__,
+                          "devices": str(jax.devices())}
+
+    rows = [
+        ("train tokens/s", "train_tokens_per_s", "{:,.0f}"),
+        ("train MFU (of measured peak)", "train_mfu", "{:.1%}"),
+        ("forward tokens/s", "forward_tokens_per_s", "{:,.0f}"),
+        ("forward MFU", "forward_mfu", "{:.1%}"),
+        ("sampling tokens/s", "sample_tokens_per_s", "{:,.0f}"),
+        ("fp32 matmul peak GFLOP/s", "peak_flops", "{:.0f}"),
+    ]
+    print("| metric | jax | torch | jax/torch |\n|---|---|---|---|")
+    for label, key, fmt in rows:
+        jv, tv = results["jax"].get(key), results["torch"].get(key)
+        scale = 1e-9 if key == "peak_flops" else 1
+        ratio = f"{jv / tv:.2f}x" if tv else "-"
+        print(f"| {label} | {fmt.format(jv * scale)} | {fmt.format(tv * scale) if tv else '-'} | {ratio} |")
+    path = pathlib.Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Training benchmarks: SFT step throughput on CPU, and the per-device memory plan of 7B steps.
+
+    python experiments/benchmark_train.py [--out out/benchmark_train.json] [--steps 5]
+
+1. throughput: one SFT train step (fwd + bwd + AdamW, jitted, state donated) of a Llama with
+   vocab 8192, hidden 512, intermediate 1408, 8 layers, 8 heads / 4 KV heads, seq 512, batch 4,
+   fp32, on one CPU device. Reports tokens/s and MFU against a measured fp32 matmul peak of the
+   same device (model FLOPs = 6 N + 12 L T d_attn per token, N = non-embedding parameters;
+   XLA's cost analysis is recorded too but counts the scanned layer body once).
+2. memory: per-device memory of a Llama-2-7B reward-model step (ScoreModel = backbone + score
+   head, preference loss over concat([better; worse])) and of the SFT-7B step, AOT-compiled on a
+   simulated 64-device CPU mesh from abstract inputs (`jit(...).lower(...).compile()
+   .memory_analysis()`): nothing is allocated, so it runs on a laptop. The CPU compiler's plan
+   approximates the TPU one (different fusion and layouts), good to pick a slice size.
+
+Each part runs in a subprocess with its own XLA_FLAGS (1 and 64 host devices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GIB = 1024**3
+# HBM per chip (GiB) of TPU generations a 7B run could use.
+TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+
+BENCH_MODEL = dict(
+    vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+)
+LLAMA2_7B = dict(
+    vocab_size=32001,  # + <pad>, as upstream adds it
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+)
+
+
+def _train_config(learning_rate=2e-5):
+    import ml_collections
+
+    return ml_collections.ConfigDict(
+        dict(learning_rate=learning_rate, lr_schedule="cosine", warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0)
+    )
+
+
+def _mesh(fsdp: int, tensor: int = 1, num_devices: int | None = None):
+    import jax
+
+    from configs import base
+    from jaxalign.parallel import mesh as mesh_lib
+
+    mesh_config = base.get_config().mesh
+    mesh_config.data, mesh_config.fsdp, mesh_config.tensor = 1, fsdp, tensor
+    devices = jax.devices()[: num_devices or fsdp * tensor]
+    return mesh_lib.make_mesh(mesh_config, devices=devices), mesh_lib.axis_rules(mesh_config)
+
+
+def _param_count(tree) -> int:
+    import jax
+    import numpy as np
+
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+# ------------------------------------------------------------------------------------- throughput
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 20) -> float:
+    """Best fp32 FLOP/s of a jitted n x n matmul on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def throughput(steps: int, batch_size: int = 4, seq_len: int = 512) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxalign.models import llama
+    from jaxalign.objectives import sft
+    from jaxalign.parallel import mesh as mesh_lib
+    from jaxalign.train import loop, optim, state as state_lib
+
+    cfg = llama.LlamaConfig(**BENCH_MODEL)
+    model = llama.Llama(cfg)
+    mesh, rules = _mesh(1)
+    tx = optim.make_optimizer(_train_config(), 1000)
+    init_params = lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731
+    abstract = state_lib.abstract_train_state(init_params, tx, mesh, rules)
+    params, _ = mesh_lib.init_sharded(init_params, jax.random.PRNGKey(0), mesh, rules)
+    state = state_lib.init_train_state(params, tx, jax.random.PRNGKey(1), abstract)
+
+    rng = np.random.default_rng(0)
+    sharding = mesh_lib.batch_sharding(mesh)
+    batch = {
+        "input_ids": jax.device_put(rng.integers(4, cfg.vocab_size, (batch_size, seq_len), dtype=np.int32), sharding),
+        "attention_mask": jax.device_put(np.ones((batch_size, seq_len), bool), sharding),
+        "loss_mask": jax.device_put(np.arange(seq_len)[None].repeat(batch_size, 0) >= 64, sharding),
+    }
+    shardings = state_lib.shardings_of(abstract)
+    step = jax.jit(
+        loop.make_train_step(sft.make_loss_fn(model), tx, 1),
+        in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0,
+    )
+    with mesh_lib.sharding_context(mesh, rules):
+        start = time.perf_counter()
+        compiled = step.lower(state, [batch]).compile()
+        compile_s = time.perf_counter() - start
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        state, metrics = step(state, [batch])  # warm-up
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, metrics = step(state, [batch])
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+
+    all_params = _param_count(state.params)
+    embed = cfg.vocab_size * cfg.hidden_size
+    n_matmul = all_params - embed  # the input embedding is a gather; lm_head is a matmul
+    d_attn = cfg.num_attention_heads * cfg.head_dim
+    flops_per_token = 6 * n_matmul + 12 * cfg.num_hidden_layers * seq_len * d_attn
+    tokens = batch_size * seq_len
+    step_s = float(np.median(times))
+    peak = matmul_peak_flops()
+    achieved = flops_per_token * tokens / step_s
+    return {
+        "model": BENCH_MODEL,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "params": all_params,
+        "compile_s": compile_s,
+        "step_s_median": step_s,
+        "step_s_all": times,
+        "tokens_per_s": tokens / step_s,
+        "model_flops_per_step": flops_per_token * tokens,
+        "xla_flops_per_step": float(cost.get("flops", float("nan"))) if cost else None,
+        "achieved_flops_per_s": achieved,
+        "matmul_peak_flops_per_s": peak,
+        "mfu": achieved / peak,
+        "loss": float(metrics["loss"]),
+        "device": str(jax.devices()[0].device_kind),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _memory_of(compiled) -> dict:
+    stats = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes")
+    out = {name: int(getattr(stats, name, 0) or 0) for name in fields}
+    # Donated state: outputs alias arguments, so the live peak is arguments + temporaries + new outputs.
+    out["peak_bytes"] = (
+        out["argument_size_in_bytes"] + out["temp_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
+    )
+    return out
+
+
+def memory_plan(name: str, kind: str, fsdp: int, tensor: int, batch_size: int, seq_len: int,
+                grad_accum: int, remat: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxalign.models import llama, score
+    from jaxalign.objectives import preference, sft
+    from jaxalign.parallel import mesh as mesh_lib
+    from jaxalign.train import loop, optim, state as state_lib
+
+    cfg = llama.LlamaConfig(**LLAMA2_7B, dtype="bfloat16", param_dtype="float32", remat_policy=remat, scan_layers=True)
+    mesh, rules = _mesh(fsdp, tensor)
+    tx = optim.make_optimizer(_train_config(), 1000)
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    int_batch = lambda: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=mesh_lib.batch_sharding(mesh))  # noqa: E731
+    bool_batch = lambda: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.bool_, sharding=mesh_lib.batch_sharding(mesh))  # noqa: E731
+    if kind == "reward":
+        model = score.ScoreModel(cfg)
+
+        def loss_fn(params, batch, rng, extra):
+            ids = jnp.concatenate([batch["better_input_ids"], batch["worse_input_ids"]])
+            mask = jnp.concatenate([batch["better_attention_mask"], batch["worse_attention_mask"]])
+            out = model.apply({"params": params}, ids, attention_mask=mask)
+            loss, metrics = preference.reward_loss(out.scores[..., 0], out.end_scores[..., 0], batch, "sequence-wise", 0.001)
+            return loss, (metrics, extra)
+
+        batch = {"better_input_ids": int_batch(), "better_attention_mask": bool_batch(),
+                 "worse_input_ids": int_batch(), "worse_attention_mask": bool_batch()}
+    else:
+        model = llama.Llama(cfg)
+        loss_fn = sft.make_loss_fn(model)
+        batch = {"input_ids": int_batch(), "attention_mask": bool_batch(), "loss_mask": bool_batch()}
+
+    abstract = state_lib.abstract_train_state(lambda r: model.init(r, dummy)["params"], tx, mesh, rules)
+    shardings = state_lib.shardings_of(abstract)
+    step = jax.jit(
+        loop.make_train_step(loss_fn, tx, grad_accum),
+        in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0,
+    )
+    start = time.perf_counter()
+    with mesh_lib.sharding_context(mesh, rules):
+        compiled = step.lower(abstract, [batch] * grad_accum).compile()
+    compile_s = time.perf_counter() - start
+    memory = _memory_of(compiled)
+    params = _param_count(abstract.params)
+    return {
+        "name": name, "kind": kind, "devices": fsdp * tensor, "fsdp": fsdp, "tensor": tensor,
+        "global_batch": batch_size, "seq_len": seq_len, "grad_accum": grad_accum, "remat": remat,
+        "params": params, "state_bytes_total": params * 4 * 3, "compile_s": compile_s, **memory,
+        "fits": {gen: memory["peak_bytes"] < 0.9 * hbm * GIB for gen, hbm in TPU_HBM_GIB.items()},
+    }
+
+
+MEMORY_CASES = [
+    # name, kind, fsdp, tensor, global batch, seq, GAS, remat
+    ("RM-7B fsdp64 remat=full", "reward", 64, 1, 128, 512, 1, "full"),  # upstream: 16/GPU x 8 = 128 pairs
+    ("RM-7B fsdp64 remat=none", "reward", 64, 1, 128, 512, 1, "none"),
+    ("RM-7B fsdp16 tensor4 remat=full", "reward", 16, 4, 128, 512, 1, "full"),
+    ("RM-7B fsdp16 remat=full (configs/reward_llama2_7b.py)", "reward", 16, 1, 128, 512, 1, "full"),
+    ("SFT-7B fsdp32 remat=full (configs/sft_llama2_7b.py)", "sft", 32, 1, 32, 512, 8, "full"),
+    ("SFT-7B fsdp16 remat=full", "sft", 16, 1, 32, 512, 8, "full"),
+]
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def _child(part: str, args) -> None:
+    if part == "throughput":
+        print("RESULT " + json.dumps(throughput(args.steps)), flush=True)
+    else:
+        for case in MEMORY_CASES:
+            print("RESULT " + json.dumps(memory_plan(*case)), flush=True)
+
+
+def _run_child(part: str, devices: int, args) -> list[dict]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    command = [sys.executable, __file__, "--part", part, "--steps", str(args.steps)]
+    process = subprocess.run(command, env=env, capture_output=True, text=True)
+    if process.returncode:
+        raise RuntimeError(f"{part} benchmark failed:\n{process.stderr[-4000:]}")
+    return [json.loads(line[len("RESULT "):]) for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out/benchmark_train.json")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up step")
+    parser.add_argument("--part", choices=["throughput", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--parts", default="throughput,memory", help="comma list; others keep their value in --out")
+    args = parser.parse_args()
+    if args.part:
+        _child(args.part, args)
+        return 0
+
+    out = pathlib.Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    parts = args.parts.split(",")
+    if "throughput" in parts:
+        result["throughput"] = _run_child("throughput", 1, args)[0]
+    if "memory" in parts:
+        result["memory"] = _run_child("memory", 64, args)
+    if "throughput" in result:
+        _print_throughput(result["throughput"])
+    if "memory" in result:
+        _print_memory(result["memory"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _print_throughput(t: dict) -> None:
+    print(f"SFT step on CPU ({t['device']}, {t['cpu_count']} cores): batch {t['batch_size']} x {t['seq_len']}, "
+          f"{t['params'] / 1e6:.1f}M params")
+    print(f"  step {t['step_s_median']:.3f} s (median of {len(t['step_s_all'])}), {t['tokens_per_s']:.0f} tokens/s, "
+          f"model {t['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s vs matmul peak {t['matmul_peak_flops_per_s'] / 1e9:.1f} "
+          f"GFLOP/s -> MFU {100 * t['mfu']:.1f}%  (compile {t['compile_s']:.1f} s)")
+
+
+def _print_memory(memory: list[dict]) -> None:
+    print("\nPer-device memory of a 7B train step (AOT on a simulated CPU mesh; fp32 params + AdamW, bf16 compute)")
+    header = f"{'case':52s} {'devices':>7s} {'batch':>6s} {'args GiB':>9s} {'temp GiB':>9s} {'peak GiB':>9s}  fits (90% HBM)"
+    print(header)
+    print("-" * len(header))
+    for m in memory:
+        fits = " ".join(f"{gen}:{'y' if ok else 'n'}" for gen, ok in m["fits"].items())
+        print(f"{m['name']:52s} {m['devices']:7d} {m['global_batch']:6d} {m['argument_size_in_bytes'] / GIB:9.2f} "
+              f"{m['temp_size_in_bytes'] / GIB:9.2f} {m['peak_bytes'] / GIB:9.2f}  {fits}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

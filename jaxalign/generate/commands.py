@@ -1,0 +1,59 @@
+"""`jaxalign sample`: print a completion of one prompt from a model directory.
+
+    jaxalign sample --model DIR --prompt "How do I ..." [--max-new-tokens 64 --temperature 1.0
+                    --top-p 1.0 --top-k 0 --seed 0] [--raw]
+
+The prompt is wrapped in the Safe RLHF template ("BEGINNING OF CONVERSATION: USER: ...
+ASSISTANT:") unless --raw is given. The tokenizer is read from --tokenizer or the model dir.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.generate import sampler
+from jaxalign.models import hf, llama
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="HF Llama checkpoint dir (with tokenizer files)")
+    parser.add_argument("--prompt", required=True, help="the user prompt")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw", action="store_true", help="do not apply the Safe RLHF prompt template")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+
+
+def run(args) -> int:
+    from jaxalign.data.views import format_prompt
+    from jaxalign.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model, padding_side="left")
+    cfg, params = hf.from_pretrained(args.model, dtype=args.dtype)
+    if len(tokenizer) > cfg.vocab_size:  # e.g. a <pad> the checkpoint's tokenizer lacked
+        cfg, params = llama.resize_token_embeddings(cfg, params, len(tokenizer))
+    text = args.prompt if args.raw else format_prompt(args.prompt)
+    ids = np.asarray([tokenizer(text)["input_ids"]], np.int32)
+    eos = set(cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    sampling = sampler.SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_ids=tuple(sorted(eos)),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out = sampler.sample(
+        params, cfg, jnp.asarray(ids), jnp.ones(ids.shape, bool), jax.random.PRNGKey(args.seed), sampling
+    )
+    response = np.asarray(out.sequences)[0, ids.shape[1] :][np.asarray(out.response_mask)[0]]
+    print(tokenizer.decode(response.tolist(), skip_special_tokens=True))
+    return 0

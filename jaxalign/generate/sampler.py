@@ -1,0 +1,160 @@
+"""Jit-compiled autoregressive sampler over the Llama KV cache.
+
+    out = sample(params, cfg, prompt_ids, prompt_mask, rng, SamplingConfig(max_new_tokens=64))
+
+Prompts are left-padded [B, S] (rows of different lengths in one batch). One prefill call
+fills the cache, then a `lax.while_loop` decodes one token per step for every row, with
+static shapes throughout; the loop exits early once every row has emitted an EOS id.
+`sample` is a pure function of arrays with static (hashable) configs, so it can be called
+inside a larger jit (e.g. a jitted PPO rollout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxalign.models import llama
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off. Filters apply in HF order:
+    temperature, then top-k, then top-p. EOS may be several ids."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_ids, int):
+            object.__setattr__(self, "eos_token_ids", (self.eos_token_ids,))
+        else:
+            object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """sequences [B, S+N] (prompt + response; after EOS = pad id); sequence_mask [B, S+N]
+    (real prompt tokens and response tokens up to and including EOS); log_probs [B, N]
+    (log-prob of each sampled token under the model's raw distribution, log_softmax(logits)
+    at temperature 1 without top-k/top-p filtering, i.e. what a forward pass of the same
+    model scores; 0 where response_mask is False); response_mask [B, N]."""
+
+    sequences: jax.Array
+    sequence_mask: jax.Array
+    log_probs: jax.Array
+    response_mask: jax.Array
+
+
+def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Temperature, top-k and top-p applied to logits [B, V] fp32; removed tokens get -inf.
+    Only meaningful for temperature > 0."""
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    vocab = logits.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        keep = mass_before < sampling.top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Next token ids [B] int32 from logits [B, V] (argmax when temperature == 0)."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, sampling)
+    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+def _last_logits(params, cfg, ids, mask, cache):
+    """One model call; returns (logits of the last column [B, V] fp32, cache)."""
+    return llama.Llama(cfg).apply(
+        {"params": params}, ids, mask, None, cache, method=llama.Llama.last_token_logits
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling"))
+def sample(
+    params,
+    cfg: llama.LlamaConfig,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    sampling: SamplingConfig,
+) -> SampleOutput:
+    """Samples max_new_tokens per row. prompt_ids, prompt_mask: [B, S] left-padded.
+
+    Returns SampleOutput (see its docstring); rows stop at their first EOS id.
+    """
+    batch, prompt_len = prompt_ids.shape
+    n = sampling.max_new_tokens
+    prompt_mask = prompt_mask.astype(bool)
+    eos = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
+    cache = llama.init_cache(cfg, batch, prompt_len + n)
+    logits, cache = _last_logits(params, cfg, prompt_ids.astype(jnp.int32), prompt_mask, cache)
+
+    def emit(i, logits, key, tokens, log_probs, live):
+        """Samples token i for rows still live; returns updated buffers and liveness."""
+        token = sample_token(logits, key, sampling)
+        token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], -1)[:, 0]
+        token = jnp.where(live, token, sampling.pad_token_id)
+        tokens = tokens.at[:, i].set(token)
+        log_probs = log_probs.at[:, i].set(jnp.where(live, token_lp, 0.0))
+        response_mask_i = live
+        live = live & ~jnp.isin(token, eos)
+        return token, tokens, log_probs, response_mask_i, live
+
+    tokens = jnp.full((batch, n), sampling.pad_token_id, jnp.int32)
+    log_probs = jnp.zeros((batch, n), jnp.float32)
+    response_mask = jnp.zeros((batch, n), bool)
+    live = jnp.ones((batch,), bool)
+    rng, key = jax.random.split(rng)
+    token, tokens, log_probs, mask_0, live = emit(0, logits, key, tokens, log_probs, live)
+    response_mask = response_mask.at[:, 0].set(mask_0)
+
+    def cond(state):
+        i, _, _, _, _, _, live, _ = state
+        return (i < n) & jnp.any(live)
+
+    def body(state):
+        i, token, tokens, log_probs, response_mask, cache, live, rng = state
+        # The previous token is real for rows that were live when it was emitted.
+        fed = response_mask[:, i - 1]
+        logits, cache = _last_logits(params, cfg, token[:, None], fed[:, None], cache)
+        rng, key = jax.random.split(rng)
+        token, tokens, log_probs, mask_i, live = emit(i, logits, key, tokens, log_probs, live)
+        response_mask = response_mask.at[:, i].set(mask_i)
+        return i + 1, token, tokens, log_probs, response_mask, cache, live, rng
+
+    state = (jnp.int32(1), token, tokens, log_probs, response_mask, cache, live, rng)
+    _, _, tokens, log_probs, response_mask, _, _, _ = jax.lax.while_loop(cond, body, state)
+    prompt_ids = jnp.where(prompt_mask, prompt_ids, sampling.pad_token_id).astype(jnp.int32)
+    return SampleOutput(
+        sequences=jnp.concatenate([prompt_ids, tokens], axis=1),
+        sequence_mask=jnp.concatenate([prompt_mask, response_mask], axis=1),
+        log_probs=log_probs,
+        response_mask=response_mask,
+    )

@@ -1,0 +1,390 @@
+"""HF checkpoint directories (config.json + safetensors) <-> (LlamaConfig, params).
+
+    cfg, params = hf.from_pretrained(path, dtype="float32")
+    hf.save_pretrained(out_dir, cfg, params, max_shard_size=None)
+
+Tensors are read one at a time (safetensors, never pickle) and checked against the shapes the
+config implies: a missing, unexpected or mis-shaped tensor raises `CheckpointError` naming it.
+The backbone mapping is public (`backbone_to_hf_tensors` / `backbone_from_hf_tensors`) so
+score models can save and load "backbone + head" directories with the same code.
+
+Torch Linear weights are [out, in]; our kernels are [in, ...out] (q_proj [D, H, Dh],
+o_proj [H, Dh, D]), so conversion is a reshape + transpose. RoPE uses the HF rotate-half layout
+on both sides, so q/k need no permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxalign.models import llama
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# Buffers some checkpoints carry that are not parameters (recomputed from the config).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory does not match what the config implies."""
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+
+
+class SafetensorsReader(Mapping):
+    """Lazy read-only mapping name -> np.ndarray over a checkpoint dir's safetensors files
+    (single `model.safetensors` or sharded with `model.safetensors.index.json`).
+    `shape(name)` reads only the header."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = pathlib.Path(path)
+        index = path / SAFE_WEIGHTS_INDEX_NAME
+        single = path / SAFE_WEIGHTS_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"malformed {index}: {e}") from e
+            files = sorted(set(weight_map.values()))
+        elif single.exists():
+            files = [SAFE_WEIGHTS_NAME]
+        else:
+            raise CheckpointError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {path}")
+        self._handles = {}
+        self._where = {}
+        for file in files:
+            if not (path / file).exists():
+                raise CheckpointError(f"shard {file} listed in {index} is missing")
+            handle = safe_open(str(path / file), framework="numpy")
+            self._handles[file] = handle
+            for name in handle.keys():
+                self._where[name] = file
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+
+def read_safetensors_dir(path: str | os.PathLike) -> SafetensorsReader:
+    """Lazy mapping of every tensor in a checkpoint dir (single file or sharded)."""
+    return SafetensorsReader(path)
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * mult)
+    return int(text)
+
+
+def write_safetensors(
+    out_dir: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    max_shard_size: int | str | None = None,
+) -> list[str]:
+    """Writes tensors as model.safetensors, or as shards of at most max_shard_size bytes
+    (int or "10MB"/"2GiB") plus model.safetensors.index.json. Returns the written file names."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    limit = None if max_shard_size is None else _parse_size(max_shard_size)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if limit is not None and shards[-1] and size + array.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    for stale in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME):
+        (out_dir / stale).unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        return [SAFE_WEIGHTS_NAME]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
+        names.append(file)
+        weight_map.update({k: file for k in shard})
+    index = {
+        "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+        "weight_map": weight_map,
+    }
+    (out_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2))
+    return names
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The config.json dict of a checkpoint dir; a clear error when missing or malformed."""
+    file = pathlib.Path(path) / CONFIG_NAME
+    if not file.exists():
+        raise CheckpointError(f"{file} does not exist")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"malformed {file}: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"malformed {file}: expected a JSON object")
+    return config
+
+
+def write_config(out_dir: str | os.PathLike, config: dict) -> None:
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------- name mapping
+#
+# Each entry: (HF suffix, path in our layer params, to_hf(kernel) -> torch array,
+# from_hf(torch array) -> kernel). Shapes are checked in torch layout.
+
+
+def _layer_spec(cfg: llama.LlamaConfig) -> list[tuple[str, tuple[str, ...], Callable, Callable, tuple]]:
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def proj_in(out_shape):  # kernel [D, *out] <-> torch [prod(out), D]
+        n = math.prod(out_shape)
+        return (lambda k: k.reshape(d, n).T, lambda w: w.T.reshape((d,) + out_shape), (n, d))
+
+    def proj_out(in_shape):  # kernel [*in, D] <-> torch [D, prod(in)]
+        n = math.prod(in_shape)
+        return (lambda k: k.reshape(n, d).T, lambda w: w.T.reshape(in_shape + (d,)), (d, n))
+
+    def bias(shape):
+        n = math.prod(shape)
+        return (lambda b: b.reshape(n), lambda w: w.reshape(shape), (n,))
+
+    ident = lambda x: x  # noqa: E731
+    spec = [
+        ("input_layernorm.weight", ("input_layernorm", "scale"), ident, ident, (d,)),
+        ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), ident, ident, (d,)),
+        ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), *proj_in((h, dh))),
+        ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), *proj_in((kv, dh))),
+        ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), *proj_in((kv, dh))),
+        ("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), *proj_out((h, dh))),
+        ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), *proj_in((f,))),
+        ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), *proj_in((f,))),
+        ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), *proj_out((f,))),
+    ]
+    if cfg.attention_bias:
+        spec += [
+            ("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), *bias((h, dh))),
+            ("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), *bias((kv, dh))),
+            ("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), *bias((kv, dh))),
+            ("self_attn.o_proj.bias", ("self_attn", "o_proj", "bias"), *bias((d,))),
+        ]
+    if cfg.mlp_bias:
+        spec += [
+            ("mlp.gate_proj.bias", ("mlp", "gate_proj", "bias"), *bias((f,))),
+            ("mlp.up_proj.bias", ("mlp", "up_proj", "bias"), *bias((f,))),
+            ("mlp.down_proj.bias", ("mlp", "down_proj", "bias"), *bias((d,))),
+        ]
+    return spec
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _layer_params(cfg: llama.LlamaConfig, backbone: Mapping, i: int) -> Mapping:
+    if cfg.scan_layers:
+        return jax.tree_util.tree_map(lambda x: x[i], backbone["layers"])
+    return backbone[f"layers_{i}"]
+
+
+def backbone_hf_shapes(cfg: llama.LlamaConfig, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+    """Expected HF tensor names -> torch shapes of the backbone."""
+    shapes = {
+        f"{prefix}embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+        f"{prefix}norm.weight": (cfg.hidden_size,),
+    }
+    for i in range(cfg.num_hidden_layers):
+        for suffix, _, _, _, shape in _layer_spec(cfg):
+            shapes[f"{prefix}layers.{i}.{suffix}"] = shape
+    return shapes
+
+
+def backbone_to_hf_tensors(
+    cfg: llama.LlamaConfig, backbone: Mapping, prefix: str = "model.", dtype=None
+) -> dict[str, np.ndarray]:
+    """Backbone params (params["model"], scanned or not) -> HF tensors {name: np [torch layout]}."""
+    cast = lambda x: np.asarray(x if dtype is None else x.astype(dtype))  # noqa: E731
+    out = {
+        f"{prefix}embed_tokens.weight": cast(backbone["embed_tokens"]["embedding"]),
+        f"{prefix}norm.weight": cast(backbone["norm"]["scale"]),
+    }
+    spec = _layer_spec(cfg)
+    for i in range(cfg.num_hidden_layers):
+        layer = _layer_params(cfg, backbone, i)
+        for suffix, path, to_hf, _, _ in spec:
+            out[f"{prefix}layers.{i}.{suffix}"] = cast(to_hf(np.asarray(_get(layer, path))))
+    return out
+
+
+def check_tensors(
+    tensors: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[int, ...]],
+    ignore: Callable[[str], bool] = lambda name: False,
+    where: str = "checkpoint",
+) -> None:
+    """Raises CheckpointError naming every missing, unexpected or mis-shaped tensor."""
+    shape_of = tensors.shape if hasattr(tensors, "shape") else (lambda n: tuple(tensors[n].shape))
+    missing = sorted(n for n in expected if n not in tensors)
+    unexpected = sorted(
+        n for n in tensors if n not in expected and not n.endswith(_IGNORED_SUFFIXES) and not ignore(n)
+    )
+    wrong = [
+        f"{n}: expected shape {tuple(expected[n])}, got {shape_of(n)}"
+        for n in expected
+        if n in tensors and tuple(shape_of(n)) != tuple(expected[n])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {unexpected}")
+    if wrong:
+        problems.append("mis-shaped tensors: " + "; ".join(wrong))
+    if problems:
+        raise CheckpointError(f"{where} does not match the config: " + " | ".join(problems))
+
+
+def backbone_from_hf_tensors(
+    cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndarray], prefix: str = "model.", dtype=None
+) -> dict:
+    """HF tensors -> backbone params in our layout (stacked when cfg.scan_layers), as numpy
+    arrays of `dtype` (default cfg.param_dtype). Checks names and shapes of the backbone
+    tensors; the caller checks for unexpected extra tensors (see check_tensors)."""
+    dtype = cfg.weight_dtype if dtype is None else dtype
+    expected = backbone_hf_shapes(cfg, prefix)
+    missing = {n: s for n, s in expected.items() if n not in tensors}
+    if missing:
+        check_tensors({}, missing, where="checkpoint")
+    load = lambda name: _checked(tensors, name, expected[name]).astype(dtype)  # noqa: E731
+    backbone: dict = {
+        "embed_tokens": {"embedding": load(f"{prefix}embed_tokens.weight")},
+        "norm": {"scale": load(f"{prefix}norm.weight")},
+    }
+    spec = _layer_spec(cfg)
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        layer: dict = {}
+        for suffix, path, _, from_hf, _ in spec:
+            _set(layer, path, from_hf(load(f"{prefix}layers.{i}.{suffix}")))
+        layers.append(layer)
+    if cfg.scan_layers:
+        backbone["layers"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *layers)
+    else:
+        for i, layer in enumerate(layers):
+            backbone[f"layers_{i}"] = layer
+    return backbone
+
+
+def _checked(tensors: Mapping, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    array = tensors[name]
+    if tuple(array.shape) != tuple(shape):
+        raise CheckpointError(f"tensor {name}: expected shape {tuple(shape)}, got {tuple(array.shape)}")
+    return array
+
+
+# ----------------------------------------------------------------------------- Llama LM
+
+
+def lm_hf_shapes(cfg: llama.LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Expected HF tensor names -> shapes of LlamaForCausalLM."""
+    shapes = backbone_hf_shapes(cfg)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    return shapes
+
+
+def params_to_hf_tensors(cfg: llama.LlamaConfig, params: Mapping, dtype=None) -> dict[str, np.ndarray]:
+    """Llama params -> LlamaForCausalLM tensors."""
+    tensors = backbone_to_hf_tensors(cfg, params["model"], dtype=dtype)
+    if not cfg.tie_word_embeddings:
+        kernel = np.asarray(params["lm_head"]["kernel"])
+        tensors["lm_head.weight"] = kernel.T if dtype is None else kernel.T.astype(dtype)
+    return tensors
+
+
+def params_from_hf_tensors(cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndarray], dtype=None) -> dict:
+    """LlamaForCausalLM tensors -> Llama params (numpy), with full name and shape checks."""
+    dtype = cfg.weight_dtype if dtype is None else dtype
+    # A tied checkpoint may still carry a copy of the embeddings as lm_head.weight.
+    tied_extra = lambda n: cfg.tie_word_embeddings and n == "lm_head.weight"  # noqa: E731
+    check_tensors(tensors, lm_hf_shapes(cfg), ignore=tied_extra)
+    params = {"model": backbone_from_hf_tensors(cfg, tensors, dtype=dtype)}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": np.asarray(tensors["lm_head.weight"]).T.astype(dtype)}
+    return params
+
+
+def load_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
+    """LlamaConfig from a checkpoint dir's config.json (errors name the file)."""
+    file = pathlib.Path(path) / CONFIG_NAME
+    try:
+        return llama.LlamaConfig.from_hf_config(read_config(path), **overrides)
+    except (ValueError, TypeError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{file}: {e}") from e
+
+
+def from_pretrained(path: str | os.PathLike, dtype: str = "float32", **overrides):
+    """(cfg, params) from an HF Llama checkpoint dir. `dtype` is the compute dtype (cfg.dtype);
+    params are stored in cfg.param_dtype (override with param_dtype=...). Params are jax arrays."""
+    cfg = load_config(path, dtype=dtype, **overrides)
+    params = params_from_hf_tensors(cfg, read_safetensors_dir(path))
+    return cfg, jax.tree_util.tree_map(jax.numpy.asarray, params)
+
+
+def save_pretrained(
+    out_dir: str | os.PathLike,
+    cfg: llama.LlamaConfig,
+    params: Mapping,
+    max_shard_size: int | str | None = None,
+) -> None:
+    """Writes config.json + model.safetensors (sharded when max_shard_size is given) that
+    transformers.LlamaForCausalLM.from_pretrained loads. Tensors are saved in cfg.param_dtype."""
+    tensors = params_to_hf_tensors(cfg, jax.device_get(params))
+    tensors = {k: v.astype(cfg.weight_dtype) for k, v in tensors.items()}
+    write_safetensors(out_dir, tensors, max_shard_size=max_shard_size)
+    write_config(out_dir, cfg.to_hf_config())

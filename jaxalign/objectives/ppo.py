@@ -1,0 +1,114 @@
+"""PPO pieces of Safe RLHF as pure functions (spec §5.3-5.6).
+
+Shapes: B = batch, T = L - 1 (the shifted sequence: slot t predicts token t + 1),
+R = T - start (the response slots, start = padded prompt length - 1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign.objectives.common import masked_mean
+
+GAMMA = 1.0  # hard-coded upstream (spec §5.5)
+GAE_LAMBDA = 0.95
+
+
+def _add_end_scores(per_token: jax.Array, end_scores: jax.Array, end_index: jax.Array,
+                    clip_range_score: float) -> jax.Array:
+    """per_token [B,T] + end_scores [B] at end_index [B], clipped to +-clip_range_score."""
+    at_end = jnp.arange(per_token.shape[-1])[None, :] == end_index[:, None]
+    shaped = per_token + jnp.where(at_end, end_scores[:, None].astype(per_token.dtype), 0.0)
+    return jnp.clip(shaped, -clip_range_score, clip_range_score)
+
+
+def kl_shaped_rewards(end_scores: jax.Array, kl: jax.Array, end_index: jax.Array,
+                      kl_coeff: float | jax.Array, clip_range_score: float) -> jax.Array:
+    """Reward stream r_t = clip(-kl_coeff*kl_t + [t = end]*R, +-clip) (spec §5.4).
+
+    end_scores [B], kl [B,T] (log pi_old - log pi_ref per token), end_index [B] -> [B,T].
+    """
+    return _add_end_scores(-kl_coeff * kl, end_scores, end_index, clip_range_score)
+
+
+def kl_shaped_costs(end_scores: jax.Array, kl: jax.Array, end_index: jax.Array,
+                    kl_coeff: float | jax.Array, clip_range_score: float) -> jax.Array:
+    """Cost stream c_t = clip(+kl_coeff*kl_t + [t = end]*C, +-clip) (spec §5.8, after #173).
+
+    end_scores [B], kl [B,T], end_index [B] -> [B,T].
+    """
+    return _add_end_scores(kl_coeff * kl, end_scores, end_index, clip_range_score)
+
+
+def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, start: int,
+        gamma: float = GAMMA, lam: float = GAE_LAMBDA) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over the response slots (spec §5.5).
+
+    rewards, values, mask: [B,T]; start: static slot of the first response token.
+    Returns (advantages [B,R], returns [B,R]) with R = T - start; advantages carry no gradient.
+    Values and rewards are masked first, so slots after the end give delta = 0 and A = 0.
+    """
+    mask = mask.astype(values.dtype)
+    rewards = (rewards * mask)[:, start:]
+    values = (values * mask)[:, start:]
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    deltas = rewards + gamma * next_values - values
+
+    def step(carry, delta_t):
+        advantage_t = delta_t + gamma * lam * carry
+        return advantage_t, advantage_t
+
+    # Scan over time (leading axis) from the last slot back to `start`.
+    _, advantages = jax.lax.scan(step, jnp.zeros_like(deltas[:, 0]), deltas.T, reverse=True)
+    advantages = jax.lax.stop_gradient(advantages.T)
+    return advantages, advantages + values
+
+
+def combined_advantages(reward_advantages: jax.Array, cost_advantages: jax.Array,
+                        lagrange_multiplier: jax.Array) -> jax.Array:
+    """A = (A_R - lambda*A_C) / (1 + lambda) with no gradient through lambda (spec §5.8). [B,R]."""
+    lam = jax.lax.stop_gradient(lagrange_multiplier)
+    return (reward_advantages - lam * cost_advantages) / (1.0 + lam)
+
+
+def whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Masked (x - mean) / std over all valid tokens (off upstream; an option here). [B,R]."""
+    mask = mask.astype(x.dtype)
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    mean = jnp.sum(x * mask) / count
+    var = jnp.sum(jnp.square(x - mean) * mask) / count
+    return (x - mean) * jax.lax.rsqrt(var + eps) * mask
+
+
+def actor_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array,
+               mask: jax.Array, clip_range_ratio: float) -> jax.Array:
+    """PPO-clip loss -masked_mean(min(A*rho, A*clip(rho, 1-eps, 1+eps))) (spec §5.6).
+
+    log_probs (trainable), old_log_probs, advantages, mask: [B,R] -> scalar.
+    """
+    ratio = jnp.exp(log_probs - old_log_probs)
+    surrogate = advantages * ratio
+    clipped = advantages * jnp.clip(ratio, 1.0 - clip_range_ratio, 1.0 + clip_range_ratio)
+    return -masked_mean(jnp.minimum(surrogate, clipped), mask)
+
+
+def critic_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,
+                clip_range_value: float) -> jax.Array:
+    """Clipped value loss 0.5*masked_mean(max((V-G)^2, (clip(V, V_old +- c)-G)^2)) (spec §5.6).
+
+    values (trainable), old_values, returns, mask: [B,R] -> scalar.
+    """
+    clipped_values = jnp.clip(values, old_values - clip_range_value, old_values + clip_range_value)
+    loss = jnp.maximum(jnp.square(values - returns), jnp.square(clipped_values - returns))
+    return 0.5 * masked_mean(loss, mask)
+
+
+def adaptive_kl_coeff(kl_coeff: jax.Array, observed_kl: jax.Array, target_kl: float,
+                      horizon: float, num_samples: int) -> jax.Array:
+    """Ziegler et al. (2019) proportional KL controller (not upstream; off by default).
+
+    beta <- beta * (1 + clip(KL/target - 1, -0.2, 0.2) * n / horizon). Scalars.
+    """
+    error = jnp.clip(observed_kl / target_kl - 1.0, -0.2, 0.2)
+    return kl_coeff * (1.0 + error * num_samples / horizon)

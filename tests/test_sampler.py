@@ -1,0 +1,191 @@
+"""Sampler: greedy parity with transformers `generate`, filters, EOS handling, log-probs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.generate import sampler
+from jaxalign.generate.sampler import SamplingConfig
+from jaxalign.models import hf, llama
+from jaxalign.objectives.common import token_log_probs
+
+VOCAB = 53
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(transformers model, cfg, params): the same random tiny Llama on both sides."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.3,  # O(1) logits: greedy choices are not near-ties
+        pad_token_id=PAD,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("sampler") / "model"
+    model.save_pretrained(path)
+    cfg, params = hf.from_pretrained(path)
+    return model, cfg, params
+
+
+def _left_padded(lengths, width, seed):
+    rng = np.random.RandomState(seed)
+    ids = np.full((len(lengths), width), PAD, np.int32)
+    mask = np.zeros((len(lengths), width), bool)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = rng.randint(3, VOCAB, n)
+        mask[row, width - n :] = True
+    return ids, mask
+
+
+def _hf_greedy(model, ids, mask, n, eos):
+    import torch
+
+    out = model.generate(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=0,
+        eos_token_id=list(eos) if eos else None,
+        pad_token_id=PAD,
+    ).numpy()[:, ids.shape[1] :]
+    return np.pad(out, ((0, 0), (0, n - out.shape[1])), constant_values=PAD)
+
+
+def test_greedy_matches_transformers_single_prompt(models):
+    model, cfg, params = models
+    ids, mask = _left_padded([6], 6, seed=0)
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.0, pad_token_id=PAD)
+    out = sampler.sample(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), sampling)
+    np.testing.assert_array_equal(np.asarray(out.sequences)[:, 6:], _hf_greedy(model, ids, mask, 10, None))
+    assert np.asarray(out.response_mask).all()
+    np.testing.assert_array_equal(np.asarray(out.sequences)[:, :6], ids)
+
+
+def test_greedy_left_padded_batch_with_eos_matches_transformers(models):
+    model, cfg, params = models
+    ids, mask = _left_padded([8, 3, 5], 8, seed=1)
+    n = 10
+    free = _hf_greedy(model, ids, mask, n, None)
+    # EOS = the token row 0 emits at step 3 (first occurrence), plus an id never emitted.
+    first = {int(t): i for i, t in reversed(list(enumerate(free[0])))}
+    eos_token, stop = next((t, i) for t, i in sorted(first.items(), key=lambda kv: kv[1]) if i >= 2)
+    unused = next(t for t in range(3, VOCAB) if t not in free)
+    eos = (unused, eos_token)
+    expected = _hf_greedy(model, ids, mask, n, eos)
+
+    sampling = SamplingConfig(max_new_tokens=n, temperature=0.0, eos_token_ids=eos, pad_token_id=PAD)
+    out = sampler.sample(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), sampling)
+    tokens = np.asarray(out.sequences)[:, 8:]
+    np.testing.assert_array_equal(tokens, expected)
+    # Row 0 stops at its EOS: mask covers it, everything after is pad.
+    response_mask = np.asarray(out.response_mask)
+    assert tokens[0, stop] == eos_token and response_mask[0, : stop + 1].all()
+    assert not response_mask[0, stop + 1 :].any() and (tokens[0, stop + 1 :] == PAD).all()
+    np.testing.assert_array_equal(np.asarray(out.log_probs)[0, stop + 1 :], 0.0)
+    # Response mask = up to and including each row's first EOS.
+    for row in range(3):
+        hits = np.flatnonzero(np.isin(tokens[row], eos))
+        length = hits[0] + 1 if len(hits) else n
+        np.testing.assert_array_equal(response_mask[row], np.arange(n) < length)
+    np.testing.assert_array_equal(np.asarray(out.sequence_mask), np.concatenate([mask, response_mask], 1))
+
+
+def test_top_k_sampling_inside_jit_and_log_probs(models):
+    _, cfg, params = models
+    ids, mask = _left_padded([7, 2, 5], 7, seed=2)
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=3, pad_token_id=PAD)
+
+    @jax.jit
+    def rollout(params, ids, mask, rng):  # the sampler composes inside a larger jit
+        return sampler.sample(params, cfg, ids, mask, rng, sampling)
+
+    out = rollout(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(3))
+    seq, seq_mask = np.asarray(out.sequences), np.asarray(out.sequence_mask)
+    assert np.asarray(out.response_mask).all()  # no EOS configured
+    forward = jax.jit(lambda p, s, m: llama.Llama(cfg).apply({"params": p}, s, attention_mask=m).logits)
+    logits = forward(params, jnp.asarray(seq), jnp.asarray(seq_mask))
+    logits = np.asarray(logits)[:, 6:-1]  # the logits that chose each response token
+    response = seq[:, 7:]
+    rank = (logits > np.take_along_axis(logits, response[..., None], -1)).sum(-1)
+    assert (rank < 3).all()  # every sampled token is in the top 3
+    # log_probs are the raw (temperature 1, unfiltered) model log-probs of the sampled tokens.
+    expected = token_log_probs(jnp.asarray(logits), jnp.asarray(response))
+    np.testing.assert_allclose(np.asarray(out.log_probs), np.asarray(expected), atol=1e-4)
+    # Different keys give different samples.
+    other = rollout(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(4))
+    assert (np.asarray(other.sequences) != seq).any()
+
+
+def _draws(logits, sampling, n=4000):
+    filtered = sampler.filter_logits(jnp.asarray(logits)[None], sampling)
+    return np.asarray(jax.random.categorical(jax.random.PRNGKey(0), filtered, axis=-1, shape=(n, 1)))
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p, allowed",
+    [
+        (2, 1.0, {0, 1}),
+        (0, 0.7, {0, 1}),  # 0.4 + 0.3 reaches 0.7
+        (0, 0.75, {0, 1, 2}),
+        (0, 0.3, {0}),  # the top token is always kept
+        (3, 0.5, {0, 1}),  # top-k first, then top-p on the renormalised rest
+    ],
+)
+def test_filters_never_emit_outside_allowed_set(top_k, top_p, allowed):
+    probs = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits = np.log(probs)[[3, 0, 4, 1, 2]]  # shuffled: token 1 is the most likely
+    order = {0: 1, 1: 3, 2: 4, 3: 0, 4: 2}  # rank -> token id
+    allowed_ids = {order[r] for r in allowed}
+    sampling = SamplingConfig(max_new_tokens=1, top_k=top_k, top_p=top_p)
+    seen = set(_draws(logits, sampling).ravel().tolist())
+    assert seen == allowed_ids
+
+
+def test_greedy_and_config_validation():
+    logits = jnp.asarray([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
+    greedy = SamplingConfig(max_new_tokens=1, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(sampler.sample_token(logits, jax.random.PRNGKey(0), greedy)), [1, 0])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(max_new_tokens=1, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingConfig(max_new_tokens=0)
+    assert SamplingConfig(max_new_tokens=1, eos_token_ids=7).eos_token_ids == (7,)
+
+
+def test_init_model_and_sample_commands(tmp_path, capsys):
+    tokenizer_lib = pytest.importorskip("jaxalign.models.tokenizer")
+    from jaxalign import cli
+
+    texts = ["How do I bake bread?", "Knead the dough, then let it rise.", "Is it safe?"] * 20
+    tokenizer_lib.train_bpe_tokenizer(texts, 300, tmp_path / "tok")
+    config = '{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}'
+    assert cli.main(["init-model", "--out", str(tmp_path / "m"), "--config-json", config,
+                     "--tokenizer", str(tmp_path / "tok")]) == 0
+    cfg, params = hf.from_pretrained(tmp_path / "m")
+    tokenizer = tokenizer_lib.load_tokenizer(tmp_path / "m")
+    assert cfg.vocab_size == len(tokenizer) and cfg.pad_token_id == tokenizer.pad_token_id
+    capsys.readouterr()
+    assert cli.main(["sample", "--model", str(tmp_path / "m"), "--prompt", "How do I bake bread?",
+                     "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    # Greedy decoding of the same prompt through the API gives the printed text.
+    from jaxalign.data.views import format_prompt
+
+    ids = np.asarray([tokenizer(format_prompt("How do I bake bread?"))["input_ids"]], np.int32)
+    sampling = SamplingConfig(max_new_tokens=5, temperature=0.0, eos_token_ids=cfg.eos_token_ids,
+                              pad_token_id=tokenizer.pad_token_id)
+    out = sampler.sample(params, cfg, jnp.asarray(ids), jnp.ones(ids.shape, bool), jax.random.PRNGKey(0), sampling)
+    response = np.asarray(out.sequences)[0, ids.shape[1]:][np.asarray(out.response_mask)[0]]
+    assert printed.endswith(tokenizer.decode(response.tolist(), skip_special_tokens=True) + "\n")
