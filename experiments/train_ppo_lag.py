@@ -1,10 +1,9 @@
-"""Train PPO-Lagrangian (or the ppo / ppo_reward_shaping baselines, by config.stage): the same as
-`jaxalign train --config configs/ppo_lag_tiny.py --workdir DIR ...`.
+"""Train a PPO-Lagrangian policy (or PPO / reward shaping, by config): the same as `jaxalign train`, runnable from a checkout.
 
-    python experiments/train_ppo_lag.py --config configs/ppo_lag_tiny.py --workdir /tmp/ppo_lag [--config.a.b=v ...]
+    python experiments/train_ppo_lag.py --config configs/ppo_lag_tiny.py --workdir out/ppo_lag_tiny [--config.a.b=v ...]
+    python experiments/train_ppo_lag.py --config configs/ppo_lag_llama2_7b.py --workdir gs://bucket/ppo_lag_llama2_7b
 """
 
-import argparse
 import pathlib
 import sys
 
@@ -12,14 +11,5 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 
 from jaxalign.train import commands  # noqa: E402
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    commands.add_arguments(parser)
-    args, extra = parser.parse_known_args(argv)
-    args.extra_args = extra
-    return commands.run(args)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(commands.main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # subcommand -> (module, one-line help)
@@ -32,6 +33,14 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging() -> None:
+    """INFO lines with timestamps for every command; quiet the JAX backend probe on CPU hosts."""
+    # force=True: absl (imported by orbax/tfds) may already have put a handler on the root logger.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `jaxalign` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -45,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(command_parser)
     args, extra = command_parser.parse_known_args(argv[1:])
     args.extra_args = extra
+    setup_logging()
     if extra and not getattr(module, "ACCEPTS_EXTRA_ARGS", False):
         command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(module.run(args) or 0)

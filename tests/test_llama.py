@@ -138,18 +138,10 @@ def _param_shapes(cfg):
 def test_scan_and_unscanned_layers_agree(tiny):
     cfg, params = tiny
     unscanned_cfg = dataclasses.replace(cfg, scan_layers=False)
-    layers = params["model"]["layers"]
-    unscanned = {
-        "model": {
-            "embed_tokens": params["model"]["embed_tokens"],
-            "norm": params["model"]["norm"],
-            **{
-                f"layers_{i}": jax.tree_util.tree_map(lambda x: x[i], layers)
-                for i in range(cfg.num_hidden_layers)
-            },
-        },
-        "lm_head": params["lm_head"],
-    }
+    unscanned = llama.unstack_layers(params)
+    restacked = llama.stack_layers(unscanned)
+    for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(restacked)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     expected = nn.meta.unbox(_param_shapes(unscanned_cfg))
     assert jax.tree_util.tree_structure(unscanned) == jax.tree_util.tree_structure(expected)
     ids = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 12)))

@@ -115,7 +115,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         return _TARGETS[args.target][2](args)
     except (score.ScoreModelError, ValueError, FileNotFoundError) as error:

@@ -714,6 +714,26 @@ def _compiled_init(cfg: LlamaConfig, rng_spec: jax.ShapeDtypeStruct):
     return lowered.compile(compiler_options=options)
 
 
+def unstack_layers(params: Mapping) -> dict:
+    """Scanned layout (params["model"]["layers"] leaves [L, ...]) -> per-layer layout
+    (params["model"]["layers_{i}"]), the params of the same model with scan_layers=False."""
+    backbone = dict(params["model"])
+    layers = backbone.pop("layers")
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    for i in range(n):
+        backbone[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: x[i], layers)
+    return {**params, "model": backbone}
+
+
+def stack_layers(params: Mapping) -> dict:
+    """Inverse of unstack_layers: per-layer layout -> scanned layout."""
+    backbone = dict(params["model"])
+    names = sorted((k for k in backbone if k.startswith("layers_")), key=lambda k: int(k[7:]))
+    layers = [backbone.pop(k) for k in names]
+    backbone["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    return {**params, "model": backbone}
+
+
 def resize_token_embeddings(cfg: LlamaConfig, params: dict, new_vocab_size: int):
     """Grows (new rows = mean of old rows) or truncates the vocabulary of embedding and
     untied lm_head. Returns (new cfg, new params); params are not modified in place."""

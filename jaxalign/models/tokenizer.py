@@ -32,6 +32,10 @@ def load_tokenizer(path: str | os.PathLike, *, padding_side: str = "right", mode
     """
     from transformers import AutoTokenizer
 
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"tokenizer dir {str(path)!r} does not exist (relative paths resolve against {os.getcwd()})"
+        )
     kwargs = {"padding_side": padding_side}
     if model_max_length is not None:
         kwargs["model_max_length"] = model_max_length

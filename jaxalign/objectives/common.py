@@ -6,14 +6,18 @@ import jax
 import jax.numpy as jnp
 
 
+def masked_row_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-sequence masked mean: x, mask [B, T] -> [B]; an empty row gives 0."""
+    mask = mask.astype(x.dtype)
+    return jnp.sum(x * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Per-sequence token mean, then batch mean (upstream semantics, safe-rlhf #154).
 
     x, mask: [B, T] -> scalar. Rows with an empty mask contribute 0.
     """
-    mask = mask.astype(x.dtype)
-    per_sequence = jnp.sum(x * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-    return jnp.mean(per_sequence)
+    return jnp.mean(masked_row_mean(x, mask))
 
 
 def token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.objectives import ppo
-from jaxalign.objectives.common import last_true_index, token_log_probs
+from jaxalign.objectives.common import last_true_index, masked_row_mean, token_log_probs
 from jaxalign.rl.roles import RoleFns
 from jaxalign.rl.settings import RLSettings
 
@@ -119,9 +119,4 @@ def score_experience(fns: RoleFns, settings: RLSettings, params: dict, kl_coeff:
         cost_returns=cost_returns,
     )
     return experience, stats
-
-
-def masked_row_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Per-sequence masked mean. x, mask: [B,R] -> [B]."""
-    return jnp.sum(x * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 

@@ -9,6 +9,7 @@ latest checkpoint in WORKDIR.
 from __future__ import annotations
 
 import importlib
+import sys
 import json
 import logging
 import pathlib
@@ -73,7 +74,6 @@ def run(args) -> int:
     """CLI entry: returns 0 on success, 128+signal when preempted (checkpoint saved), 1 on errors."""
     from jaxalign.train import loop
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         config = config_lib.load_config(args.config, args.extra_args)
     except config_lib.ConfigError as error:
@@ -84,7 +84,14 @@ def run(args) -> int:
     except loop.Preempted as stop:
         logging.warning("%s", stop)
         return 128 + (stop.signum or 15)
-    except loop.NonFiniteLossError as error:
+    except (loop.NonFiniteLossError, FileNotFoundError) as error:
         logging.error("%s", error)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`jaxalign train` as a standalone entry point (used by the thin scripts in experiments/)."""
+    from jaxalign import cli
+
+    return cli.main(["train", *(sys.argv[1:] if argv is None else argv)])
