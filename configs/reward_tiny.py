@@ -7,23 +7,7 @@ Prepare the data, tokenizer and SFT model once (see configs/README.md), then
 
 import ml_collections
 
-from configs import base
-
-
-def score_config() -> ml_collections.ConfigDict:
-    """Score-model fields of the tiny reward and cost configs (upstream script values)."""
-    return ml_collections.ConfigDict(
-        dict(
-            score_dim=1,  # one scalar score per token
-            score_bias=True,  # score head has a bias (upstream default)
-            loss_type="sequence-wise",  # sequence-wise | token-wise (spec §4.2)
-            regularization=0.001,  # reg · mean(end_score²) keeps scores near 0
-            normalizer_type="ExponentialMovingAverage",  # none | RunningMeanStd | ExponentialMovingAverage
-            momentum=0.9,  # EMA momentum of the end-score mean/var
-            normalize_during_training=False,  # stats are tracked and exported but not applied
-            inconsistent_pairs="skip",  # cost stage: safer-labelled-unsafe pairs (mini has 2% noise)
-        )
-    )
+from configs import base, reward_llama2_7b
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -54,5 +38,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_batches = -1  # the whole mini test split (~300 pairs)
     config.checkpoint.save_every = 100  # a resumable checkpoint every 100 updates
     config.checkpoint.keep = 2  # keep the last two
-    config.score = score_config()  # loss, regularization and normalizer (see score_config)
+    config.score = reward_llama2_7b.score_config()  # upstream loss, regularization and normalizer
     return config

@@ -31,7 +31,6 @@ import numpy as np
 
 from jaxalign.models import hf, llama
 # Shared numerics (one implementation of the end-index rule for every caller).
-from jaxalign.objectives.common import last_true_index
 
 SCORE_TYPES = ("reward", "cost", "critic")
 NORMALIZER_TYPES = (None, "RunningMeanStd", "ExponentialMovingAverage")
@@ -150,7 +149,7 @@ class ScoreModel(nn.Module):
             name="score_head",
         )
         scores = head(hidden).astype(jnp.float32)
-        end_index = last_true_index(attention_mask)
+        end_index = llama.last_true_index(attention_mask)
         take = lambda x: jnp.take_along_axis(x, end_index[:, None, None], axis=1)[:, 0]  # noqa: E731
         return ScoreOutput(
             scores=scores,

@@ -30,10 +30,3 @@ def token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - log_z
-
-
-def last_true_index(mask: jax.Array) -> jax.Array:
-    """Index of the last True along the last axis (0 when none). mask: [B, T] -> [B] int32."""
-    length = mask.shape[-1]
-    reversed_first = jnp.argmax(jnp.flip(mask.astype(bool), axis=-1), axis=-1)
-    return (length - 1 - reversed_first).astype(jnp.int32)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxalign.objectives.common import last_true_index, masked_mean
+from jaxalign.models.llama import last_true_index
+from jaxalign.objectives.common import masked_mean
 
 LOSS_TYPES = ("sequence-wise", "token-wise")
 

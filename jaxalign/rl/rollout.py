@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.objectives import ppo
-from jaxalign.objectives.common import last_true_index, masked_row_mean, token_log_probs
+from jaxalign.models.llama import last_true_index
+from jaxalign.objectives.common import masked_row_mean, token_log_probs
 from jaxalign.rl.roles import RoleFns
 from jaxalign.rl.settings import RLSettings
 
