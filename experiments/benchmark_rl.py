@@ -21,15 +21,14 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GIB = 1024**3
-TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+import benchmark_common  # noqa: E402  (experiments/ is the script's own dir)
+
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
 LLAMA2_7B = dict(vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -157,15 +156,6 @@ def cpu_iterations(iterations: int) -> dict:
 # ---------------------------------------------------------------------------------------- memory
 
 
-def _memory_of(compiled) -> dict:
-    stats = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
-    out = {name: int(getattr(stats, name, 0) or 0) for name in fields}
-    out["peak_bytes"] = (out["argument_size_in_bytes"] + out["temp_size_in_bytes"] + out["output_size_in_bytes"]
-                         - out["alias_size_in_bytes"])
-    return out
-
-
 def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 384, remat: str = "full") -> list[dict]:
     import dataclasses
 
@@ -209,26 +199,17 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
         start = time.perf_counter()
         with mesh_lib.sharding_context(mesh, rules):
             compiled = fn.lower(*args).compile()
-        memory = _memory_of(compiled)
+        memory = benchmark_common.memory_of(compiled)
         results.append({
             "step": name, "devices": fsdp, "global_batch": batch, "prompt_length": prompt, "max_new_tokens": new,
             "remat": remat, "compile_s": time.perf_counter() - start, **memory,
-            "fits": {gen: memory["peak_bytes"] < 0.9 * hbm * GIB for gen, hbm in TPU_HBM_GIB.items()},
+            "fits": benchmark_common.fits(memory["peak_bytes"]),
         })
         print("RESULT " + json.dumps(results[-1]), flush=True)
     return results
 
 
 # ------------------------------------------------------------------------------------------ main
-
-
-def _run_child(part: str, devices: int, args) -> list[dict]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    command = [sys.executable, __file__, "--part", part, "--iterations", str(args.iterations)]
-    process = subprocess.run(command, env=env, capture_output=True, text=True)
-    if process.returncode:
-        raise RuntimeError(f"{part} benchmark failed:\n{process.stderr[-4000:]}")
-    return [json.loads(line[len("RESULT "):]) for line in process.stdout.splitlines() if line.startswith("RESULT ")]
 
 
 def _print_cpu(c: dict) -> None:
@@ -252,15 +233,10 @@ def _print_cpu(c: dict) -> None:
 
 
 def _print_memory(memory: list[dict]) -> None:
-    print("\nPer-device memory of a Llama-2-7B PPO-Lagrangian iteration (AOT, simulated CPU mesh; fp32 params, "
-          "AdamW for actor + 2 critics, bf16 compute, remat full)")
-    header = f"{'step':32s} {'devices':>7s} {'batch':>6s} {'args GiB':>9s} {'temp GiB':>9s} {'peak GiB':>9s}  fits (90% HBM)"
-    print(header)
-    print("-" * len(header))
-    for m in memory:
-        fits = " ".join(f"{gen}:{'y' if ok else 'n'}" for gen, ok in m["fits"].items())
-        print(f"{m['step']:32s} {m['devices']:7d} {m['global_batch']:6d} {m['argument_size_in_bytes'] / GIB:9.2f} "
-              f"{m['temp_size_in_bytes'] / GIB:9.2f} {m['peak_bytes'] / GIB:9.2f}  {fits}")
+    benchmark_common.print_memory_table(
+        "Per-device memory of a Llama-2-7B PPO-Lagrangian iteration (AOT, simulated CPU mesh; fp32 params, "
+          "AdamW for actor + 2 critics, bf16 compute, remat full)",
+        memory, "step", 32)
 
 
 def main() -> int:
@@ -281,9 +257,9 @@ def main() -> int:
     result = json.loads(out.read_text()) if out.exists() else {}
     parts = args.parts.split(",")
     if "cpu" in parts:
-        result["cpu"] = _run_child("cpu", 1, args)[0]
+        result["cpu"] = benchmark_common.run_child(__file__, "cpu", 1, ["--iterations", str(args.iterations)])[0]
     if "memory" in parts:
-        result["memory"] = _run_child("memory", 64, args)
+        result["memory"] = benchmark_common.run_child(__file__, "memory", 64, ["--iterations", str(args.iterations)])
     if "cpu" in result:
         _print_cpu(result["cpu"])
     if "memory" in result:

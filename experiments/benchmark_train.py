@@ -22,16 +22,15 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GIB = 1024**3
+import benchmark_common  # noqa: E402  (experiments/ is the script's own dir)
+
 # HBM per chip (GiB) of TPU generations a 7B run could use.
-TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 
 BENCH_MODEL = dict(
     vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
@@ -169,18 +168,6 @@ def throughput(steps: int, batch_size: int = 4, seq_len: int = 512) -> dict:
 # ------------------------------------------------------------------------------------------ memory
 
 
-def _memory_of(compiled) -> dict:
-    stats = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes")
-    out = {name: int(getattr(stats, name, 0) or 0) for name in fields}
-    # Donated state: outputs alias arguments, so the live peak is arguments + temporaries + new outputs.
-    out["peak_bytes"] = (
-        out["argument_size_in_bytes"] + out["temp_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
-    )
-    return out
-
-
 def memory_plan(name: str, kind: str, fsdp: int, tensor: int, batch_size: int, seq_len: int,
                 grad_accum: int, remat: str) -> dict:
     import jax
@@ -224,13 +211,13 @@ def memory_plan(name: str, kind: str, fsdp: int, tensor: int, batch_size: int, s
     with mesh_lib.sharding_context(mesh, rules):
         compiled = step.lower(abstract, [batch] * grad_accum).compile()
     compile_s = time.perf_counter() - start
-    memory = _memory_of(compiled)
+    memory = benchmark_common.memory_of(compiled)
     params = _param_count(abstract.params)
     return {
         "name": name, "kind": kind, "devices": fsdp * tensor, "fsdp": fsdp, "tensor": tensor,
         "global_batch": batch_size, "seq_len": seq_len, "grad_accum": grad_accum, "remat": remat,
         "params": params, "state_bytes_total": params * 4 * 3, "compile_s": compile_s, **memory,
-        "fits": {gen: memory["peak_bytes"] < 0.9 * hbm * GIB for gen, hbm in TPU_HBM_GIB.items()},
+        "fits": benchmark_common.fits(memory["peak_bytes"]),
     }
 
 
@@ -256,15 +243,6 @@ def _child(part: str, args) -> None:
             print("RESULT " + json.dumps(memory_plan(*case)), flush=True)
 
 
-def _run_child(part: str, devices: int, args) -> list[dict]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    command = [sys.executable, __file__, "--part", part, "--steps", str(args.steps)]
-    process = subprocess.run(command, env=env, capture_output=True, text=True)
-    if process.returncode:
-        raise RuntimeError(f"{part} benchmark failed:\n{process.stderr[-4000:]}")
-    return [json.loads(line[len("RESULT "):]) for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/benchmark_train.json")
@@ -280,9 +258,9 @@ def main() -> int:
     result = json.loads(out.read_text()) if out.exists() else {}
     parts = args.parts.split(",")
     if "throughput" in parts:
-        result["throughput"] = _run_child("throughput", 1, args)[0]
+        result["throughput"] = benchmark_common.run_child(__file__, "throughput", 1, ["--steps", str(args.steps)])[0]
     if "memory" in parts:
-        result["memory"] = _run_child("memory", 64, args)
+        result["memory"] = benchmark_common.run_child(__file__, "memory", 64, ["--steps", str(args.steps)])
     if "throughput" in result:
         _print_throughput(result["throughput"])
     if "memory" in result:
@@ -302,14 +280,9 @@ def _print_throughput(t: dict) -> None:
 
 
 def _print_memory(memory: list[dict]) -> None:
-    print("\nPer-device memory of a 7B train step (AOT on a simulated CPU mesh; fp32 params + AdamW, bf16 compute)")
-    header = f"{'case':52s} {'devices':>7s} {'batch':>6s} {'args GiB':>9s} {'temp GiB':>9s} {'peak GiB':>9s}  fits (90% HBM)"
-    print(header)
-    print("-" * len(header))
-    for m in memory:
-        fits = " ".join(f"{gen}:{'y' if ok else 'n'}" for gen, ok in m["fits"].items())
-        print(f"{m['name']:52s} {m['devices']:7d} {m['global_batch']:6d} {m['argument_size_in_bytes'] / GIB:9.2f} "
-              f"{m['temp_size_in_bytes'] / GIB:9.2f} {m['peak_bytes'] / GIB:9.2f}  {fits}")
+    benchmark_common.print_memory_table(
+        "Per-device memory of a 7B train step (AOT on a simulated CPU mesh; fp32 params + AdamW, bf16 compute)",
+        memory, "name", 52)
 
 
 if __name__ == "__main__":
