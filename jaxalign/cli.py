@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -57,7 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if extra and not getattr(module, "ACCEPTS_EXTRA_ARGS", False):
         command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (FileNotFoundError, ValueError) as error:
+        # Bad input (a missing path, a malformed file or value): one clear line, exit 1.
+        # The project's errors name the file/field; JAXALIGN_DEBUG=1 shows the traceback.
+        if os.environ.get("JAXALIGN_DEBUG"):
+            raise
+        print(f"jaxalign {name}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -204,10 +204,12 @@ def _validate(args) -> int:
     kind = pku.detect_kind(args.dir) if args.config is None else pku.config_subsets(args.config)[0]
     config = args.config or {"dual": "default", "single": "single-default", "v0": "v0"}[kind]
     total = pku.ValidationReport()
+    found = 0
     for split in pku.SPLITS:
         paths = pku.find_files(args.dir, config, split)
         if not paths:
             continue
+        found += len(paths)
         report = pku.ValidationReport()
         for _ in pku.iter_rows(paths, kind, strict=not args.lenient, check_sha256=not args.no_sha256, report=report):
             pass
@@ -218,5 +220,8 @@ def _validate(args) -> int:
         total.rows_read += report.rows_read
         total.rows_kept += report.rows_kept
         total.skipped.update(report.skipped)
+    if not found:
+        raise FileNotFoundError(f"{args.dir}: no release files for config {config!r} "
+                                "(expected data/<Model>/{train,test}.jsonl or .parquet)")
     print(f"kind {kind}, config {config}: {total.rows_kept}/{total.rows_read} rows valid")
     return 0 if not total.skipped else 1

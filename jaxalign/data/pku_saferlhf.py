@@ -305,7 +305,7 @@ def find_files(source_dir: str | os.PathLike, config: str = "default", split: st
 
 
 def detect_kind(source_dir: str | os.PathLike) -> str:
-    """Guess the kind ('dual', 'single', 'v0') from the fields of the first row found."""
+    """Guess the kind ('dual', 'single', 'v0') from the fields of the first row found ('dual' if none match)."""
     for config in ("default", "v0"):
         for split in SPLITS:
             for path in find_files(source_dir, config, split):
@@ -315,7 +315,11 @@ def detect_kind(source_dir: str | os.PathLike) -> str:
                             return "dual"
                         if "prompt_source" in row:
                             return "single"
-                        return "v0"
+                        if "is_response_0_safe" in row:
+                            return "v0"
+                        # None of the markers: validate as the current release, whose errors
+                        # name the missing fields with file and line.
+                        return "dual"
     raise FileNotFoundError(f"{source_dir}: no release file found (expected data/<Model>/{{train,test}}.jsonl)")
 
 
