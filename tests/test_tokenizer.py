@@ -68,3 +68,69 @@ def test_cli_trains_on_release_dir(tmp_path):
     assert tok.jaxalign_added_tokens == [] and len(tok) == 600
     template = tok("BEGINNING OF CONVERSATION: USER:")["input_ids"]
     assert len(template) < 12  # trained on formatted prompts: the template is a few tokens
+
+
+def _remote_code_dir(base, texts, marker):
+    """A tokenizer dir whose tokenizer_config.json maps AutoTokenizer to evil.py (which writes `marker`)."""
+    import json
+    import shutil
+
+    out = base / "remote"
+    tk.train_bpe_tokenizer(texts[:200], 300, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    config["tokenizer_class"] = "EvilTokenizer"
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    (out / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    shutil.rmtree(out / "__pycache__", ignore_errors=True)
+    return out
+
+
+@pytest.fixture
+def answers_yes(monkeypatch):
+    """An interactive terminal where the user types "y" at transformers' [y/N] prompt."""
+    import builtins
+
+    prompts = []
+
+    def fake_input(prompt=""):
+        prompts.append(prompt)
+        return "y"
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    return prompts
+
+
+def test_auto_map_dir_is_refused_without_running_its_code(tmp_path, texts, answers_yes):
+    marker = tmp_path / "marker"
+    remote = _remote_code_dir(tmp_path, texts, marker)
+    with pytest.raises(ValueError) as error:
+        tk.load_tokenizer(remote)
+    message = str(error.value)
+    assert "\n" not in message and str(remote) in message and "auto_map" in message
+    assert not marker.exists() and answers_yes == []
+
+
+def test_transformers_is_told_never_to_trust_remote_code(tmp_path, texts, answers_yes, monkeypatch):
+    """Even past the auto_map check, transformers gets trust_remote_code=False: no prompt, no code."""
+    marker = tmp_path / "marker"
+    remote = _remote_code_dir(tmp_path, texts, marker)
+    monkeypatch.setattr(tk, "check_no_remote_code", lambda path: None, raising=False)
+    try:
+        tk.load_tokenizer(remote)
+    except (ValueError, OSError):
+        pass  # transformers refusing the unknown class is fine; running it is not
+    assert not marker.exists() and answers_yes == []
+
+
+def test_malformed_tokenizer_config_names_the_file(tmp_path, tok_dir):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tok_dir, bad)
+    (bad / "tokenizer_config.json").write_text('{"model_max_length": ')
+    with pytest.raises(ValueError, match=r"bad/tokenizer_config\.json: not valid JSON"):
+        tk.load_tokenizer(bad)

@@ -10,17 +10,44 @@ added in `tok.jaxalign_added_tokens`; when that is not empty the caller resizes 
 Encoding prepends BOS (`add_special_tokens=True`, like Llama) and never appends EOS: training
 texts append `tok.eos_token` as a string (spec §11.10).
 
+Code shipped in a tokenizer dir is never run: transformers is always called with
+`trust_remote_code=False`, and a dir whose tokenizer_config.json or config.json has an `auto_map`
+(custom Python classes) is refused with one error line naming the dir, never a [y/N] prompt.
+
 `jaxalign tokenizer --data DIR --out DIR --vocab-size N` trains on the prompts and responses of
 a release-layout dir.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from typing import Iterable
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+# Files transformers reads to pick the tokenizer class; an `auto_map` in either asks for custom code.
+_CLASS_FILES = ("tokenizer_config.json", "config.json")
+
+
+def check_no_remote_code(path: str | os.PathLike) -> None:
+    """ValueError (one line naming the dir and file) when `path` asks transformers to run code
+    from the dir (`auto_map` in tokenizer_config.json / config.json); a malformed one is named too."""
+    for name in _CLASS_FILES:
+        file = pathlib.Path(path) / name
+        if not file.is_file():
+            continue
+        try:
+            content = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{file}: not valid JSON ({error})") from None
+        if isinstance(content, dict) and content.get("auto_map"):
+            classes = ", ".join(sorted(str(k) for k in content["auto_map"])) if isinstance(content["auto_map"], dict) else ""
+            raise ValueError(
+                f"tokenizer dir {str(path)!r} needs custom code ({name} has auto_map {classes}); jaxalign never "
+                f"runs code from a model or tokenizer dir: use a dir with a standard tokenizer class"
+            )
 
 
 def load_tokenizer(path: str | os.PathLike, *, padding_side: str = "right", model_max_length: int | None = None):
@@ -36,7 +63,8 @@ def load_tokenizer(path: str | os.PathLike, *, padding_side: str = "right", mode
         raise FileNotFoundError(
             f"tokenizer dir {str(path)!r} does not exist (relative paths resolve against {os.getcwd()})"
         )
-    kwargs = {"padding_side": padding_side}
+    check_no_remote_code(path)
+    kwargs = {"padding_side": padding_side, "trust_remote_code": False}
     if model_max_length is not None:
         kwargs["model_max_length"] = model_max_length
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
