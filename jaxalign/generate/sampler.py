@@ -1,4 +1,4 @@
-"""Jit-compiled autoregressive sampler over the Llama KV cache.
+"""Jit-compiled autoregressive sampler over the KV cache of any model family.
 
     out = sample(params, cfg, prompt_ids, prompt_mask, rng, SamplingConfig(max_new_tokens=64))
 
@@ -6,7 +6,8 @@ Prompts are left-padded [B, S] (rows of different lengths in one batch). One pre
 fills the cache, then a `lax.while_loop` decodes one token per step for every row, with
 static shapes throughout; the loop exits early once every row has emitted an EOS id.
 `sample` is a pure function of arrays with static (hashable) configs, so it can be called
-inside a larger jit (e.g. a jitted PPO rollout).
+inside a larger jit (e.g. a jitted PPO rollout). The model comes from cfg's family
+(`models.causal_lm(cfg)`, `models.init_cache`): Llama, Qwen2 and Qwen3 sample the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxalign import models
 from jaxalign.models import llama
 
 
@@ -91,9 +93,8 @@ def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) ->
 
 def _last_logits(params, cfg, ids, mask, cache):
     """One model call; returns (logits of the last column [B, V] fp32, cache)."""
-    return llama.Llama(cfg).apply(
-        {"params": params}, ids, mask, None, cache, method=llama.Llama.last_token_logits
-    )
+    model = models.causal_lm(cfg)
+    return model.apply({"params": params}, ids, mask, None, cache, method=type(model).last_token_logits)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling"))
@@ -113,7 +114,7 @@ def sample(
     n = sampling.max_new_tokens
     prompt_mask = prompt_mask.astype(bool)
     eos = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
-    cache = llama.init_cache(cfg, batch, prompt_len + n)
+    cache = models.init_cache(cfg, batch, prompt_len + n)
     logits, cache = _last_logits(params, cfg, prompt_ids.astype(jnp.int32), prompt_mask, cache)
 
     def emit(i, logits, key, tokens, log_probs, live):

@@ -1,7 +1,10 @@
-"""HF checkpoint directories (config.json + safetensors) <-> (LlamaConfig, params).
+"""HF checkpoint directories (config.json + safetensors) <-> (family config, params).
 
-    cfg, params = hf.from_pretrained(path, dtype="float32")
+    cfg, params = hf.from_pretrained(path, dtype="float32")   # Llama, Qwen2, Qwen3: by model_type
     hf.save_pretrained(out_dir, cfg, params, max_shard_size=None)
+
+The family (families.py) is chosen by config.json's model_type when loading and by the config's
+class when saving; its tensor map says where each decoder-layer tensor goes.
 
 Tensors are read one at a time (safetensors, never pickle) and checked against the shapes the
 config implies: a missing, unexpected or mis-shaped tensor raises `CheckpointError` naming it.
@@ -16,7 +19,6 @@ on both sides, so q/k need no permutation.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 from typing import Callable, Iterator, Mapping
@@ -26,7 +28,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxalign.models import llama
+from jaxalign.models import families, llama
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -164,52 +166,12 @@ def write_config(out_dir: str | os.PathLike, config: dict) -> None:
 
 # ----------------------------------------------------------------------------- name mapping
 #
-# Each entry: (HF suffix, path in our layer params, to_hf(kernel) -> torch array,
-# from_hf(torch array) -> kernel). Shapes are checked in torch layout.
+# A family's hf_layer_map(cfg) gives, per decoder-layer tensor, its HF suffix, its path in our
+# layer params, the two layout conversions and its torch shape (see tensor_map.py).
 
 
-def _layer_spec(cfg: llama.LlamaConfig) -> list[tuple[str, tuple[str, ...], Callable, Callable, tuple]]:
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-
-    def proj_in(out_shape):  # kernel [D, *out] <-> torch [prod(out), D]
-        n = math.prod(out_shape)
-        return (lambda k: k.reshape(d, n).T, lambda w: w.T.reshape((d,) + out_shape), (n, d))
-
-    def proj_out(in_shape):  # kernel [*in, D] <-> torch [D, prod(in)]
-        n = math.prod(in_shape)
-        return (lambda k: k.reshape(n, d).T, lambda w: w.T.reshape(in_shape + (d,)), (d, n))
-
-    def bias(shape):
-        n = math.prod(shape)
-        return (lambda b: b.reshape(n), lambda w: w.reshape(shape), (n,))
-
-    ident = lambda x: x  # noqa: E731
-    spec = [
-        ("input_layernorm.weight", ("input_layernorm", "scale"), ident, ident, (d,)),
-        ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), ident, ident, (d,)),
-        ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), *proj_in((h, dh))),
-        ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), *proj_in((kv, dh))),
-        ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), *proj_in((kv, dh))),
-        ("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), *proj_out((h, dh))),
-        ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), *proj_in((f,))),
-        ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), *proj_in((f,))),
-        ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), *proj_out((f,))),
-    ]
-    if cfg.attention_bias:
-        spec += [
-            ("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), *bias((h, dh))),
-            ("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), *bias((kv, dh))),
-            ("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), *bias((kv, dh))),
-            ("self_attn.o_proj.bias", ("self_attn", "o_proj", "bias"), *bias((d,))),
-        ]
-    if cfg.mlp_bias:
-        spec += [
-            ("mlp.gate_proj.bias", ("mlp", "gate_proj", "bias"), *bias((f,))),
-            ("mlp.up_proj.bias", ("mlp", "up_proj", "bias"), *bias((f,))),
-            ("mlp.down_proj.bias", ("mlp", "down_proj", "bias"), *bias((d,))),
-        ]
-    return spec
+def _layer_spec(cfg: llama.LlamaConfig):
+    return families.of(cfg).hf_layer_map(cfg)
 
 
 def _get(tree: Mapping, path: tuple[str, ...]):
@@ -325,11 +287,11 @@ def _checked(tensors: Mapping, name: str, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-# ----------------------------------------------------------------------------- Llama LM
+# ----------------------------------------------------------------------------- causal LM
 
 
 def lm_hf_shapes(cfg: llama.LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Expected HF tensor names -> shapes of LlamaForCausalLM."""
+    """Expected HF tensor names -> shapes of the family's *ForCausalLM."""
     shapes = backbone_hf_shapes(cfg)
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
@@ -337,7 +299,7 @@ def lm_hf_shapes(cfg: llama.LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def params_to_hf_tensors(cfg: llama.LlamaConfig, params: Mapping, dtype=None) -> dict[str, np.ndarray]:
-    """Llama params -> LlamaForCausalLM tensors."""
+    """Causal-LM params -> the family's *ForCausalLM tensors."""
     tensors = backbone_to_hf_tensors(cfg, params["model"], dtype=dtype)
     if not cfg.tie_word_embeddings:
         kernel = np.asarray(params["lm_head"]["kernel"])
@@ -346,7 +308,8 @@ def params_to_hf_tensors(cfg: llama.LlamaConfig, params: Mapping, dtype=None) ->
 
 
 def params_from_hf_tensors(cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndarray], dtype=None) -> dict:
-    """LlamaForCausalLM tensors -> Llama params (numpy), with full name and shape checks."""
+    """The family's *ForCausalLM tensors -> causal-LM params (numpy), with full name and shape
+    checks."""
     dtype = cfg.weight_dtype if dtype is None else dtype
     # A tied checkpoint may still carry a copy of the embeddings as lm_head.weight.
     tied_extra = lambda n: cfg.tie_word_embeddings and n == "lm_head.weight"  # noqa: E731
@@ -358,10 +321,11 @@ def params_from_hf_tensors(cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndar
 
 
 def load_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
-    """LlamaConfig from a checkpoint dir's config.json (errors name the file)."""
+    """The family config (LlamaConfig, qwen.Qwen2Config, qwen.Qwen3Config) of a checkpoint dir's
+    config.json, chosen by its model_type (errors name the file)."""
     file = pathlib.Path(path) / CONFIG_NAME
     try:
-        return llama.LlamaConfig.from_hf_config(read_config(path), **overrides)
+        return families.config_from_hf(read_config(path), **overrides)
     except (ValueError, TypeError, KeyError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -369,7 +333,8 @@ def load_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
 
 
 def from_pretrained(path: str | os.PathLike, dtype: str = "float32", **overrides):
-    """(cfg, params) from an HF Llama checkpoint dir. `dtype` is the compute dtype (cfg.dtype);
+    """(cfg, params) from an HF checkpoint dir of any supported family (config.json's
+    model_type: llama, qwen2, qwen3). `dtype` is the compute dtype (cfg.dtype);
     params are stored in cfg.param_dtype (override with param_dtype=...). Params are jax arrays."""
     cfg = load_config(path, dtype=dtype, **overrides)
     params = params_from_hf_tensors(cfg, read_safetensors_dir(path))
@@ -382,8 +347,9 @@ def save_pretrained(
     params: Mapping,
     max_shard_size: int | str | None = None,
 ) -> None:
-    """Writes config.json + model.safetensors (sharded when max_shard_size is given) that
-    transformers.LlamaForCausalLM.from_pretrained loads. Tensors are saved in cfg.param_dtype."""
+    """Writes config.json + model.safetensors (sharded when max_shard_size is given) that the
+    family's transformers class (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)
+    from_pretrained loads. Tensors are saved in cfg.param_dtype."""
     tensors = params_to_hf_tensors(cfg, jax.device_get(params))
     tensors = {k: v.astype(cfg.weight_dtype) for k, v in tensors.items()}
     write_safetensors(out_dir, tensors, max_shard_size=max_shard_size)

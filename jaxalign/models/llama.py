@@ -1,4 +1,8 @@
-"""Llama (1/2/3/3.1/3.2) in Flax Linen: config, backbone, LM, KV cache.
+"""Llama (1/2/3/3.1/3.2) in Flax Linen: config, backbone, LM, KV cache, HF tensor map.
+
+This is the one decoder implementation: the Qwen2/Qwen3 families (qwen.py) are LlamaConfig
+subclasses that turn on its switches (qkv_bias: q/k/v biases without an o_proj bias; qk_norm:
+per-head RMSNorm of q and k before RoPE). The building blocks are in layers.py.
 
 Parameter tree (mirrors HF naming, see docs/architecture.md):
 
@@ -13,7 +17,8 @@ Parameter tree (mirrors HF naming, see docs/architecture.md):
                  "post_attention_layernorm": {"scale": [D]},
                  "mlp": {"gate_proj": {"kernel": [D, F]}, "up_proj": {"kernel": [D, F]},
                          "down_proj": {"kernel": [F, D]}}}
-                (+ "bias" leaves when attention_bias / mlp_bias).
+                (+ "bias" leaves when attention_bias / qkv_bias / mlp_bias;
+                 + "self_attn": {"q_norm": {"scale": [Dh]}, "k_norm": {"scale": [Dh]}} when qk_norm).
 
 Every parameter carries logical axis names (embed, mlp, heads, kv_heads, head_dim, vocab,
 layers) and large activations are constrained by name (batch, length, embed, ...), so the
@@ -25,13 +30,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxalign.models import tensor_map
+from jaxalign.models.layers import (  # noqa: F401  (re-exported: llama.Linear, llama.apply_rope, ...)
+    MLP,
+    Embed,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    attention,
+    causal_attention,
+    rope_angles,
+    rope_inv_freq,
+)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -80,8 +97,13 @@ class RopeScaling:
 class LlamaConfig:
     """Llama hyper-parameters (HF names) plus runtime fields (dtype, param_dtype, scan, remat).
 
-    Frozen and hashable, so it can be a static argument of jit.
+    Frozen and hashable, so it can be a static argument of jit. The class is the family:
+    `model_type` and `hf_architecture` are class constants (qwen.Qwen2Config / Qwen3Config
+    subclass it), so a config can never disagree with its family.
     """
+
+    model_type: ClassVar[str] = "llama"
+    hf_architecture: ClassVar[str] = "LlamaForCausalLM"
 
     vocab_size: int
     hidden_size: int
@@ -94,8 +116,10 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v/o biases (HF Llama / Qwen3 attention_bias)
     mlp_bias: bool = False
+    qkv_bias: bool = False  # q/k/v biases without an o_proj bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
@@ -135,6 +159,21 @@ class LlamaConfig:
             raise ValueError(
                 f"remat_policy={self.remat_policy!r} is not one of {sorted(_REMAT_POLICIES)}"
             )
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """Rejects switches this family's HF format cannot express (subclasses override)."""
+        for switch in ("qkv_bias", "qk_norm"):
+            if getattr(self, switch):
+                raise ValueError(
+                    f"{type(self).__name__}: {switch}=True is not part of HF Llama; "
+                    "use qwen.Qwen2Config (qkv_bias) or qwen.Qwen3Config (qk_norm)"
+                )
+
+    @property
+    def use_qkv_bias(self) -> bool:
+        """Whether q/k/v projections have a bias (attention_bias or qkv_bias)."""
+        return self.attention_bias or self.qkv_bias
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -148,14 +187,28 @@ class LlamaConfig:
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> "LlamaConfig":
         """Builds a config from an HF config.json dict (legacy rope_theta/rope_scaling or
-        transformers-5 rope_parameters); `overrides` set any field (e.g. dtype, scan_layers)."""
+        transformers-5 rope_parameters); `overrides` set any field (e.g. dtype, scan_layers).
+        A config.json without model_type is read as this class's family."""
         hf = dict(hf)
+        model_type = hf.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"model_type={model_type!r} is not {cls.model_type!r}: read it with "
+                "hf.load_config or models.config_from_hf, which pick the family"
+            )
+        fields = cls._fields_from_hf(hf)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} overrides: {unknown}")
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def _fields_from_hf(cls, hf: dict) -> dict:
+        """The dataclass fields of an HF config dict (subclasses adjust the family's keys)."""
         missing = [k for k in _REQUIRED_HF_KEYS if hf.get(k) is None]
         if missing:
             raise ValueError(f"HF config is missing required keys: {missing}")
-        model_type = hf.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"unsupported model_type={model_type!r}; only 'llama' is supported")
         hidden_act = hf.get("hidden_act", "silu")
         if hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act={hidden_act!r}; only 'silu' is supported")
@@ -177,7 +230,7 @@ class LlamaConfig:
                 rope = params
         rope_scaling = _parse_rope_scaling(dict(rope)) if rope else None
 
-        fields = dict(
+        return dict(
             vocab_size=int(hf["vocab_size"]),
             hidden_size=int(hf["hidden_size"]),
             intermediate_size=int(hf["intermediate_size"]),
@@ -197,18 +250,13 @@ class LlamaConfig:
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
         )
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise TypeError(f"unknown LlamaConfig overrides: {unknown}")
-        fields.update(overrides)
-        return cls(**fields)
 
     def to_hf_config(self) -> dict:
-        """The HF config.json dict for transformers.LlamaForCausalLM."""
+        """The HF config.json dict for transformers' {hf_architecture} (LlamaForCausalLM here)."""
         eos = self.eos_token_id
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [self.hf_architecture],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -271,45 +319,6 @@ def _parse_rope_scaling(rope: dict) -> RopeScaling | None:
     )
 
 
-# ----------------------------------------------------------------------------- RoPE
-
-
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies [Dh/2] fp32, with linear / llama3 scaling as in HF."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = cfg.rope_scaling
-    if scaling is None:
-        return inv_freq.astype(np.float32)
-    if scaling.rope_type == "linear":
-        return (inv_freq / scaling.factor).astype(np.float32)
-    old_len = scaling.original_max_position_embeddings
-    low_wavelen = old_len / scaling.low_freq_factor
-    high_wavelen = old_len / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return np.where(is_medium, smoothed, scaled).astype(np.float32)
-
-
-def rope_angles(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of position * inv_freq: positions [B, T] -> two [B, T, Dh/2] fp32."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (HF layout). x [B, T, N, Dh], cos/sin [B, T, Dh/2]."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
 def positions_from_mask(mask: jax.Array) -> jax.Array:
     """Positions of left-padded rows: cumsum(mask) - 1, clipped at 0. [B, T] -> [B, T] int32."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -353,149 +362,7 @@ def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype=None) -
         empty=True,
     )
 
-
 # ----------------------------------------------------------------------------- modules
-
-
-def _normal(cfg: LlamaConfig):
-    return nn.initializers.normal(stddev=cfg.initializer_range)
-
-
-class Linear(nn.Module):
-    """x [..., prod(in_shape)] @ kernel [*in_shape, *out_shape] -> [..., *out_shape].
-
-    The matmul runs on a 2-D [N, in] view (much faster on XLA CPU than 3-D dots).
-    """
-
-    cfg: LlamaConfig
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    axes: tuple[str, ...]  # logical names of kernel dims: in axes then out axes
-    use_bias: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(_normal(cfg), self.axes),
-            self.in_shape + self.out_shape,
-            cfg.weight_dtype,
-        )
-        n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
-        lead = x.shape[: x.ndim - len(self.in_shape)]
-        y = jnp.dot(
-            x.reshape(-1, n_in).astype(cfg.compute_dtype),
-            kernel.reshape(n_in, n_out).astype(cfg.compute_dtype),
-        )
-        if self.use_bias:
-            bias = self.param(
-                "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, self.axes[len(self.in_shape) :]),
-                self.out_shape,
-                cfg.weight_dtype,
-            )
-            y = y + bias.reshape(n_out).astype(cfg.compute_dtype)
-        return y.reshape(lead + self.out_shape)
-
-
-class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * scale, computed in fp32. [..., D] -> [..., D] (compute dtype)."""
-
-    cfg: LlamaConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-            (cfg.hidden_size,),
-            cfg.weight_dtype,
-        )
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-        return (y * scale.astype(jnp.float32)).astype(cfg.compute_dtype)
-
-
-class Embed(nn.Module):
-    """Token embedding [V, D]; `attend` gives tied-embedding logits."""
-
-    cfg: LlamaConfig
-
-    def setup(self):
-        cfg = self.cfg
-        self.embedding = self.param(
-            "embedding",
-            nn.with_logical_partitioning(_normal(cfg), ("vocab", "embed")),
-            (cfg.vocab_size, cfg.hidden_size),
-            cfg.weight_dtype,
-        )
-
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        """ids [B, T] -> [B, T, D] in the compute dtype."""
-        return jnp.take(self.embedding, ids, axis=0).astype(self.cfg.compute_dtype)
-
-    def attend(self, h: jax.Array) -> jax.Array:
-        """h [B, T, D] -> logits [B, T, V] fp32 (h @ embedding.T)."""
-        dtype = self.cfg.compute_dtype
-        b, t, d = h.shape
-        logits = jnp.dot(
-            h.reshape(b * t, d).astype(dtype),
-            self.embedding.astype(dtype).T,
-            preferred_element_type=jnp.float32,
-        )
-        return logits.reshape(b, t, -1)
-
-
-_NEG = -1e30  # finite "minus infinity": fully masked (padding) rows stay NaN-free
-
-
-def attention(q: jax.Array, parts: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-    """Softmax attention of q over the concatenation of key/value `parts`, GQA without repeat.
-
-    q [B, T, H, Dh] (already scaled); each part: k, v [B, S_i, KV, Dh] and a boolean mask
-    broadcastable to [B, T, S_i]. Returns [B, T, H, Dh] in q's dtype.
-    """
-    b, t, h, dh = q.shape
-    kv = parts[0][0].shape[2]
-    qg = q.reshape(b, t, kv, h // kv, dh)
-    scores = []
-    for k, _, mask in parts:
-        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-        scores.append(jnp.where(mask[:, None, None, :, :], s, _NEG))
-    scores = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out, start = 0.0, 0
-    for k, v, _ in parts:
-        size = k.shape[1]
-        p = probs[..., start : start + size]
-        out = out + jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
-        start += size
-    return out.reshape(b, t, h, dh).astype(q.dtype)
-
-
-_CAUSAL_CHUNK = 128
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Self-attention of T new tokens whose mask [B, T, T] is causal (never True above the
-    diagonal). q [B, T, H, Dh], k, v [B, T, KV, Dh] -> [B, T, H, Dh].
-
-    Queries are processed in blocks of _CAUSAL_CHUNK rows, each against only the keys up to
-    its last row: the blocks above the diagonal (all masked) are never computed, and each
-    block's scores are small enough to stay in cache. Exact (a full softmax per row); on
-    XLA:CPU fwd+bwd is 2-4x faster than materialising [B, H, T, T] at T = 512.
-    """
-    t = q.shape[1]
-    if t <= _CAUSAL_CHUNK:
-        return attention(q, [(k, v, mask)])
-    outs = []
-    for start in range(0, t, _CAUSAL_CHUNK):
-        end = min(start + _CAUSAL_CHUNK, t)
-        part = (k[:, :end], v[:, :end], mask[:, start:end, :end])
-        outs.append(attention(q[:, start:end], [part]))
-    return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nn.Module):
@@ -511,10 +378,13 @@ class Attention(nn.Module):
         Returns (out [B, T, D], (k, v) [B, T, KV, Dh])."""
         cfg = self.cfg
         d, h, kv, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
+        bias = cfg.use_qkv_bias
         q = Linear(cfg, (d,), (h, dh), ("embed", "heads", "head_dim"), bias, name="q_proj")(x)
         k = Linear(cfg, (d,), (kv, dh), ("embed", "kv_heads", "head_dim"), bias, name="k_proj")(x)
         v = Linear(cfg, (d,), (kv, dh), ("embed", "kv_heads", "head_dim"), bias, name="v_proj")(x)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's Dh, before RoPE
+            q = RMSNorm(cfg, dh, "head_dim", name="q_norm")(q)
+            k = RMSNorm(cfg, dh, "head_dim", name="k_norm")(k)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -526,23 +396,9 @@ class Attention(nn.Module):
         else:
             out = causal_attention(q, k, v, mask)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        out = Linear(cfg, (h, dh), (d,), ("heads", "head_dim", "embed"), bias, name="o_proj")(out)
+        o_bias = cfg.attention_bias
+        out = Linear(cfg, (h, dh), (d,), ("heads", "head_dim", "embed"), o_bias, name="o_proj")(out)
         return out, (k, v)
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). [B, T, D] -> [B, T, D]."""
-
-    cfg: LlamaConfig
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.cfg
-        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        gate = Linear(cfg, (d,), (f,), ("embed", "mlp"), bias, name="gate_proj")(x)
-        up = Linear(cfg, (d,), (f,), ("embed", "mlp"), bias, name="up_proj")(x)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return Linear(cfg, (f,), (d,), ("mlp", "embed"), bias, name="down_proj")(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -667,6 +523,9 @@ class LlamaOutput:
     cache: KVCache | None = None
 
 
+CausalLMOutput = LlamaOutput  # the output of every family's causal LM
+
+
 class Llama(nn.Module):
     """Causal LM: LlamaModel ("model") + lm_head (or tied embeddings). Returns LlamaOutput."""
 
@@ -763,3 +622,39 @@ def resize_token_embeddings(cfg: LlamaConfig, params: dict, new_vocab_size: int)
     if "lm_head" in params:
         params["lm_head"] = {"kernel": resize(params["lm_head"]["kernel"], 1)}
     return dataclasses.replace(cfg, vocab_size=new_vocab_size), params
+
+
+# ----------------------------------------------------------------------------- HF tensor map
+
+
+def hf_layer_map(cfg: LlamaConfig) -> list[tensor_map.HFTensor]:
+    """The HF tensors of one LlamaDecoderLayer (`model.layers.N.<suffix>`) and where each
+    lives in our layer params. Other families extend it (qwen.hf_layer_map)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    proj_in, proj_out, vector = tensor_map.proj_in, tensor_map.proj_out, tensor_map.vector
+    spec = [
+        vector("input_layernorm.weight", ("input_layernorm", "scale"), (d,)),
+        vector("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (d,)),
+        proj_in("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), d, (h, dh)),
+        proj_in("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), d, (kv, dh)),
+        proj_in("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), d, (kv, dh)),
+        proj_out("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), (h, dh), d),
+        proj_in("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), d, (f,)),
+        proj_in("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), d, (f,)),
+        proj_out("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (f,), d),
+    ]
+    if cfg.attention_bias:
+        spec += [
+            vector("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), (h, dh)),
+            vector("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), (kv, dh)),
+            vector("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), (kv, dh)),
+            vector("self_attn.o_proj.bias", ("self_attn", "o_proj", "bias"), (d,)),
+        ]
+    if cfg.mlp_bias:
+        spec += [
+            vector("mlp.gate_proj.bias", ("mlp", "gate_proj", "bias"), (f,)),
+            vector("mlp.up_proj.bias", ("mlp", "up_proj", "bias"), (f,)),
+            vector("mlp.down_proj.bias", ("mlp", "down_proj", "bias"), (d,)),
+        ]
+    return spec

@@ -1,4 +1,4 @@
-"""Score models (reward, cost, critic): the Llama backbone plus a linear score head (spec §3.2).
+"""Score models (reward, cost, critic): any family's backbone plus a linear score head (spec §3.2).
 
     model = ScoreModel(cfg)                       # params {"model": BACKBONE, "score_head": {...}}
     out = model.apply({"params": params}, input_ids, attention_mask=mask)
@@ -10,10 +10,11 @@ Normalizer statistics are a small pytree {mean [K], var [K], count []} updated b
 functions, so they live in a train state and travel through jit. The model itself never
 normalizes: callers apply `normalize(x, stats, score_type)` when they want it.
 
-A saved score model is an HF-style directory: config.json (the Llama config plus score_type,
+A saved score model is an HF-style directory: config.json (the family's config plus score_type,
 score_dim, score_bias, normalizer_type, momentum, do_normalize, mean, var, count, like
-upstream's LlamaForScore config) and model.safetensors with the backbone under its HF names
-(model.layers.N...) plus score_head.weight [K, D] and score_head.bias [K].
+upstream's LlamaForScore config; architectures "LlamaForScore", "Qwen2ForScore", ...) and
+model.safetensors with the backbone under its HF names (model.layers.N...) plus
+score_head.weight [K, D] and score_head.bias [K].
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.models import hf, llama
+from jaxalign.models import families, hf, llama
 # Shared numerics (one implementation of the end-index rule for every caller).
 
 SCORE_TYPES = ("reward", "cost", "critic")
@@ -127,7 +128,8 @@ class ScoreOutput:
 
 
 class ScoreModel(nn.Module):
-    """LlamaModel backbone ("model") + linear score head ("score_head", kernel [D, K], bias [K]).
+    """The backbone of cfg's family ("model") + linear score head ("score_head", kernel [D, K],
+    bias [K]).
 
     __call__(input_ids [B, T], attention_mask [B, T] | None, positions [B, T] | None)
       -> ScoreOutput. The end index is the last True of the mask, so left and right padding
@@ -143,7 +145,7 @@ class ScoreModel(nn.Module):
         cfg = self.cfg
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
-        hidden, _ = llama.LlamaModel(cfg, name="model")(input_ids, attention_mask, positions)
+        hidden, _ = families.of(cfg).backbone(cfg, name="model")(input_ids, attention_mask, positions)
         head = llama.Linear(
             cfg, (cfg.hidden_size,), (self.score_dim,), ("embed", None), self.score_bias,
             name="score_head",
@@ -177,7 +179,7 @@ class ScoreModelError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ScoreHead:
-    """Score-model fields stored beside the Llama config in config.json."""
+    """Score-model fields stored beside the backbone's config in config.json."""
 
     score_type: str = "reward"
     score_dim: int = 1
@@ -248,7 +250,7 @@ def save_score_model(
     tensors = score_params_to_hf_tensors(cfg, jax.device_get(params), head)
     hf.write_safetensors(out_dir, tensors, max_shard_size=max_shard_size)
     config = cfg.to_hf_config()
-    config["architectures"] = ["LlamaForScore"]
+    config["architectures"] = [families.of(cfg).score_architecture]
     config.update(dataclasses.asdict(head))
     config["mean"] = np.asarray(stats["mean"], np.float64).tolist()
     config["var"] = np.asarray(stats["var"], np.float64).tolist()
@@ -299,10 +301,10 @@ def load_score_model(
     """(cfg, head, params, stats) from a score-model dir written by save_score_model.
 
     dtype: compute dtype; score_type overrides the stored one (e.g. "critic" for a critic
-    initialised from a reward model); cfg_overrides go to LlamaConfig (param_dtype,
+    initialised from a reward model); cfg_overrides go to the family config (param_dtype,
     scan_layers, ...). Params are jax arrays, or numpy when on_host (to place them sharded
     with jaxalign.parallel.mesh.put_sharded). Raises ScoreModelError / hf.CheckpointError
-    naming the problem for a missing dir, a plain Llama dir or mismatched tensors.
+    naming the problem for a missing dir, a plain causal-LM dir or mismatched tensors.
     """
     path = pathlib.Path(path)
     if not path.is_dir():
@@ -330,3 +332,6 @@ def init_params_from_llama(
     if score_bias:
         head["bias"] = jnp.zeros((score_dim,), cfg.weight_dtype)
     return {"model": backbone, "score_head": head}
+
+
+init_params_from_backbone = init_params_from_llama  # the family-neutral name

@@ -1,0 +1,224 @@
+"""The building blocks of the decoder families (Llama, Qwen2, Qwen3): RoPE, projections, norms,
+embeddings, attention math and the SwiGLU MLP.
+
+Modules take the family config (a `llama.LlamaConfig` or subclass) as `cfg`; every parameter
+carries logical axis names (embed, mlp, heads, kv_heads, head_dim, vocab) so the sharding rules in
+jaxalign/parallel/mesh.py map them onto mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:
+    from jaxalign.models.llama import LlamaConfig
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [Dh/2] fp32, with linear / llama3 scaling as in HF."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_angles(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of position * inv_freq: positions [B, T] -> two [B, T, Dh/2] fp32."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (HF layout). x [B, T, N, Dh], cos/sin [B, T, Dh/2]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _normal(cfg: LlamaConfig):
+    return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+class Linear(nn.Module):
+    """x [..., prod(in_shape)] @ kernel [*in_shape, *out_shape] -> [..., *out_shape].
+
+    The matmul runs on a 2-D [N, in] view (much faster on XLA CPU than 3-D dots).
+    """
+
+    cfg: "LlamaConfig"
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical names of kernel dims: in axes then out axes
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_normal(cfg), self.axes),
+            self.in_shape + self.out_shape,
+            cfg.weight_dtype,
+        )
+        n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        lead = x.shape[: x.ndim - len(self.in_shape)]
+        y = jnp.dot(
+            x.reshape(-1, n_in).astype(cfg.compute_dtype),
+            kernel.reshape(n_in, n_out).astype(cfg.compute_dtype),
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.axes[len(self.in_shape) :]),
+                self.out_shape,
+                cfg.weight_dtype,
+            )
+            y = y + bias.reshape(n_out).astype(cfg.compute_dtype)
+        return y.reshape(lead + self.out_shape)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * scale over the last axis, computed in fp32.
+    [..., N] -> [..., N] (compute dtype). N is `dim` (default hidden_size) with logical axis
+    `axis`: the per-head q/k norm of Qwen3 is RMSNorm(cfg, dim=head_dim, axis="head_dim")."""
+
+    cfg: "LlamaConfig"
+    dim: int | None = None
+    axis: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
+            (cfg.hidden_size if self.dim is None else self.dim,),
+            cfg.weight_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        return (y * scale.astype(jnp.float32)).astype(cfg.compute_dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding [V, D]; `attend` gives tied-embedding logits."""
+
+    cfg: "LlamaConfig"
+
+    def setup(self):
+        cfg = self.cfg
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(_normal(cfg), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size),
+            cfg.weight_dtype,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids [B, T] -> [B, T, D] in the compute dtype."""
+        return jnp.take(self.embedding, ids, axis=0).astype(self.cfg.compute_dtype)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """h [B, T, D] -> logits [B, T, V] fp32 (h @ embedding.T)."""
+        dtype = self.cfg.compute_dtype
+        b, t, d = h.shape
+        logits = jnp.dot(
+            h.reshape(b * t, d).astype(dtype),
+            self.embedding.astype(dtype).T,
+            preferred_element_type=jnp.float32,
+        )
+        return logits.reshape(b, t, -1)
+
+
+_NEG = -1e30  # finite "minus infinity": fully masked (padding) rows stay NaN-free
+
+
+def attention(q: jax.Array, parts: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """Softmax attention of q over the concatenation of key/value `parts`, GQA without repeat.
+
+    q [B, T, H, Dh] (already scaled); each part: k, v [B, S_i, KV, Dh] and a boolean mask
+    broadcastable to [B, T, S_i]. Returns [B, T, H, Dh] in q's dtype.
+    """
+    b, t, h, dh = q.shape
+    kv = parts[0][0].shape[2]
+    qg = q.reshape(b, t, kv, h // kv, dh)
+    scores = []
+    for k, _, mask in parts:
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+        scores.append(jnp.where(mask[:, None, None, :, :], s, _NEG))
+    scores = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out, start = 0.0, 0
+    for k, v, _ in parts:
+        size = k.shape[1]
+        p = probs[..., start : start + size]
+        out = out + jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+        start += size
+    return out.reshape(b, t, h, dh).astype(q.dtype)
+
+
+_CAUSAL_CHUNK = 128
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Self-attention of T new tokens whose mask [B, T, T] is causal (never True above the
+    diagonal). q [B, T, H, Dh], k, v [B, T, KV, Dh] -> [B, T, H, Dh].
+
+    Queries are processed in blocks of _CAUSAL_CHUNK rows, each against only the keys up to
+    its last row: the blocks above the diagonal (all masked) are never computed, and each
+    block's scores are small enough to stay in cache. Exact (a full softmax per row); on
+    XLA:CPU fwd+bwd is 2-4x faster than materialising [B, H, T, T] at T = 512.
+    """
+    t = q.shape[1]
+    if t <= _CAUSAL_CHUNK:
+        return attention(q, [(k, v, mask)])
+    outs = []
+    for start in range(0, t, _CAUSAL_CHUNK):
+        end = min(start + _CAUSAL_CHUNK, t)
+        part = (k[:, :end], v[:, :end], mask[:, start:end, :end])
+        outs.append(attention(q[:, start:end], [part]))
+    return jnp.concatenate(outs, axis=1)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). [B, T, D] -> [B, T, D]."""
+
+    cfg: "LlamaConfig"
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        gate = Linear(cfg, (d,), (f,), ("embed", "mlp"), bias, name="gate_proj")(x)
+        up = Linear(cfg, (d,), (f,), ("embed", "mlp"), bias, name="up_proj")(x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return Linear(cfg, (f,), (d,), ("mlp", "embed"), bias, name="down_proj")(hidden)
+
