@@ -3,7 +3,7 @@
     jaxalign data mini --out DIR [--rows N --seed S --noise P]
     jaxalign data validate DIR [--config NAME] [--lenient] [--no-sha256]
     jaxalign data stats DIR [--config NAME] [--json] [--plot out.png]
-    jaxalign data prepare --source DIR --data-dir CACHE [--config NAME ...] [--lenient]
+    jaxalign data prepare --source DIR --data-dir CACHE [--config NAME ...] [--lenient] [--overwrite]
 """
 
 from __future__ import annotations
@@ -163,6 +163,9 @@ def add_arguments(parser) -> None:
                         f"one of {pku.config_names()}")
     p.add_argument("--lenient", action="store_true")
     p.add_argument("--no-sha256", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild a config already prepared in --data-dir from other source files or options "
+                        "(without it that is an error; the same source is reused)")
 
 
 def run(args) -> int:
@@ -191,7 +194,7 @@ def run(args) -> int:
             configs = args.config or [{"dual": "default", "single": "single-default", "v0": "v0"}[kind]]
             for config in configs:
                 result = pku.prepare(args.source, args.data_dir, config, strict=not args.lenient,
-                                     check_sha256=not args.no_sha256)
+                                     check_sha256=not args.no_sha256, overwrite=args.overwrite)
                 print(json.dumps(result, indent=1))
             return 0
     except pku.DataError as e:

@@ -34,6 +34,8 @@ of `batch_size` indices (a batch may run across an epoch boundary; only the very
 batch is dropped or kept). Every process computes the same index batches and tokenizes only the
 rows its devices hold (`jax.process_index()`), then `jax.make_array_from_process_local_data`
 assembles the global array; so the global batches do not depend on the device or process count.
+With lazy examples (views over a prepared ArrayRecord split, see sources.read_split) a process
+reads from storage only the records of the rows it tokenizes.
 """
 
 from __future__ import annotations
@@ -117,6 +119,15 @@ def _check_kind(kind: str, examples) -> None:
     view_kind = getattr(examples, "kind", None)
     if view_kind is not None and view_kind != kind:
         raise ValueError(f"examples are of kind {view_kind!r} but batches of kind {kind!r} were asked for")
+
+
+def _take(examples: Sequence[dict], indices: np.ndarray) -> list[dict]:
+    """Examples at indices; one batched read when the examples are lazy (views.LazyExamples over a
+    prepared ArrayRecord split), so a process reads only the records of its own rows."""
+    read = getattr(examples, "read", None)
+    if read is not None:
+        return read(indices)
+    return [examples[int(i)] for i in indices]
 
 
 def _tokenize(kind: str, examples: Sequence[dict], tok: _Tokenizer, max_length: int) -> tuple[dict, Counter]:
@@ -253,7 +264,7 @@ class BatchIterator:
                 raise ValueError(f"last batch of {n} rows cannot be split over the mesh's batch shards; "
                                  "use drop_remainder=True or a divisible number of examples")
             start, stop = start * n // self.batch_size, stop * n // self.batch_size
-        local = [self.examples[int(i)] for i in indices[start:stop]]
+        local = _take(self.examples, indices[start:stop])
         arrays, truncated = _tokenize(self.kind, local, self._tok, self.max_length)
         return arrays, truncated, n
 
