@@ -18,6 +18,7 @@ import jax
 
 from jaxalign import config as config_lib
 from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.train import workdir as workdir_lib
 
 ACCEPTS_EXTRA_ARGS = True  # jaxalign/cli.py passes the --config.* overrides as args.extra_args
 
@@ -43,11 +44,13 @@ def train(config, workdir: str | pathlib.Path):
         raise config_lib.ConfigError(f"config.stage: unknown stage {config.stage!r}; valid: {', '.join(STAGES)}")
     mesh_lib.maybe_initialize_distributed(config.mesh)
     workdir = pathlib.Path(workdir)
-    if jax.process_index() == 0:
-        _warn_on_config_change(config, workdir / "config.json")
-        config_lib.save_config(config, workdir)
-    module = importlib.import_module(STAGES[config.stage])
-    return module.run(config, workdir)
+    # One run per workdir (WorkdirLockedError naming the holder's pid otherwise); process 0 holds it.
+    with workdir_lib.lock(workdir, enabled=jax.process_index() == 0):
+        if jax.process_index() == 0:
+            _warn_on_config_change(config, workdir / "config.json")
+            config_lib.save_config(config, workdir)
+        module = importlib.import_module(STAGES[config.stage])
+        return module.run(config, workdir)
 
 
 def _flatten(tree, prefix=""):
