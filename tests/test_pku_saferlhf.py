@@ -196,3 +196,115 @@ def test_cli(mini_dir, tmp_path, capsys):
     assert "train.jsonl:1" in capsys.readouterr().err
     assert cli.main(["data", "validate", str(bad), "--config", "alpaca-7b", "--lenient"]) == 1
     assert "bad_json" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: stale prepare caches, mixed formats, kind detection, odd paths and rows
+
+
+def _prepared_rows(data_dir, config="default", split="train"):
+    return list(pku.load_prepared(data_dir, config, split))
+
+
+def test_prepare_never_serves_a_stale_cache(tmp_path, capsys):
+    source, cache = tmp_path / "src", tmp_path / "cache"
+    mini.write_mini(source, rows=60, seed=0)
+    assert pku.prepare(source, cache, "default")["cache"] == "new"
+    assert pku.prepare(source, cache, "default")["cache"] == "reused"  # same files: reused
+    mini.write_mini(source, rows=60, seed=1)  # the same files with other rows
+    new_rows, _ = pku.read_release(source, "default", "train")
+    assert _prepared_rows(cache) != new_rows
+    with pytest.raises(ValueError) as info:
+        pku.prepare(source, cache, "default")
+    message = str(info.value)
+    assert "pku_saferlhf/default/1.0.0" in message and "other source files" in message and "--overwrite" in message
+    capsys.readouterr()
+    assert cli.main(["data", "prepare", "--source", str(source), "--data-dir", str(cache)]) == 1
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert _prepared_rows(cache) != new_rows  # refused: nothing changed
+    assert cli.main(["data", "prepare", "--source", str(source), "--data-dir", str(cache), "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache"] == "rebuilt"
+    assert _prepared_rows(cache) == new_rows
+    # other validation options are another cache; a cache without a fingerprint is unknown
+    with pytest.raises(ValueError, match="check_sha256=True, now check_sha256=False"):
+        pku.prepare(source, cache, "default", check_sha256=False)
+    next(pathlib.Path(cache).rglob(pku.FINGERPRINT_FILE)).unlink()
+    with pytest.raises(ValueError, match="has no source_fingerprint.json.*--overwrite"):
+        pku.prepare(source, cache, "default")
+    assert pku.prepare(source, cache, "default", overwrite=True)["cache"] == "rebuilt"
+    assert pku.prepare(source, cache, "default")["cache"] == "reused"
+
+
+def test_mixed_formats_in_one_folder_is_an_error(good_rows, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "data" / "Alpaca-7B"
+    _write(folder / "test.jsonl", good_rows[:3])
+    pq.write_table(pa.Table.from_pylist(good_rows[3:]), folder / "test-00000-of-00001.parquet")
+    with pytest.raises(ValueError) as info:
+        pku.read_release(tmp_path, "alpaca-7b", "test")
+    assert str(info.value).startswith(f"{folder}: ")
+    assert "test.jsonl" in str(info.value) and "test-00000-of-00001.parquet" in str(info.value)
+
+
+def test_kind_from_the_nearest_fields_names_the_missing_field(good_rows, tmp_path, capsys):
+    rows = copy.deepcopy(good_rows)
+    del rows[0]["response_0_harm_category"]  # a dual row missing one field, first in the file
+    path = _write(tmp_path / "data" / "Alpaca-7B" / "train.jsonl", rows)
+    assert pku.detect_kind(tmp_path) == "dual"
+    assert cli.main(["data", "validate", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:1: field 'response_0_harm_category': missing" in err
+    assert "unexpected" not in err
+    for kind, fields in pku.FIELDS.items():  # every kind's own fields, and with one field missing
+        row = dict.fromkeys(fields)
+        assert pku.kind_of_row(row) == kind
+        row.pop(list(fields)[-1])
+        assert pku.kind_of_row(row) == kind
+
+
+def test_parquet_in_a_folder_with_brackets(good_rows, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "runs[1]*?"
+    folder = root / "data" / "Alpaca-7B"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(good_rows), folder / "train-00000-of-00001.parquet")
+    rows, _ = pku.read_release(root, "alpaca-7b", "train")
+    assert rows == good_rows
+
+
+def test_directory_named_like_a_data_file(good_rows, tmp_path, capsys):
+    folder = tmp_path / "data" / "Alpaca-7B"
+    (folder / "test.jsonl").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"test\.jsonl: is a directory; expected a JSON-lines file"):
+        pku.read_release(tmp_path, "alpaca-7b", "test")
+    assert cli.main(["data", "validate", str(tmp_path), "--config", "alpaca-7b"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a directory" in err
+    (folder / "train-00000.parquet").mkdir()
+    with pytest.raises(ValueError, match=r"train-00000\.parquet: is a directory; expected a parquet file"):
+        pku.read_release(tmp_path, "alpaca-7b", "train")
+
+
+def test_deeply_nested_json_is_a_located_error(good_rows, tmp_path):
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    path = _write(tmp_path / "data" / "Alpaca-7B" / "train.jsonl", good_rows, [deep])
+    with pytest.raises(pku.DataError) as info:
+        pku.read_release(tmp_path, "alpaca-7b", "train")
+    assert str(info.value).startswith(f"{path}:7: ") and "nested too deeply" in str(info.value)
+    kept, report = pku.read_release(tmp_path, "alpaca-7b", "train", strict=False)
+    assert len(kept) == 6 and report.skipped == {"bad_json": 1}
+
+
+def test_split_names_outside_the_folder_are_rejected(mini_dir, tmp_path):
+    (mini_dir / "x.jsonl").write_text("")  # a file that `data/Alpaca-7B/../../x` would reach
+    for split in ("../x", "../../x", "a/b", "..", "", "train/../test"):
+        with pytest.raises(ValueError, match="split name"):
+            pku.read_release(mini_dir, "alpaca-7b", split)
+        with pytest.raises(ValueError, match="split name"):
+            pku.find_files(mini_dir, "default", split)
+    (mini_dir / "x.jsonl").unlink()
