@@ -2,7 +2,11 @@
 as the release files, reads only the records a process batches, and fails clearly."""
 
 import json
+import os
 import pathlib
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -43,10 +47,17 @@ def prepared(release, tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def tok(release, tmp_path_factory):
+def tok_dir(release, tmp_path_factory):
     rows, _ = pku.read_release(release, "default", "train")
     texts = [t for r in rows for t in (r["prompt"], r["response_0"], r["response_1"])] + [views.PROMPT_TEMPLATE]
-    return tk.train_bpe_tokenizer(texts, 600, tmp_path_factory.mktemp("tok"))
+    out = tmp_path_factory.mktemp("tok")
+    tk.train_bpe_tokenizer(texts, 600, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return tk.load_tokenizer(tok_dir)
 
 
 def _mesh(n):
@@ -196,3 +207,85 @@ def test_prepared_from_other_source_is_an_error(release, prepared, tmp_path):
 def test_release_path_needs_a_source():
     with pytest.raises(ValueError, match="no data"):
         sources.read_split("", "default", "train")
+
+
+def test_real_rows_same_examples(shared_head_dir, tmp_path):
+    pku.prepare(shared_head_dir, tmp_path, "alpaca-7b")
+    rows, report = sources.read_split(str(shared_head_dir), "alpaca-7b", "test")
+    lazy, lazy_report = sources.read_split(str(shared_head_dir), "alpaca-7b", "test", prepared_dir=str(tmp_path))
+    assert list(lazy) == rows and lazy_report.to_dict() == report.to_dict()
+    for _, view, kwargs in VIEWS:
+        want, got = view(rows, **kwargs), view(lazy, **kwargs)
+        assert list(got) == list(want) and dict(got.counts) == dict(want.counts)
+
+
+_WORKER = """
+import json, os, sys
+import jax, numpy as np
+process_id, port, prepared, tok_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+from jaxalign.data import pipeline, sources, views
+from jaxalign.models import tokenizer as tk
+rows, _ = sources.read_split("", "default", "train", prepared_dir=prepared)
+records, read = rows._records, []
+class Counting:
+    def __len__(self): return len(records)
+    def __getitem__(self, i): read.append(int(i)); return records[i]
+    def __getitems__(self, keys): read.extend(int(k) for k in keys); return records.__getitems__(keys)
+rows._records = Counting()
+examples = views.preference_examples(rows)
+mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
+it = pipeline.make_batches("preference", examples, tk.load_tokenizer(tok_dir), batch_size=8, max_length=48,
+                           seed=5, mesh=mesh)
+local = {}
+for step in range(3):
+    batch = next(it)
+    for key, value in batch.items():
+        shards = sorted(value.addressable_shards, key=lambda s: s.index[0].start)
+        local[f"{step}/{key}"] = np.concatenate([np.asarray(s.data) for s in shards])
+        local[f"{step}/{key}/start"] = np.array(shards[0].index[0].start)
+np.savez(out, **local)
+json.dump(read, open(out + ".read.json", "w"))
+jax.distributed.shutdown()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_read_only_their_rows(release, prepared, tok, tok_dir, tmp_path):
+    """Two JAX processes (4 CPU devices each) batch a prepared split: each gets its half of the
+    single-process global batches and reads only the records of its half."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), str(prepared), str(tok_dir),
+                               str(tmp_path / f"p{i}.npz")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+    rows, _ = sources.read_split("", "default", "train", prepared_dir=str(prepared))
+    examples = views.preference_examples(rows)
+    host = pipeline.make_batches("preference", examples, tok, batch_size=8, max_length=48, seed=5)
+    expected = [next(host) for _ in range(3)]
+    import grain
+
+    order = grain.MapDataset.range(len(examples)).shuffle(seed=5)  # the pipeline's first-epoch order
+    first_epoch = [int(order[i]) for i in range(len(examples))]
+    halves = [set(), set()]
+    for b in range(len(first_epoch) // 8):
+        for j, index in enumerate(first_epoch[8 * b: 8 * b + 8]):
+            halves[j // 4].add(int(examples.row_ids[index]))
+    for i in (0, 1):
+        got = np.load(tmp_path / f"p{i}.npz")
+        for step, want in enumerate(expected):
+            for key, value in want.items():
+                assert int(got[f"{step}/{key}/start"]) == 4 * i
+                np.testing.assert_array_equal(got[f"{step}/{key}"], value[4 * i: 4 * i + 4], err_msg=key)
+        read = json.loads((tmp_path / f"p{i}.npz.read.json").read_text())
+        assert set(read[1:]) <= halves[i] and not set(read[1:]) & halves[1 - i]  # read[0]: the field check
+        assert 12 <= len(read) - 1 < len(examples) // 2

@@ -21,6 +21,17 @@ reads without TensorFlow. Configs: `default` (all three subsets), `alpaca-7b`, `
 
     prepare(source_dir, data_dir)                       # once
     rows = load_prepared(data_dir, "default", "train")  # random access: rows[i] -> release dict
+
+Beside the records, `prepare` stores the source fingerprint (relative paths, sizes, sha256 and
+the validation options) and a per-row summary (`summarize_rows`, what the views filter on).
+Preparing again from the same files reuses the cache; from other files it is an error naming
+the dir unless overwrite=True (`--overwrite`) rebuilds it: old rows are never served silently.
+(Stages read prepared splits through `sources.read_split`.)
+
+Files of a split: `{split}.jsonl` or `{split}*.parquet`, never both in one folder (an error
+naming both); a directory with such a name is an error; split names are plain file-name stems
+(`check_split_name`: no `/`, no `..`). The kind of a folder (`detect_kind`) is the one whose
+field set is nearest the first row's fields, so a row missing a field is reported as missing it.
 """
 
 from __future__ import annotations
