@@ -1,6 +1,7 @@
 """Checkpoints and the loop: exact resume, preemption saves, NaN stops, partial saves ignored,
 restore onto another mesh."""
 
+import json
 import os
 import pathlib
 import signal
@@ -195,3 +196,118 @@ def test_sigterm_saves_and_the_resumed_run_logs_the_same_losses(tmp_path):
     assert _losses(workdir) == _losses(tmp_path / "full")  # bitwise, step for step
     for a, b in zip(jax.tree.leaves(resumed_state), jax.tree.leaves(full_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- integrity: corrupted or truncated checkpoint files -----------------------------------------
+
+
+class _Settings:
+    def __init__(self, async_save=True, keep=3):
+        self.save_every, self.keep, self.async_save = 1, keep, async_save
+
+
+def _tree(seed):
+    rng = np.random.default_rng(seed)
+    return {"w": jnp.asarray(rng.normal(size=(64, 64)).astype(np.float32)), "b": jnp.asarray(rng.normal(size=(16,)))}
+
+
+def _abstract():
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), _tree(0))
+
+
+def _save_steps(directory, steps, async_save=True):
+    checkpointer = checkpoint_lib.Checkpointer(directory, _Settings(async_save), handle_signals=False)
+    for step in steps:
+        checkpointer.save(step, _tree(step), {"iterator": {"index": step}})
+    checkpointer.close()
+
+
+def _largest_data_file(step_dir):
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 8):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _assert_tree_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("damage", [_flip, _truncate], ids=["flipped-bytes", "truncated"])
+@pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
+def test_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, caplog, damage, async_save):
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [2, 4], async_save)
+    assert (directory / "4" / checkpoint_lib.MANIFEST_NAME).exists()
+    damaged = _largest_data_file(directory / "4")
+    damage(damaged)
+
+    checkpointer = checkpoint_lib.Checkpointer(directory, _Settings(), handle_signals=False)
+    with caplog.at_level("WARNING"):
+        assert checkpointer.latest_step() == 2
+    assert f"checkpoint step 4 in {directory} is corrupted: {damaged}" in caplog.text
+    assert "using step 2 instead" in caplog.text
+    state, data_state = checkpointer.restore(None, _abstract())
+    _assert_tree_equal(state, _tree(2))
+    assert data_state == {"iterator": {"index": 2}}
+    with pytest.raises(checkpoint_lib.CheckpointCorruptError, match=f"step 4 in {directory} is corrupted"):
+        checkpointer.restore(4, _abstract())
+
+    # training on from step 2 saves step 4 again: the corrupted one is replaced, not kept
+    checkpointer.save(4, _tree(40), {"iterator": {"index": 40}})
+    checkpointer.close()
+    checkpointer = checkpoint_lib.Checkpointer(directory, _Settings(), handle_signals=False)
+    assert checkpointer.latest_step() == 4
+    _assert_tree_equal(checkpointer.restore(4, _abstract())[0], _tree(40))
+    checkpointer.close()
+
+
+def test_no_intact_step_is_one_clear_error(tmp_path):
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [1, 2])
+    _flip(_largest_data_file(directory / "2"))
+    _truncate(_largest_data_file(directory / "1"))
+    checkpointer = checkpoint_lib.Checkpointer(directory, _Settings(), handle_signals=False)
+    with pytest.raises(checkpoint_lib.CheckpointCorruptError) as error:
+        checkpointer.latest_step()
+    message = str(error.value)
+    assert "\n" not in message and f"no intact checkpoint in {directory}" in message
+    assert "step 2: " in message and "step 1: " in message and "truncated" in message
+    checkpointer.close()
+
+
+def test_unverifiable_truncated_step_is_one_line_not_a_traceback(tmp_path):
+    """A step without a manifest (the run died before writing it) is used unverified; if it turns
+    out unreadable, restore names the step in one line."""
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [3])
+    (directory / "3" / checkpoint_lib.MANIFEST_NAME).unlink()
+    _truncate(_largest_data_file(directory / "3"))
+    checkpointer = checkpoint_lib.Checkpointer(directory, _Settings(), handle_signals=False)
+    assert checkpointer.latest_step() == 3
+    with pytest.raises(checkpoint_lib.CheckpointError) as error:
+        checkpointer.restore(3, _abstract())
+    assert str(error.value).startswith(f"could not restore checkpoint step 3 from {directory}: ")
+    assert "\n" not in str(error.value)
+    checkpointer.close()
+
+
+def test_manifest_covers_every_file_and_verifies(tmp_path):
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [5])
+    manifest = json.loads((directory / "5" / checkpoint_lib.MANIFEST_NAME).read_text())["files"]
+    on_disk = {str(p.relative_to(directory / "5")) for p in (directory / "5").rglob("*")
+               if p.is_file() and p.name != checkpoint_lib.MANIFEST_NAME}
+    assert set(manifest) == on_disk and any(name.startswith("state/") for name in manifest)
+    assert checkpoint_lib.verify_step(directory / "5") == (True, "")

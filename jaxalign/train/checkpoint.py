@@ -16,20 +16,119 @@ A checkpoint is the directory CHECKPOINTS/<step>/ with two items:
 
 Orbax writes each step into a temporary directory and renames it when complete, so a save cut off
 by a crash is never listed by `latest_step()` (and leftover tmp dirs are removed on startup).
+
+Integrity: once a save is finalised (checked at the next save, `wait()` or `close()`; hashed in a
+background thread), process 0 writes CHECKPOINTS/<step>/jaxalign_manifest.json with the size and
+sha256 of every file of the step. `latest_step()` returns the newest step whose files still match
+(a flipped byte or a truncated file -> a warning naming the step and the file, then the next older
+step); when no step is intact it raises `CheckpointCorruptError`. A step without a manifest (saved
+before this existed, or the run died between the save and its manifest) is used unverified.
+Saving over a step found corrupted replaces it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
 import logging
+import os
 import pathlib
 import signal
 import threading
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+MANIFEST_NAME = "jaxalign_manifest.json"
+_CHUNK = 8 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the step and directory (and file)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint's files no longer match the manifest written when it was saved."""
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _step_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(
+        p for p in step_dir.rglob("*") if p.is_file() and not p.name.startswith((MANIFEST_NAME, f".{MANIFEST_NAME}"))
+    )
+
+
+def _hash_files(step_dir: pathlib.Path, files: list[pathlib.Path]) -> dict[str, str]:
+    """{relative path: sha256}, hashed on a few threads (hashlib releases the GIL)."""
+    workers = max(1, min(8, os.cpu_count() or 1, len(files)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        digests = pool.map(_sha256, files)
+        return {str(f.relative_to(step_dir)): d for f, d in zip(files, digests)}
+
+
+def write_manifest(step_dir: str | pathlib.Path) -> pathlib.Path:
+    """Writes STEP_DIR/jaxalign_manifest.json: {"files": {relative path: {"size", "sha256"}}} of
+    every file of a finalised checkpoint step (atomically: written beside, then renamed)."""
+    step_dir = pathlib.Path(step_dir)
+    files = _step_files(step_dir)
+    sizes = {str(f.relative_to(step_dir)): f.stat().st_size for f in files}
+    digests = _hash_files(step_dir, files)
+    manifest = {"version": 1, "files": {rel: {"size": sizes[rel], "sha256": digests[rel]} for rel in sorted(sizes)}}
+    path = step_dir / MANIFEST_NAME
+    tmp = step_dir / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def verify_step(step_dir: str | pathlib.Path) -> tuple[bool | None, str]:
+    """(True, "") when every file matches STEP_DIR's manifest; (False, "FILE: what is wrong") when
+    one does not; (None, reason) when there is no manifest to check against."""
+    step_dir = pathlib.Path(step_dir)
+    path = step_dir / MANIFEST_NAME
+    if not path.exists():
+        return None, f"no {MANIFEST_NAME}"
+    try:
+        expected = json.loads(path.read_text())["files"]
+        items = [(rel, int(entry["size"]), str(entry["sha256"])) for rel, entry in expected.items()]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
+        return False, f"{path}: unreadable manifest ({error})"
+    present = []
+    for rel, size, _ in items:
+        file = step_dir / rel
+        if not file.is_file():
+            return False, f"{file} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return False, f"{file} is {actual} bytes, {size} when saved (truncated or overwritten)"
+        present.append(file)
+    digests = _hash_files(step_dir, present)
+    for rel, _, sha256 in items:
+        if digests[rel] != sha256:
+            return False, f"{step_dir / rel} does not match its sha256 from save time (corrupted bytes)"
+    return True, ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    """config.checkpoint: how often to save and how many steps to keep."""
+
+    save_every: int = 1000  # every N steps (0: only at the end and on SIGTERM/SIGINT)
+    keep: int = 3  # the newest K checkpoints are kept
+    async_save: bool = True  # write in a background thread
 
 
 class Checkpointer:
@@ -45,6 +144,7 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, checkpoint_config, handle_signals: bool = True):
         self.directory = pathlib.Path(directory).resolve()
         self.save_every = int(checkpoint_config.save_every)
+        self._async = bool(checkpoint_config.async_save)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(max(int(checkpoint_config.keep), 1)),
             enable_async_checkpointing=bool(checkpoint_config.async_save),
@@ -52,6 +152,13 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+        self._is_primary = jax.process_index() == 0
+        self._unmanifested: list[int] = []  # saved by this process, manifest not yet scheduled
+        self._hashing: list[concurrent.futures.Future] = []
+        self._hasher: concurrent.futures.ThreadPoolExecutor | None = None
+        self._intact: set[int] = set()  # verified, or saved by this process
+        self._corrupt: dict[int, str] = {}  # step -> what is wrong
+        self._warned: set[int] = set()
         self._signal_seen: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         if handle_signals and threading.current_thread() is threading.main_thread():
@@ -80,9 +187,69 @@ class Checkpointer:
     def signal_number(self) -> int | None:
         return self._signal_seen
 
+    def step_dir(self, step: int) -> pathlib.Path:
+        return self.directory / str(int(step))
+
+    def _check(self, step: int) -> tuple[bool | None, str]:
+        """verify_step with a per-process cache; steps this process saved count as intact."""
+        if step in self._intact:
+            return True, ""
+        if step in self._corrupt:
+            return False, self._corrupt[step]
+        intact, problem = verify_step(self.step_dir(step))
+        if intact is False:
+            self._corrupt[step] = problem
+        elif intact:
+            self._intact.add(step)
+        return intact, problem
+
+    def _newest_intact(self) -> int | None:
+        """The newest step whose files match its manifest (or that has none); None when there are
+        no steps. Each corrupted step is logged once; none intact -> CheckpointCorruptError."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        bad: list[tuple[int, str]] = []
+        for step in steps:
+            intact, problem = self._check(step)
+            if intact is False:
+                bad.append((step, problem))
+                continue
+            if intact is None and step not in self._warned:
+                self._warned.add(step)
+                logging.info("checkpoint step %d in %s is not verified (%s)", step, self.directory, problem)
+            for bad_step, bad_problem in bad:
+                if bad_step not in self._warned:
+                    self._warned.add(bad_step)
+                    logging.warning(
+                        "checkpoint step %d in %s is corrupted: %s; using step %d instead",
+                        bad_step, self.directory, bad_problem, step,
+                    )
+            return step
+        if bad:
+            raise CheckpointCorruptError(
+                f"no intact checkpoint in {self.directory}: "
+                + "; ".join(f"step {s}: {p}" for s, p in bad)
+                + ". Move the directory away to train from scratch"
+            )
+        return None
+
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint step, or None."""
-        return self.manager.latest_step()
+        """The newest complete and intact checkpoint step, or None (see the module docstring)."""
+        if jax.process_count() == 1:
+            return self._newest_intact()
+        from jax.experimental import multihost_utils
+
+        # Process 0 reads and hashes; every host resumes from the step it chose.
+        code, error = -1, None
+        if self._is_primary:
+            try:
+                step = self._newest_intact()
+                code = -1 if step is None else step
+            except CheckpointCorruptError as e:
+                code, error = -2, e
+        code = int(multihost_utils.broadcast_one_to_all(np.int64(code)))
+        if code == -2:
+            raise error or CheckpointCorruptError(f"no intact checkpoint in {self.directory} (see process 0's log)")
+        return None if code == -1 else code
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -93,8 +260,15 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict | None = None) -> None:
         """Starts saving `state` and the JSON `data_state` as step `step` (async if configured)."""
+        step = int(step)
         if step in self.manager.all_steps():
-            return
+            if step not in self._corrupt:
+                return
+            logging.warning("replacing corrupted checkpoint step %d in %s", step, self.directory)
+            self.manager.delete(step)
+            self._corrupt.pop(step)
+        self.manager.wait_until_finished()  # what manager.save does first anyway
+        self._schedule_manifests()
         self.manager.save(
             int(step),
             args=ocp.args.Composite(
@@ -103,6 +277,38 @@ class Checkpointer:
             ),
             force=True,
         )
+        self._intact.add(step)
+        if self._is_primary:
+            self._unmanifested.append(step)
+        if not self._async:
+            self._schedule_manifests()  # a synchronous save is finalised when save() returns
+
+    def _schedule_manifests(self) -> None:
+        """Starts hashing the finalised steps saved by this process (call after the save finished)."""
+        if not self._unmanifested:
+            return
+        if self._hasher is None:
+            self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-manifest")
+        for step in self._unmanifested:
+            self._hashing.append(self._hasher.submit(self._write_manifest, step))
+        self._unmanifested = []
+
+    def _write_manifest(self, step: int) -> None:
+        step_dir = self.step_dir(step)
+        try:
+            write_manifest(step_dir)
+        except FileNotFoundError:
+            if step_dir.exists():  # else: removed by keep-last-K meanwhile
+                raise
+
+    def _finish_manifests(self) -> None:
+        """Waits for every scheduled manifest; a failure to write one is logged, not fatal."""
+        futures, self._hashing = self._hashing, []
+        for future in futures:
+            try:
+                future.result()
+            except OSError as error:
+                logging.warning("could not write a checkpoint manifest in %s: %s", self.directory, error)
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
         """Restores (state, data_state) of `step` (None = latest) into `abstract_state`'s shardings.
@@ -110,23 +316,38 @@ class Checkpointer:
         abstract_state: pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` (see
         `jaxalign.parallel.mesh.with_shardings`) with the structure of the saved state.
         """
-        step = self.latest_step() if step is None else step
+        step = self.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        restored = self.manager.restore(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
-        )
+        if jax.process_count() == 1 or self._is_primary:
+            intact, problem = self._check(step)
+            if intact is False:
+                raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is corrupted: {problem}")
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+            )
+        except Exception as error:  # noqa: BLE001 - one line naming the step; the cause stays chained
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            raise CheckpointError(
+                f"could not restore checkpoint step {step} from {self.directory}: {type(error).__name__}: {first_line}"
+            ) from error
         return restored["state"], dict(restored["data"] or {})
 
     def wait(self) -> None:
-        """Blocks until pending async saves are on disk."""
+        """Blocks until pending async saves are on disk and their manifests are written."""
         self.manager.wait_until_finished()
+        self._schedule_manifests()
+        self._finish_manifests()
 
     def close(self) -> None:
-        """Waits for pending saves and restores the previous signal handlers."""
-        self.manager.wait_until_finished()
+        """Waits for pending saves (and manifests) and restores the previous signal handlers."""
+        self.wait()
         self.manager.close()
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
