@@ -332,6 +332,12 @@ def load_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
         raise CheckpointError(f"{file}: {e}") from e
 
 
+def config_from_hf(hf_config: Mapping, **overrides) -> llama.LlamaConfig:
+    """The family config of an HF config.json dict, chosen by its model_type (no model_type:
+    llama); the same as models.config_from_hf."""
+    return families.config_from_hf(hf_config, **overrides)
+
+
 def from_pretrained(path: str | os.PathLike, dtype: str = "float32", **overrides):
     """(cfg, params) from an HF checkpoint dir of any supported family (config.json's
     model_type: llama, qwen2, qwen3). `dtype` is the compute dtype (cfg.dtype);

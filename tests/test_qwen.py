@@ -1,0 +1,301 @@
+"""Qwen2 / Qwen3 through the family seam: logits parity with transformers, HF round trips,
+KV-cache decoding, greedy sampling, score models and the model_type registry."""
+
+import dataclasses
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign import models
+from jaxalign.generate import sampler
+from jaxalign.models import families, hf, llama, qwen, score
+
+TINY = dict(
+    vocab_size=89,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA
+    max_position_embeddings=128,
+    # O(1) activations and logits, so a 1e-4 tolerance is a real check (see test_llama.py).
+    initializer_range=0.3,
+)
+PAD = 0
+CONFIGS = {"qwen2": qwen.Qwen2Config, "qwen3": qwen.Qwen3Config}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, ids, mask=None):
+    return models.causal_lm(cfg).apply({"params": params}, ids, attention_mask=mask)
+
+
+def _host_params(cfg, seed=0):
+    """Random causal-LM params of cfg, N(0, 0.3) for every leaf (norm scales and biases too,
+    so a misplaced q_norm or bias cannot hide), built in numpy without an init compile."""
+    shapes = jax.eval_shape(models.causal_lm(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: (0.3 * rng.normal(size=x.shape)).astype(np.float32), nn.meta.unbox(shapes["params"]))
+
+
+def _hf_model(model_type, **overrides):
+    """A random-init transformers Qwen2ForCausalLM / Qwen3ForCausalLM with non-trivial norms
+    and biases."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[model_type]
+    model_class = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[model_type]
+    config = config_class(**{**TINY, "pad_token_id": PAD, **overrides})
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _hf_logits(model, ids, mask):
+    import torch
+
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    with torch.no_grad():
+        return model(
+            torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)), position_ids=torch.tensor(positions)
+        ).logits.numpy()
+
+
+def _left_padded(rows, width, seed):
+    rng = np.random.RandomState(seed)
+    ids = np.full((len(rows), width), PAD, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for row, n in enumerate(rows):
+        ids[row, width - n :] = rng.randint(3, TINY["vocab_size"], n)
+        mask[row, width - n :] = True
+    return ids, mask
+
+
+PARITY_CASES = {
+    "qwen2": ("qwen2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1000.0})),
+    "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(head_dim=16)),  # != hidden_size / heads = 8
+    "qwen3_tied_bias": ("qwen3", dict(head_dim=8, tie_word_embeddings=True, attention_bias=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARITY_CASES))
+def test_logits_match_transformers_with_left_padding(tmp_path, case):
+    model_type, overrides = PARITY_CASES[case]
+    model = _hf_model(model_type, **overrides)
+    model.save_pretrained(tmp_path)
+    cfg, params = hf.from_pretrained(tmp_path, dtype="float32")
+    assert type(cfg) is CONFIGS[model_type] and cfg.model_type == model_type
+    assert cfg.tie_word_embeddings == bool(overrides.get("tie_word_embeddings")) and cfg.num_key_value_heads == 2
+    ids, mask = _left_padded([14, 9, 3], 14, seed=1)
+    out = _forward(cfg, params, jnp.asarray(ids), jnp.asarray(mask))
+    assert out.logits.shape == (3, 14, TINY["vocab_size"]) and out.logits.dtype == jnp.float32
+    ref = _hf_logits(model, ids, mask)
+    np.testing.assert_allclose(np.asarray(out.logits)[mask], ref[mask], atol=1e-4, rtol=0)
+    # A left-padded row equals the same tokens unpadded; llama.Llama is the same module.
+    alone = llama.Llama(cfg).apply({"params": params}, jnp.asarray(ids[1:2, 5:])).logits
+    np.testing.assert_allclose(np.asarray(out.logits)[1, 5:], np.asarray(alone)[0], atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def tiny(request):
+    """(cfg, params) of a jaxalign-side tiny Qwen2 / Qwen3 (Qwen3 with attention_bias too)."""
+    extra = dict(attention_bias=True) if request.param == "qwen3" else {}
+    cfg = CONFIGS[request.param](**TINY, eos_token_id=[2, 3], pad_token_id=PAD, **extra)
+    return cfg, _host_params(cfg)
+
+
+def test_save_pretrained_loads_in_transformers_and_back(tiny, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    cfg, params = tiny
+    hf.save_pretrained(tmp_path, cfg, params)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == cfg.model_type
+    assert config["architectures"] == [cfg.hf_architecture]
+    assert config["use_sliding_window"] is False
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(model).__name__ == cfg.hf_architecture
+    ids, mask = _left_padded([11, 6], 11, seed=2)
+    ours = np.asarray(_forward(cfg, params, jnp.asarray(ids), jnp.asarray(mask)).logits)
+    np.testing.assert_allclose(_hf_logits(model, ids, mask)[mask], ours[mask], atol=1e-4, rtol=0)
+    # transformers writes its own checkpoint of the same model; it loads back unchanged.
+    with torch.no_grad():
+        model.save_pretrained(tmp_path / "from_hf")
+    cfg2, params2 = hf.from_pretrained(tmp_path / "from_hf")
+    assert type(cfg2) is type(cfg)
+    assert dataclasses.replace(cfg2, max_position_embeddings=cfg.max_position_embeddings) == cfg
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The per-layer (unscanned) layout maps the same tensors (q_norm / biases included).
+    cfg_u, params_u = hf.from_pretrained(tmp_path, scan_layers=False)
+    assert "layers_1" in params_u["model"]
+    unscanned = np.asarray(_forward(cfg_u, params_u, jnp.asarray(ids), jnp.asarray(mask)).logits)
+    np.testing.assert_allclose(unscanned[mask], ours[mask], atol=2e-5)
+
+
+def test_param_tree_and_tensor_map(tiny):
+    cfg, params = tiny
+    attn = params["model"]["layers"]["self_attn"]
+    assert attn["q_proj"]["bias"].shape == (2, 4, 8) and attn["v_proj"]["bias"].shape == (2, 2, 8)
+    assert ("bias" in attn["o_proj"]) == (cfg.model_type == "qwen3")  # Qwen2: never an o_proj bias
+    assert ("q_norm" in attn) == (cfg.model_type == "qwen3")
+    shapes = jax.eval_shape(models.causal_lm(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    specs = nn.get_partition_spec(shapes)["params"]["model"]["layers"]["self_attn"]
+    assert tuple(specs["q_proj"]["bias"]) == ("layers", "heads", "head_dim")
+    if cfg.qk_norm:
+        assert tuple(specs["k_norm"]["scale"]) == ("layers", "head_dim")
+    tensors = hf.params_to_hf_tensors(cfg, params)
+    assert set(tensors) == set(hf.lm_hf_shapes(cfg))
+    assert ("model.layers.1.self_attn.o_proj.bias" in tensors) == (cfg.model_type == "qwen3")
+    assert ("model.layers.0.self_attn.k_norm.weight" in tensors) == (cfg.model_type == "qwen3")
+    back = hf.params_from_hf_tensors(cfg, tensors)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A Qwen3 checkpoint without its q/k norms is refused, naming the tensors.
+    if cfg.qk_norm:
+        missing = {k: v for k, v in tensors.items() if "q_norm" not in k}
+        with pytest.raises(hf.CheckpointError, match=r"missing tensors: \['model.layers.0.self_attn.q_norm.weight'"):
+            hf.params_from_hf_tensors(cfg, missing)
+
+
+def test_kv_cache_decode_matches_full_forward(tiny):
+    cfg, params = tiny
+    model = models.causal_lm(cfg)
+    rng = np.random.RandomState(6)
+    prompt, prompt_mask = _left_padded([7, 4], 7, seed=6)
+    steps = rng.randint(3, cfg.vocab_size, (2, 5))
+    full_ids = np.concatenate([prompt, steps], axis=1)
+    full_mask = np.concatenate([prompt_mask, np.ones((2, 5), bool)], axis=1)
+    full = _forward(cfg, params, jnp.asarray(full_ids), jnp.asarray(full_mask)).logits
+
+    apply = jax.jit(model.apply)
+    cache = models.init_cache(cfg, 2, 12)
+    out = apply({"params": params}, jnp.asarray(prompt), jnp.asarray(prompt_mask), None, cache)
+    np.testing.assert_allclose(np.asarray(out.logits)[prompt_mask], np.asarray(full)[:, :7][prompt_mask], atol=1e-5)
+    cache = out.cache
+    for i in range(5):
+        out = apply({"params": params}, jnp.asarray(steps[:, i : i + 1]), None, None, cache)
+        np.testing.assert_allclose(np.asarray(out.logits[:, 0]), np.asarray(full[:, 7 + i]), atol=1e-5)
+        cache = out.cache
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [12, 9])
+
+
+def test_greedy_sampling_matches_transformers_generate():
+    import torch
+
+    model = _hf_model("qwen3", head_dim=8)
+    cfg = qwen.Qwen3Config.from_hf_config(model.config.to_dict())
+    params = hf.params_from_hf_tensors(cfg, {k: v.numpy() for k, v in model.state_dict().items()})
+    ids, mask = _left_padded([8, 3, 6], 8, seed=3)
+    n = 8
+    sampling = sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, pad_token_id=PAD)
+    out = sampler.sample(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), sampling)
+    expected = model.generate(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        eos_token_id=None,
+        pad_token_id=PAD,
+    ).numpy()[:, 8:]
+    np.testing.assert_array_equal(np.asarray(out.sequences)[:, 8:], expected)
+    assert len(set(expected.ravel().tolist())) > 3  # not a degenerate repeat of one token
+
+
+def test_score_model_on_qwen_backbone_saves_and_reloads(tmp_path):
+    cfg = qwen.Qwen2Config(**TINY, scan_layers=False)
+    model = score.ScoreModel(cfg, score_dim=2)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: (0.3 * rng.normal(size=x.shape)).astype(np.float32), nn.meta.unbox(shapes["params"]))
+    assert "bias" in params["model"]["layers_0"]["self_attn"]["q_proj"]  # the Qwen2 backbone
+    head = score.ScoreHead(score_type="reward", score_dim=2)
+    score.save_score_model(tmp_path, cfg, params, head)
+    config = hf.read_config(tmp_path)
+    assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForScore"]
+    assert "model.layers.1.self_attn.k_proj.bias" in hf.read_safetensors_dir(tmp_path)
+    cfg2, head2, params2, _ = score.load_score_model(tmp_path, scan_layers=False)
+    assert cfg2 == cfg and head2 == head
+    ids, mask = _left_padded([6, 4], 6, seed=4)
+    before = jax.jit(model.apply)({"params": params}, ids, attention_mask=mask)
+    after = jax.jit(head2.model(cfg2).apply)({"params": params2}, ids, attention_mask=mask)
+    np.testing.assert_allclose(after.end_scores, before.end_scores, atol=1e-6)
+    # The backbone is the causal LM's: its hidden states are the LM's.
+    lm = {"model": params["model"], "lm_head": {"kernel": np.zeros((32, TINY["vocab_size"]), np.float32)}}
+    lm_hidden = _forward(cfg, lm, jnp.asarray(ids), jnp.asarray(mask)).hidden_states
+    np.testing.assert_allclose(np.asarray(before.hidden_states)[mask], np.asarray(lm_hidden)[mask], atol=1e-5)
+    fresh = score.init_params_from_backbone(params["model"], cfg, jax.random.PRNGKey(0), score_dim=2)
+    assert fresh["score_head"]["kernel"].shape == (32, 2)
+
+
+def test_resize_token_embeddings_and_replace(tiny):
+    cfg, params = tiny
+    new_cfg, new_params = llama.resize_token_embeddings(cfg, params, cfg.vocab_size + 3)
+    assert type(new_cfg) is type(cfg) and new_cfg.vocab_size == cfg.vocab_size + 3
+    assert new_params["model"]["embed_tokens"]["embedding"].shape == (cfg.vocab_size + 3, cfg.hidden_size)
+    logits = _forward(new_cfg, new_params, jnp.asarray([[cfg.vocab_size + 2]])).logits
+    assert logits.shape == (1, 1, cfg.vocab_size + 3)
+    runtime = dataclasses.replace(cfg, dtype="bfloat16", scan_layers=False, remat_policy="full")
+    assert type(runtime) is type(cfg) and runtime.model_type == cfg.model_type
+    assert (runtime.eos_token_ids, runtime.pad_token_id, runtime.bos_token_id) == ((2, 3), PAD, 1)
+    hash(runtime)
+
+
+def test_config_round_trip_and_family_choice():
+    for config_class in CONFIGS.values():
+        cfg = config_class(**TINY, rope_theta=1e6, eos_token_id=[5, 6])
+        hf_config = cfg.to_hf_config()
+        assert families.config_from_hf(hf_config) == cfg
+        assert models.config_from_hf(hf_config, dtype="bfloat16").dtype == "bfloat16"
+    assert "attention_bias" not in qwen.Qwen2Config(**TINY).to_hf_config()
+    # transformers' defaults: Qwen3 without head_dim means 128; Qwen2 means hidden / heads.
+    assert families.config_from_hf(dict(TINY, model_type="qwen3")).head_dim == 128
+    assert families.config_from_hf(dict(TINY, model_type="qwen2")).head_dim == 8
+    # Qwen2 ignores attention_bias, as transformers does: q/k/v biases, no o_proj bias.
+    qwen2 = families.config_from_hf(dict(TINY, model_type="qwen2", attention_bias=True))
+    assert (qwen2.qkv_bias, qwen2.attention_bias) == (True, False)
+    no_type = families.config_from_hf(TINY)
+    assert type(no_type) is llama.LlamaConfig and families.of(no_type).architecture == "LlamaForCausalLM"
+    assert isinstance(models.causal_lm(no_type), llama.Llama)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(model_type="mistral"), ["model_type='mistral'", "'llama'", "'qwen2'", "'qwen3'"]),
+        (dict(model_type="qwen2", use_sliding_window=True), ["use_sliding_window"]),
+        (dict(model_type="qwen3", layer_types=["full_attention", "sliding_attention"]), ["layer_types", "[1]"]),
+        (dict(model_type="qwen3", hidden_act="gelu"), ["hidden_act", "gelu"]),
+    ],
+)
+def test_unsupported_configs_are_one_clear_error(tmp_path, change, words):
+    with pytest.raises(ValueError) as info:
+        families.config_from_hf(dict(TINY, **change))
+    for word in words:
+        assert word in str(info.value)
+    hf.write_config(tmp_path, dict(TINY, **change))
+    with pytest.raises(hf.CheckpointError, match=r"config\.json") as info:
+        hf.load_config(tmp_path)
+    assert words[0] in str(info.value)
+
+
+def test_family_switches_are_checked():
+    with pytest.raises(ValueError, match="qk_norm=True is not part of HF Llama"):
+        llama.LlamaConfig(**TINY, qk_norm=True)
+    with pytest.raises(ValueError, match="Qwen2Config.*attention_bias"):
+        qwen.Qwen2Config(**TINY, attention_bias=True)
+    with pytest.raises(ValueError, match="Qwen3Config.*qk_norm"):
+        qwen.Qwen3Config(**TINY, qk_norm=False)
+    with pytest.raises(ValueError, match="model_type='qwen2' is not 'llama'"):
+        llama.LlamaConfig.from_hf_config(dict(TINY, model_type="qwen2"))
