@@ -16,10 +16,12 @@ of them, and an unknown key is an error.
 
 import ml_collections
 
+from jaxalign.parallel import mesh as mesh_lib
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.stage = "sft"  # sft | reward | cost | ppo | ppo_lag | ppo_reward_shaping
+    config.stage = "sft"  # sft | reward | cost | ppo | ppo_lag | ppo_reward_shaping (jaxalign/stages)
     config.seed = 42  # seeds parameter init, dropout-free training RNG and data shuffling
 
     config.model = model = ml_collections.ConfigDict()
@@ -49,10 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = data = ml_collections.ConfigDict()
     data.source = ""  # directory of a release-layout dataset (e.g. PKU-SafeRLHF or the mini dataset)
     data.name = "default"  # dataset config / subset name inside the source (e.g. default, alpaca-7b)
+    # TFDS data dir written by `jaxalign data prepare --data-dir DIR` (ArrayRecord, random access,
+    # each host reads its own rows); "" = read the release files under data.source.
+    data.prepared_dir = ""
     data.train_split = "train"
     data.eval_split = "test"  # "" = no evaluation
     data.max_length = 512  # every sequence is padded/truncated to this length (static shapes)
-    data.prompt_template = "upstream"  # upstream ("BEGINNING OF CONVERSATION: USER: ... ASSISTANT:") | fork
+    data.prompt_template = "upstream"  # upstream ("BEGINNING OF CONVERSATION: USER: ... ASSISTANT:") | fork | chat | "...{input}..."
     data.batch_size = 16  # global micro-batch (sequences per forward pass, all devices together)
     data.eval_batch_size = 16  # global eval batch
     data.shuffle = True  # shuffle training examples (the permutation depends on seed and epoch)
@@ -63,17 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
     mesh.fsdp = -1  # data parallel with parameters and optimizer state sharded (ZeRO-3 like)
     mesh.tensor = 1  # tensor (model) parallel within a layer
     # Logical axis -> mesh axes; the model annotates every parameter/activation with logical names.
-    mesh.axis_rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("vocab", "tensor"),
-        ("layers", None),
-    )
+    # The default (jaxalign/parallel/mesh.py DEFAULT_AXIS_RULES): ("batch", ("data", "fsdp")),
+    # ("embed", "fsdp"), ("mlp" | "heads" | "kv_heads" | "vocab", "tensor"), the rest replicated.
+    mesh.axis_rules = mesh_lib.DEFAULT_AXIS_RULES
     mesh.distributed = False  # call jax.distributed.initialize (multi-host: same command on every host)
     mesh.coordinator_address = ""  # "host:port" of process 0; "" = auto-detect (TPU pods, SLURM)
     mesh.num_processes = -1  # -1 = auto-detect
@@ -96,4 +93,65 @@ def get_config() -> ml_collections.ConfigDict:
     checkpoint.save_every = 1000  # save every N updates; also at the end and on SIGTERM/SIGINT
     checkpoint.keep = 3  # keep the latest K checkpoints
     checkpoint.async_save = True  # write checkpoints in a background thread
+
+    # --- stage groups: every stage config carries them all; each stage reads its own.
+    config.sft = sft = ml_collections.ConfigDict()
+    sft.response = "both"  # SFT targets per row: both | better | safer (views.sft_examples)
+
+    config.score = score = ml_collections.ConfigDict()  # reward / cost stages (spec §4.2-4.3)
+    score.score_dim = 1  # one scalar score per token
+    score.score_bias = True  # the score head has a bias (upstream default)
+    score.loss_type = "sequence-wise"  # sequence-wise | token-wise
+    score.regularization = 0.001  # reg * mean(end_score^2) keeps scores near 0
+    score.normalizer_type = "ExponentialMovingAverage"  # none | RunningMeanStd | ExponentialMovingAverage
+    score.momentum = 0.9  # EMA momentum of the end-score mean/var
+    score.normalize_during_training = False  # stats are tracked and exported but not applied
+    # cost stage: pairs whose safer answer is labelled unsafe and the other safe (safe-rlhf #181):
+    # error (upstream) | skip | keep. The release still has a few, so skip them.
+    score.inconsistent_pairs = "skip"
+
+    config.rl = rl = ml_collections.ConfigDict()  # ppo | ppo_lag | ppo_reward_shaping (spec §5, §6.1)
+    # Roles (spec §3.3). The actor and the frozen reference come from model.init_path.
+    rl.reward_model_path = ""  # score-model dir of the frozen reward model (a reward stage export)
+    rl.cost_model_path = ""  # frozen cost model; "" = none (ppo only)
+    rl.reward_critic_model_path = ""  # "" = initialise the reward critic from the reward model
+    rl.cost_critic_model_path = ""  # "" = initialise the cost critic from the cost model
+    rl.normalize_reward = False  # apply the reward model's stored mean/var
+    rl.normalize_cost = False  # apply the cost model's stored var (sign kept)
+    # Rollout (spec §5.2): sequences are prompt_length + max_new_tokens long.
+    rl.prompt_length = 128  # prompts are left-padded / cut to this many tokens
+    rl.max_new_tokens = 384
+    rl.temperature = 1.0
+    rl.top_p = 1.0
+    # PPO (spec §5.4-5.6).
+    rl.kl_coeff = 0.01  # beta: -beta*KL on the reward stream, +beta*KL on the cost stream
+    rl.clip_range_ratio = 0.2
+    rl.clip_range_score = 50.0
+    rl.clip_range_value = 5.0
+    rl.gamma = 1.0  # hard-coded upstream
+    rl.gae_lambda = 0.95  # hard-coded upstream
+    rl.ptx_coeff = 16.0  # one actor update on 0.5*(g_RL + ptx_coeff*g_PTX); 0 = no PTX
+    rl.ptx_source = ""  # release-layout dir of the PTX SFT data; "" = data.source (upstream: alpaca)
+    rl.ptx_name = "default"
+    # Critic optimizer: AdamW with a constant lr (HF "constant" ignores the warmup ratio).
+    rl.critic = critic = ml_collections.ConfigDict()
+    critic.learning_rate = 5e-6
+    critic.lr_schedule = "constant"  # cosine | constant
+    critic.warmup_ratio = 0.0
+    critic.weight_decay = 0.0
+    critic.max_grad_norm = 1.0  # global-norm clipping; <= 0 disables
+    # Lagrangian (spec §5.8); for ppo_reward_shaping lambda_init is the constant nu.
+    rl.threshold = 0.0  # -d: the constraint is mean episode cost <= threshold
+    rl.lambda_init = 1.0
+    rl.lambda_lr = 0.1
+    rl.lambda_max = 5.0  # <= 0: no cap
+    rl.lambda_update_delay_steps = 0
+    rl.episode_cost_window_size = 128
+    # Beyond upstream, off by default.
+    rl.whiten_advantages = False
+    rl.adaptive_kl = False  # Ziegler et al. controller towards target_kl
+    rl.target_kl = 6.0
+    rl.kl_horizon = 10000.0
+    rl.ppo_epochs = 1  # upstream update_iters
+    rl.num_minibatches = 1
     return config

@@ -7,12 +7,11 @@ Run the tiny SFT, reward and cost stages first (see configs/README.md), then
 
 import ml_collections
 
-from configs import ppo_lag_llama2_7b, sft_tiny
+from configs import sft_tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = sft_tiny.get_config()  # tiny model shape, mini data, tokenizer
-    del config["sft"]
     config.stage = "ppo_lag"
     config.model.init_path = "out/sft_tiny/export"  # actor + reference
     config.tokenizer = ""  # the tokenizer exported with the SFT model
@@ -23,12 +22,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.warmup_ratio = 0.03
     config.train.weight_decay = 0.01
     config.checkpoint.save_every = 50
-    config.rl = rl = ppo_lag_llama2_7b.rl_config()  # upstream ppo-lag.sh values, then:
+    config.train.log_every = 1  # one metrics record per iteration
+    rl = config.rl  # base holds the upstream ppo-lag.sh values; the tiny run changes:
     rl.reward_model_path = "out/reward_tiny/export"
     rl.cost_model_path = "out/cost_tiny/export"
     rl.prompt_length = 48  # mini prompts are ~10-30 tokens
     rl.max_new_tokens = 32
-    rl.critic_learning_rate = 1e-4
+    rl.critic.learning_rate = 1e-4
     rl.ptx_coeff = 1.0  # the tiny SFT model is weak: keep PTX light so the RL signal shows
     rl.episode_cost_window_size = 32
     # The tiny SFT policy already averages cost < 0 on mini, so the upstream threshold 0 never binds;

@@ -16,24 +16,6 @@ import ml_collections
 from configs import base
 
 
-def score_config() -> ml_collections.ConfigDict:
-    """Score-model fields shared by the reward and cost configs (upstream script values)."""
-    return ml_collections.ConfigDict(
-        dict(
-            score_dim=1,  # one scalar score per token
-            score_bias=True,  # score head has a bias (upstream default)
-            loss_type="sequence-wise",  # sequence-wise | token-wise (spec §4.2)
-            regularization=0.001,  # reg · mean(end_score²) keeps scores near 0
-            normalizer_type="ExponentialMovingAverage",  # none | RunningMeanStd | ExponentialMovingAverage
-            momentum=0.9,  # EMA momentum of the end-score mean/var
-            normalize_during_training=False,  # stats are tracked and exported but not applied
-            # cost stage: pairs whose safer answer is labelled unsafe and the other safe (safe-rlhf
-            # #181): error (upstream) | skip | keep. The release still has a few, so skip them.
-            inconsistent_pairs="skip",
-        )
-    )
-
-
 def get_config() -> ml_collections.ConfigDict:
     config = base.get_config()
     config.stage = "reward"  # score_stage.run with the preference-pair loss
@@ -56,5 +38,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.weight_decay = 0.1  # --weight_decay 0.1
     config.train.log_every = 1  # upstream logs every step
     config.train.eval_every = 577  # once per epoch (--eval_strategy epoch): 73,907 train pairs / 128
-    config.score = score_config()  # loss, regularization and normalizer (see score_config)
+    # config.score keeps base's upstream values: sequence-wise loss, regularization 0.001, EMA(0.9)
+    # normalizer tracked but not applied.
     return config

@@ -7,7 +7,7 @@ Prepare the data, tokenizer and SFT model once (see configs/README.md), then
 
 import ml_collections
 
-from configs import base, reward_llama2_7b
+from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -38,5 +38,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_batches = -1  # the whole mini test split (~300 pairs)
     config.checkpoint.save_every = 100  # a resumable checkpoint every 100 updates
     config.checkpoint.keep = 2  # keep the last two
-    config.score = reward_llama2_7b.score_config()  # upstream loss, regularization and normalizer
+    # config.score: base's upstream loss, regularization and normalizer
     return config

@@ -50,6 +50,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.eval_split = ""
     config.checkpoint.save_every = 200
     config.checkpoint.keep = 2
-    config.sft = ml_collections.ConfigDict()
     config.sft.response = "both"  # SFT targets per row: both | better | safer (views.sft_examples)
     return config

@@ -36,6 +36,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_batches = 4
     config.checkpoint.save_every = 100
     config.checkpoint.keep = 2
-    config.sft = ml_collections.ConfigDict()
     config.sft.response = "both"  # SFT targets per row: both | better | safer (views.sft_examples)
     return config

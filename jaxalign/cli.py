@@ -1,8 +1,14 @@
-"""The `jaxalign` command: one subcommand per capability, each owned by its module.
+"""The `jaxalign` command: one subcommand per capability, one style, one error policy.
 
-Each module listed in `_COMMANDS` exposes `add_arguments(parser)` and `run(args) -> int`;
-modules are imported lazily so `jaxalign --help` stays fast and a broken optional
-dependency only affects its own subcommand.
+Every subcommand lives in a package's `commands.py` module, which maps it in `COMMANDS` to
+`(add_arguments(parser), run(args) -> int)`; `_COMMANDS` below names the module, so modules are
+imported lazily (`jaxalign --help` stays fast, and a broken optional dependency only affects its
+own subcommand). Commands raise; `main` turns errors into exit codes:
+
+    bad input (ValueError, FileNotFoundError, a config error, a locked workdir, a NaN stop, a full
+    disk): one line "jaxalign CMD: error: ..." on stderr, exit 1 (JAXALIGN_DEBUG=1 keeps the traceback)
+    SIGTERM/SIGINT during training: the checkpoint is saved, exit 128 + signal
+    usage errors: argparse's message, exit 2
 """
 
 from __future__ import annotations
@@ -13,24 +19,22 @@ import logging
 import os
 import sys
 
-# subcommand -> (module, one-line help)
+# subcommand -> (module with COMMANDS, one-line help)
 _COMMANDS = {
-    "data": ("jaxalign.data.commands", "PKU-SafeRLHF data: mini dataset, stats, validation"),
-    "tokenizer": ("jaxalign.models.tokenizer", "build the small BPE tokenizer from a corpus"),
-    "init-model": ("jaxalign.models.commands", "write a randomly initialised Llama as an HF checkpoint"),
+    "data": ("jaxalign.data.commands", "PKU-SafeRLHF data: mini dataset, stats, validation, prepare"),
+    "tokenizer": ("jaxalign.models.commands", "build the small BPE tokenizer from a corpus"),
+    "init-model": ("jaxalign.models.commands", "write a randomly initialised causal LM as an HF checkpoint"),
     "sample": ("jaxalign.generate.commands", "sample a completion from a model directory"),
-    "train": ("jaxalign.train.commands", "run a training stage from a config file"),
-    "evaluate": ("jaxalign.evaluate.commands", "evaluate reward/cost models and policies"),
+    "train": ("jaxalign.stages.commands", "run a training stage from a config file"),
+    "evaluate": ("jaxalign.evaluate.commands", "evaluate reward/cost models and RL runs"),
 }
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module_name, help_text) in _COMMANDS.items():
-        command_parser = sub.add_parser(name, help=help_text)
-        command_parser.set_defaults(_module=module_name)
-        # Arguments are added lazily, only for the chosen command (see main).
+    for name, (_, help_text) in _COMMANDS.items():
+        sub.add_parser(name, help=help_text)  # arguments are added lazily, only for the chosen command
     return parser
 
 
@@ -42,8 +46,15 @@ def setup_logging() -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def _error(name: str, error: BaseException) -> int:
+    if os.environ.get("JAXALIGN_DEBUG"):
+        raise error
+    print(f"jaxalign {name}: error: {error}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `jaxalign` console script."""
+    """Entry point of the `jaxalign` console script and `python -m jaxalign`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in _COMMANDS:
@@ -51,22 +62,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv[0]
     module = importlib.import_module(_COMMANDS[name][0])
+    add_arguments, run = module.COMMANDS[name]
     command_parser = argparse.ArgumentParser(prog=f"jaxalign {name}", description=_COMMANDS[name][1])
-    module.add_arguments(command_parser)
+    add_arguments(command_parser)
     args, extra = command_parser.parse_known_args(argv[1:])
+    # --config.a.b=v overrides go with a command's --config file; anything else is unknown.
+    if extra and not (getattr(args, "config", None) and all(arg.startswith("--config.") for arg in extra)):
+        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
     setup_logging()
-    if extra and not getattr(module, "ACCEPTS_EXTRA_ARGS", False):
-        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from jaxalign.train import loop  # the exceptions training raises
+
     try:
-        return int(module.run(args) or 0)
-    except (FileNotFoundError, ValueError) as error:
-        # Bad input (a missing path, a malformed file or value): one clear line, exit 1.
-        # The project's errors name the file/field; JAXALIGN_DEBUG=1 shows the traceback.
-        if os.environ.get("JAXALIGN_DEBUG"):
-            raise
-        print(f"jaxalign {name}: error: {error}", file=sys.stderr)
-        return 1
+        return int(run(args) or 0)
+    except loop.Preempted as stop:
+        logging.warning("%s", stop)
+        return 128 + (stop.signum or 15)
+    except (ValueError, FileNotFoundError, loop.NonFiniteError) as error:
+        return _error(name, error)
+    except OSError as error:  # a full disk, a permission problem: the OS message names the file
+        return _error(name, error)
 
 
 if __name__ == "__main__":

@@ -228,3 +228,6 @@ def _validate(args) -> int:
                                 "(expected data/<Model>/{train,test}.jsonl or .parquet)")
     print(f"kind {kind}, config {config}: {total.rows_kept}/{total.rows_read} rows valid")
     return 0 if not total.skipped else 1
+
+
+COMMANDS = {"data": (add_arguments, run)}

@@ -3,13 +3,15 @@
     jaxalign evaluate reward --model out/reward_tiny/export --data out/mini --out out/eval_rm
     jaxalign evaluate cost   --model out/cost_tiny/export   --data out/mini --out out/eval_cm
     jaxalign evaluate curves --runs out/ppo_lag_tiny out/ppo_tiny --out out/rl_curves.png
+    jaxalign evaluate reward --model DIR ... --config configs/reward_llama2_7b.py [--config.mesh.fsdp=8]
 
 reward: accuracy P(r_better > r_worse), reward mean/std; cost: accuracy P(c_unsafer > c_safer),
 sign accuracy P(cost·safety_sign < 0), safe/unsafe mean costs (spec §7.2). Both write
 OUT/metrics.json, OUT/scores.npy and PNG histograms (see jaxalign/evaluate/scores.py).
 
-New evaluations (e.g. a policy arena) are added to `_TARGETS` with their own
-add-arguments and run functions.
+The model is placed on the mesh of --config (config.mesh and its axis rules, so a 7B model
+evaluates sharded); without --config every device holds a data-parallel share of the batch
+and the parameters are FSDP-sharded over all devices.
 """
 
 from __future__ import annotations
@@ -18,21 +20,28 @@ import json
 import logging
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 
-from jaxalign.data import pipeline, pku_saferlhf, views
+from jaxalign.data import pipeline, sources, views
 from jaxalign.evaluate import curves
 from jaxalign.evaluate import scores as scores_lib
-from jaxalign.models import score
+from jaxalign.models import loading
 from jaxalign.models.tokenizer import load_tokenizer
 from jaxalign.parallel import mesh as mesh_lib
 
-# Evaluation is data parallel: parameters replicated on every device, batches split.
-_MESH = dict(data=-1, fsdp=1, tensor=1)
-_AXIS_RULES = (("batch", ("data", "fsdp")),)
-
 log = logging.getLogger(__name__)
+
+
+def mesh_from_args(args):
+    """(mesh, rules) of --config's config.mesh (with --config.* overrides), or the default mesh."""
+    mesh_settings = mesh_lib.MeshSettings()
+    if getattr(args, "config", None):
+        from jaxalign import config as config_lib
+
+        mesh_settings = config_lib.load_config(args.config, args.extra_args).mesh
+    mesh_lib.maybe_initialize_distributed(mesh_settings)
+    mesh = mesh_lib.make_mesh(mesh_settings)
+    log.info("mesh: %s", mesh_lib.describe(mesh))
+    return mesh, mesh_lib.axis_rules(mesh_settings)
 
 
 def _add_score_arguments(parser) -> None:
@@ -46,7 +55,10 @@ def _add_score_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward (2x sequences)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="parameter dtype on device (bfloat16 halves memory; parameters are replicated)")
+                        help="parameter dtype on device (bfloat16 halves memory)")
+    parser.add_argument("--prepared-dir", default="", help="read --data's split from this TFDS-prepared dir")
+    parser.add_argument("--config", default="", help="config file whose config.mesh places the model "
+                        "(--config.mesh.* overrides allowed); default: all devices, FSDP")
 
 
 def _add_cost_arguments(parser) -> None:
@@ -57,36 +69,27 @@ def _add_cost_arguments(parser) -> None:
 
 def evaluate_score_model(args, kind: str) -> dict:
     """Scores every pair of the split with the model of args.model; writes the files; -> metrics."""
-    cfg, head, host_params, _ = score.load_score_model(
-        args.model, dtype=args.dtype, on_host=True, param_dtype=args.param_dtype
-    )
-    model = head.model(cfg)
+    mesh, rules = mesh_from_args(args)
+    model = loading.load_score_model(args.model, mesh, rules,
+                                     loading.ModelSettings(dtype=args.dtype, param_dtype=args.param_dtype))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    rows, report = pku_saferlhf.read_release(args.data, args.name, args.split)
+    rows, report = sources.read_split(args.data, args.name, args.split, prepared_dir=args.prepared_dir)
     if kind == "preference":
         examples = views.preference_examples(rows)
     else:
         examples = views.safety_preference_examples(rows, inconsistent=args.inconsistent)
     log.info("%s/%s: %s; %s examples: %s", args.data, args.split, report, kind, dict(examples.counts))
     arrays, _ = pipeline.tokenize_examples(kind, examples, tokenizer, max_length=args.max_length)
-
-    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(_MESH))
-    rules = _AXIS_RULES
-    with mesh_lib.sharding_context(mesh, rules):
-        init = lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731
-        boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-        shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
-    params = jax.tree.map(mesh_lib.put_sharded, host_params, shardings)
-    first, second = scores_lib.score_pairs(
-        model, params, arrays, kind, batch_size=args.batch_size, mesh=mesh, rules=rules
-    )
+    scorer = scores_lib.make_pair_scorer(model.module, mesh, rules)
+    first, second = scorer(model.params, arrays, kind, batch_size=args.batch_size)
     metrics = scores_lib.pair_metrics(kind, first, second, arrays)
     if jax.process_index() == 0:
         if kind == "preference":
-            scores_lib.write_reward_outputs(args.out, first, second, metrics)
+            written = scores_lib.write_reward_outputs(args.out, first, second, metrics)
         else:
             signs = arrays["safer_sign"], arrays["unsafer_sign"]
-            scores_lib.write_cost_outputs(args.out, first, second, *signs, metrics)
+            written = scores_lib.write_cost_outputs(args.out, first, second, *signs, metrics)
+        log.info("wrote %s", ", ".join(str(path) for path in written))
     return metrics
 
 
@@ -100,11 +103,28 @@ def _run_cost(args) -> int:
     return 0
 
 
+def _add_curves_arguments(parser) -> None:
+    parser.add_argument("--runs", nargs="+", required=True, help="RL workdirs (each with metrics.jsonl)")
+    parser.add_argument("--labels", nargs="+", default=None, help="legend labels (default: dir names)")
+    parser.add_argument("--out", required=True, help="output PNG; the summary goes beside it as .json")
+    parser.add_argument("--smooth", type=int, default=10, help="moving-average window in iterations")
+    parser.add_argument("--threshold", type=float, default=None, help="cost threshold to draw (config.rl.threshold)")
+
+
+def _run_curves(args) -> int:
+    """Plots the runs and prints/writes the first-vs-last summary per run."""
+    summary = curves.write_curves(args.runs, args.out, labels=args.labels, smooth=args.smooth,
+                                  threshold=args.threshold)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 # sub-command -> (help, add_arguments, run)
 _TARGETS = {
     "reward": ("reward model: preference accuracy and reward distribution", _add_score_arguments, _run_reward),
     "cost": ("cost model: preference and sign accuracy, safe/unsafe costs", _add_cost_arguments, _run_cost),
-    "curves": ("RL runs: reward, cost, lambda and KL per iteration (PNG + summary)", curves.add_arguments, curves.run),
+    "curves": ("RL runs: reward, cost, lambda and KL per iteration (PNG + summary)", _add_curves_arguments,
+               _run_curves),
 }
 
 
@@ -115,8 +135,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    try:
-        return _TARGETS[args.target][2](args)
-    except (score.ScoreModelError, ValueError, FileNotFoundError) as error:
-        log.error("%s", error)
-        return 1
+    return _TARGETS[args.target][2](args)
+
+
+COMMANDS = {"evaluate": (add_arguments, run)}

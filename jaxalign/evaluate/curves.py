@@ -8,6 +8,7 @@ first and last `window` iterations, the numbers the Safe RLHF trade-off is judge
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 
 import numpy as np
@@ -90,19 +91,12 @@ def plot_curves(runs: dict[str, list[dict]], out_png: str | pathlib.Path, smooth
     plt.close(fig)
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--runs", nargs="+", required=True, help="RL workdirs (each with metrics.jsonl)")
-    parser.add_argument("--labels", nargs="+", default=None, help="legend labels (default: dir names)")
-    parser.add_argument("--out", required=True, help="output PNG; the summary goes beside it as .json")
-    parser.add_argument("--smooth", type=int, default=10, help="moving-average window in iterations")
-    parser.add_argument("--threshold", type=float, default=None, help="cost threshold to draw (config.rl.threshold)")
-
-
-def run(args) -> int:
-    """Plots the runs and prints/writes the first-vs-last summary per run."""
-    runs = load_runs(args.runs, args.labels)
-    plot_curves(runs, args.out, smooth=args.smooth, threshold=args.threshold)
-    summary = {label: summarize(records, window=args.smooth) for label, records in runs.items()}
-    pathlib.Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    return 0
+def write_curves(workdirs: list[str], out_png: str | pathlib.Path, labels: list[str] | None = None,
+                 smooth: int = 10, threshold: float | None = None) -> dict[str, dict[str, float]]:
+    """Plots the runs to out_png, writes the first-vs-last summary per run beside it (.json); -> summary."""
+    runs = load_runs(workdirs, labels)
+    plot_curves(runs, out_png, smooth=smooth, threshold=threshold)
+    summary = {label: summarize(records, window=smooth) for label, records in runs.items()}
+    pathlib.Path(out_png).with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    logging.info("wrote %s and %s", out_png, pathlib.Path(out_png).with_suffix(".json"))
+    return summary

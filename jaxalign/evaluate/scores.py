@@ -1,7 +1,7 @@
 """Reward / cost model evaluation on preference pairs: end scores, metrics, files (spec §7.2).
 
     arrays, _ = pipeline.tokenize_examples("preference", examples, tokenizer, max_length=512)
-    first, second = score_pairs(model, params, arrays, "preference", batch_size=16, mesh=mesh, rules=rules)
+    first, second = make_pair_scorer(module, mesh, rules)(params, arrays, "preference", batch_size=16)
     metrics = reward_metrics(first, second)            # accuracy, reward_mean, reward_std, ...
     write_reward_outputs(out_dir, first, second, metrics)
 
@@ -20,72 +20,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.objectives.preference import concat_pair, pair_sides
 from jaxalign.parallel import mesh as mesh_lib
 
-# batch kind -> (first side, second side); the second should score higher for a cost model,
-# lower for a reward model.
-PAIR_SIDES = {"preference": ("better", "worse"), "safety_preference": ("safer", "unsafer")}
+def make_pair_scorer(module, mesh: jax.sharding.Mesh, rules):
+    """A scorer of pair arrays with one jitted forward (compiled once per shape):
 
-
-def pair_sides(kind: str) -> tuple[str, str]:
-    """("better", "worse") or ("safer", "unsafer")."""
-    if kind not in PAIR_SIDES:
-        raise ValueError(f"unknown pair kind {kind!r}; expected one of {tuple(PAIR_SIDES)}")
-    return PAIR_SIDES[kind]
-
-
-def concat_pair(batch: dict, kind: str) -> tuple[Any, Any]:
-    """Both sides of a pair batch stacked as one forward: -> (input_ids [2B, L], mask [2B, L])."""
-    a, b = pair_sides(kind)
-    concat = np.concatenate if isinstance(batch[f"{a}_input_ids"], np.ndarray) else jnp.concatenate
-    ids = concat([batch[f"{a}_input_ids"], batch[f"{b}_input_ids"]], axis=0)
-    mask = concat([batch[f"{a}_attention_mask"], batch[f"{b}_attention_mask"]], axis=0)
-    return ids, mask
-
-
-def score_pairs(
-    model,
-    params,
-    arrays: dict[str, np.ndarray],
-    kind: str,
-    *,
-    batch_size: int,
-    mesh: jax.sharding.Mesh,
-    rules,
-    max_batches: int = -1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """End scores of both sides of every pair: arrays (tokenize_examples output, N pairs) ->
-    (first [n], second [n]) fp32 with n = N, or fewer when max_batches >= 0.
-
-    The last batch is completed with copies of the last pair (dropped from the result), so the
-    jitted forward sees one static shape and every pair is scored exactly once.
+    scorer(params, arrays, kind, batch_size=, max_batches=-1) -> (first [n], second [n]) fp32,
+    the end scores of both sides of every pair of `arrays` (tokenize_examples output, N pairs),
+    n = N or fewer when max_batches >= 0. The last batch is completed with copies of the last pair
+    (dropped from the result), so every pair is scored exactly once at one static shape.
     """
-    a, _ = pair_sides(kind)
-    total = len(arrays[f"{a}_input_ids"])
-    num_batches = -(-total // batch_size)
-    if max_batches >= 0:
-        num_batches = min(num_batches, max_batches)
     in_sharding = mesh_lib.batch_sharding(mesh, 2)
+    forward = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, attention_mask=mask).end_scores[:, 0],
+                      out_shardings=mesh_lib.replicated(mesh))
 
-    def forward(p, ids, mask):
-        return model.apply({"params": p}, ids, attention_mask=mask).end_scores[:, 0]
+    def scorer(params, arrays: dict[str, np.ndarray], kind: str, *, batch_size: int,
+               max_batches: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        a, _ = pair_sides(kind)
+        total = len(arrays[f"{a}_input_ids"])
+        num_batches = -(-total // batch_size)
+        if max_batches >= 0:
+            num_batches = min(num_batches, max_batches)
+        first, second = [], []
+        with mesh_lib.sharding_context(mesh, rules):
+            for i in range(num_batches):
+                rows = np.minimum(np.arange(i * batch_size, (i + 1) * batch_size), total - 1)
+                ids, mask = concat_pair({k: v[rows] for k, v in arrays.items()}, kind)
+                scores = forward(params, mesh_lib.put_sharded(ids, in_sharding), mesh_lib.put_sharded(mask, in_sharding))
+                scores = np.asarray(jax.device_get(scores), np.float32)
+                keep = min(batch_size, total - i * batch_size)
+                first.append(scores[:batch_size][:keep])
+                second.append(scores[batch_size:][:keep])
+        return np.concatenate(first), np.concatenate(second)
 
-    forward = jax.jit(forward, out_shardings=mesh_lib.replicated(mesh))
-    first, second = [], []
-    with mesh_lib.sharding_context(mesh, rules):
-        for i in range(num_batches):
-            rows = np.minimum(np.arange(i * batch_size, (i + 1) * batch_size), total - 1)
-            ids, mask = concat_pair({k: v[rows] for k, v in arrays.items()}, kind)
-            scores = np.asarray(
-                jax.device_get(
-                    forward(params, mesh_lib.put_sharded(ids, in_sharding), mesh_lib.put_sharded(mask, in_sharding))
-                ),
-                np.float32,
-            )
-            keep = min(batch_size, total - i * batch_size)
-            first.append(scores[:batch_size][:keep])
-            second.append(scores[batch_size:][:keep])
-    return np.concatenate(first), np.concatenate(second)
+    return scorer
 
 
 def reward_metrics(better: np.ndarray, worse: np.ndarray) -> dict[str, float]:

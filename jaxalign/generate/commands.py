@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.generate import sampler
-from jaxalign.models import hf, llama
+from jaxalign.models import hf
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="HF Llama checkpoint dir (with tokenizer files)")
+    parser.add_argument("--model", required=True, help="HF causal-LM checkpoint dir (Llama, Qwen2, Qwen3; with tokenizer files)")
     parser.add_argument("--prompt", required=True, help="the user prompt")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -32,12 +32,18 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from jaxalign.data.views import format_prompt
+    from jaxalign.models import loading
     from jaxalign.models.tokenizer import load_tokenizer
+    from jaxalign.parallel import mesh as mesh_lib
 
     tokenizer = load_tokenizer(args.tokenizer or args.model, padding_side="left")
-    cfg, params = hf.from_pretrained(args.model, dtype=args.dtype)
-    if len(tokenizer) > cfg.vocab_size:  # e.g. a <pad> the checkpoint's tokenizer lacked
-        cfg, params = llama.resize_token_embeddings(cfg, params, len(tokenizer))
+    settings = mesh_lib.MeshSettings()
+    mesh, rules = mesh_lib.make_mesh(settings), mesh_lib.axis_rules(settings)
+    # A tokenizer with more tokens than the checkpoint (e.g. an added <pad>) resizes the embeddings.
+    policy = loading.load_policy(loading.ModelSettings(init_path=args.model, dtype=args.dtype), mesh, rules,
+                                 vocab_size=max(len(tokenizer), hf.load_config(args.model).vocab_size),
+                                 rng=jax.random.PRNGKey(args.seed))
+    cfg = policy.cfg
     text = args.prompt if args.raw else format_prompt(args.prompt)
     ids = np.asarray([tokenizer(text)["input_ids"]], np.int32)
     eos = set(cfg.eos_token_ids)
@@ -51,9 +57,13 @@ def run(args) -> int:
         eos_token_ids=tuple(sorted(eos)),
         pad_token_id=tokenizer.pad_token_id,
     )
-    out = sampler.sample(
-        params, cfg, jnp.asarray(ids), jnp.ones(ids.shape, bool), jax.random.PRNGKey(args.seed), sampling
-    )
+    with mesh_lib.sharding_context(mesh, rules):
+        out = sampler.sample(
+            policy.params, cfg, jnp.asarray(ids), jnp.ones(ids.shape, bool), jax.random.PRNGKey(args.seed), sampling
+        )
     response = np.asarray(out.sequences)[0, ids.shape[1] :][np.asarray(out.response_mask)[0]]
     print(tokenizer.decode(response.tolist(), skip_special_tokens=True))
     return 0
+
+
+COMMANDS = {"sample": (add_arguments, run)}

@@ -1,8 +1,10 @@
-"""`jaxalign init-model`: write a randomly initialised Llama as an HF checkpoint dir.
+"""`jaxalign init-model` and `jaxalign tokenizer`: a random causal LM as an HF dir; a small BPE tokenizer.
 
-    jaxalign init-model --out DIR --config-json '{"hidden_size": 64, ...}' [--tokenizer DIR] [--seed 0]
+    jaxalign init-model --out DIR --config-json '{"model_type": "qwen3", "hidden_size": 64, ...}' [--tokenizer DIR]
+    jaxalign tokenizer --data out/mini --out out/mini_tokenizer --vocab-size 1024
 
-The config is an HF config.json dict (a file path or inline JSON). With --tokenizer, the vocab
+The config is an HF config.json dict (a file path or inline JSON); its model_type (llama by
+default, qwen2, qwen3) picks the family. With --tokenizer, the vocab
 size and bos/eos/pad ids come from the tokenizer and its files are copied into DIR, so DIR is a
 complete model directory for `jaxalign train` / `jaxalign sample` / transformers.
 """
@@ -14,10 +16,11 @@ import pathlib
 
 import jax
 
-from jaxalign.models import hf, llama
+from jaxalign import models
+from jaxalign.models import hf
 
 
-def add_arguments(parser) -> None:
+def add_init_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output checkpoint dir")
     parser.add_argument("--config-json", required=True, help="HF config.json dict: a file path or inline JSON")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir: sets vocab/special ids, copied into --out")
@@ -37,7 +40,7 @@ def read_config_arg(value: str) -> dict:
     return config
 
 
-def run(args) -> int:
+def run_init(args) -> int:
     config = read_config_arg(args.config_json)
     tokenizer = None
     if args.tokenizer:
@@ -50,8 +53,9 @@ def run(args) -> int:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-    cfg = llama.LlamaConfig.from_hf_config(config)
-    params = llama.init_params(cfg, jax.random.PRNGKey(args.seed))
+    config.setdefault("model_type", "llama")
+    cfg = models.config_from_hf(config)
+    params = models.init_params(cfg, jax.random.PRNGKey(args.seed))
     hf.save_pretrained(args.out, cfg, params, max_shard_size=args.max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out)
@@ -59,3 +63,21 @@ def run(args) -> int:
     print(f"wrote {args.out}: {n_params:,} parameters, vocab {cfg.vocab_size}, "
           f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}")
     return 0
+
+
+def add_tokenizer_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, help="release-layout dir (data/<Model>/{train,test}.jsonl)")
+    parser.add_argument("--out", required=True, help="output tokenizer dir")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocab size incl. the 4 special tokens")
+
+
+def run_tokenizer(args) -> int:
+    from jaxalign.models.tokenizer import release_texts, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(release_texts(args.data), args.vocab_size, args.out)
+    print(f"wrote {args.out}: vocab {len(tokenizer)}, bos={tokenizer.bos_token_id} eos={tokenizer.eos_token_id} "
+          f"unk={tokenizer.unk_token_id} pad={tokenizer.pad_token_id}")
+    return 0
+
+
+COMMANDS = {"init-model": (add_init_arguments, run_init), "tokenizer": (add_tokenizer_arguments, run_tokenizer)}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxalign.models import score
 from jaxalign.models.llama import last_true_index
 from jaxalign.objectives.common import masked_mean
 
@@ -193,3 +195,58 @@ def cost_loss(
     metrics = cost_metrics(safer_end, unsafer_end, safer_sign, unsafer_sign)
     metrics["loss"] = loss
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Pairs in one forward pass, and the score stages' loss
+
+# batch kind -> (first side, second side); the second should score higher for a cost model,
+# lower for a reward model.
+PAIR_SIDES = {"preference": ("better", "worse"), "safety_preference": ("safer", "unsafer")}
+LOSSES = {"preference": reward_loss, "safety_preference": cost_loss}
+
+
+def pair_sides(kind: str) -> tuple[str, str]:
+    """("better", "worse") or ("safer", "unsafer")."""
+    if kind not in PAIR_SIDES:
+        raise ValueError(f"unknown pair kind {kind!r}; expected one of {tuple(PAIR_SIDES)}")
+    return PAIR_SIDES[kind]
+
+
+def concat_pair(batch: dict, kind: str):
+    """Both sides of a pair batch stacked as one forward: -> (input_ids [2B, L], mask [2B, L])."""
+    a, b = pair_sides(kind)
+    concat = np.concatenate if isinstance(batch[f"{a}_input_ids"], np.ndarray) else jnp.concatenate
+    ids = concat([batch[f"{a}_input_ids"], batch[f"{b}_input_ids"]], axis=0)
+    mask = concat([batch[f"{a}_attention_mask"], batch[f"{b}_attention_mask"]], axis=0)
+    return ids, mask
+
+
+def make_score_loss_fn(module, head, kind: str, loss_type: str, regularization: float):
+    """loss_fn(params, batch, rng, extra) -> (loss, (metrics, extra)) of a reward ("preference")
+    or cost ("safety_preference") model for the training loop.
+
+    module: a ScoreModel; head: its ScoreHead (normalizer type, momentum, do_normalize);
+    extra = {"normalizer": stats}, updated from the 2B end scores of each micro-batch.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"config.score.loss_type: {loss_type!r} is not one of {LOSS_TYPES}")
+    objective = LOSSES[kind]
+
+    def loss_fn(params, batch, rng, extra):
+        del rng  # no dropout
+        ids, mask = concat_pair(batch, kind)
+        out = module.apply({"params": params}, ids, attention_mask=mask)
+        stats = score.update_normalizer(
+            extra["normalizer"], jax.lax.stop_gradient(out.end_scores), head.normalizer_type, head.momentum
+        )
+        token_scores, end_scores = out.scores, out.end_scores
+        if head.do_normalize:
+            token_scores = score.normalize(token_scores, stats, head.score_type)
+            end_scores = score.normalize(end_scores, stats, head.score_type)
+        loss, metrics = objective(token_scores[..., 0], end_scores[..., 0], batch, loss_type, regularization)
+        metrics["normalizer_mean"] = stats["mean"][0]
+        metrics["normalizer_var"] = stats["var"][0]
+        return loss, (metrics, {"normalizer": stats})
+
+    return loss_fn

@@ -17,6 +17,7 @@ devices shard by shard (`put_sharded`), so no device ever holds a full copy of a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from typing import Any, Callable, Iterator, Sequence
@@ -31,7 +32,35 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # The batch dimension of every input is split over both data-parallel axes.
 BATCH_AXES = ("data", "fsdp")
 
+# Logical axis -> mesh axes (configs/base.py's config.mesh.axis_rules): FSDP over "fsdp", tensor
+# parallelism over "tensor", the batch over both data-parallel axes.
+DEFAULT_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
 _initialized = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    """config.mesh as typed settings (the fields make_mesh / axis_rules / distributed init read)."""
+
+    data: int = 1
+    fsdp: int = -1  # all devices left over
+    tensor: int = 1
+    axis_rules: tuple = DEFAULT_AXIS_RULES
+    distributed: bool = False
+    coordinator_address: str = ""
+    num_processes: int = -1
+    process_id: int = -1
 
 
 def maybe_initialize_distributed(mesh_config) -> None:

@@ -1,61 +1,60 @@
-"""RLSettings: the static (hashable) view of `config.rl` that the compiled RL steps close over."""
+"""RLSettings: the static (hashable) view of `config.rl` that the compiled RL steps close over.
+
+Its fields are exactly the numeric/flag fields of `config.rl` (configs/base.py holds every default
+with a comment); the role paths and the critic optimizer are read by the stage.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-
-ALGORITHMS = ("ppo", "ppo_lag", "ppo_reward_shaping")
+import math
 
 
 @dataclasses.dataclass(frozen=True)
 class RLSettings:
     """Everything the rollout, scoring and update steps need besides arrays (spec §5, §6.1)."""
 
-    algorithm: str = "ppo_lag"  # ppo | ppo_lag | ppo_reward_shaping (= config.stage)
-    prompt_length: int = 128  # S: padded prompt length; slot start = S - 1 predicts the 1st response token
-    max_new_tokens: int = 384  # total sequence length L = S + max_new_tokens
-    temperature: float = 1.0
-    top_p: float = 1.0
-    kl_coeff: float = 0.01  # beta (initial value when adaptive_kl)
-    clip_range_ratio: float = 0.2
-    clip_range_score: float = 50.0
-    clip_range_value: float = 5.0
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    ptx_coeff: float = 16.0  # 0 disables the PTX pass
-    use_cost_model: bool = True  # ppo: score costs for logging only when a cost model is given
-    normalize_reward: bool = False
-    normalize_cost: bool = False
-    # Lagrangian (ppo_lag); lambda_init is nu, the constant shaping weight, for ppo_reward_shaping.
-    threshold: float = 0.0
-    lambda_init: float = 1.0
-    lambda_lr: float = 0.1
-    lambda_max: float | None = 5.0
-    lambda_update_delay_steps: int = 0
-    episode_cost_window_size: int = 128
-    # Beyond upstream, off by default.
-    whiten_advantages: bool = False
-    adaptive_kl: bool = False
-    target_kl: float = 6.0
-    kl_horizon: float = 10000.0
-    ppo_epochs: int = 1  # upstream update_iters
-    num_minibatches: int = 1
+    prompt_length: int  # S: padded prompt length; slot start = S - 1 predicts the 1st response token
+    max_new_tokens: int  # total sequence length L = S + max_new_tokens
+    temperature: float
+    top_p: float
+    kl_coeff: float  # beta (initial value when adaptive_kl)
+    clip_range_ratio: float
+    clip_range_score: float
+    clip_range_value: float
+    gamma: float
+    gae_lambda: float
+    ptx_coeff: float  # 0 disables the PTX pass
+    normalize_reward: bool
+    normalize_cost: bool
+    threshold: float  # ppo_lag: mean episode cost <= threshold
+    lambda_init: float  # ppo_lag: initial lambda; ppo_reward_shaping: the constant nu
+    lambda_lr: float
+    lambda_max: float | None  # None: no cap
+    lambda_update_delay_steps: int
+    episode_cost_window_size: int
+    whiten_advantages: bool
+    adaptive_kl: bool
+    target_kl: float
+    kl_horizon: float
+    ppo_epochs: int  # upstream update_iters
+    num_minibatches: int
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"RL algorithm {self.algorithm!r} is not one of {ALGORITHMS}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"config.rl.{field.name} must be finite, got {value}")
         if self.lambda_init <= 0:
             raise ValueError(f"config.rl.lambda_init must be > 0, got {self.lambda_init}")
         if self.lambda_max is not None and self.lambda_max <= 0:
             raise ValueError(f"config.rl.lambda_max must be > 0 or None, got {self.lambda_max}")
         if self.ppo_epochs < 1 or self.num_minibatches < 1:
             raise ValueError("config.rl.ppo_epochs and config.rl.num_minibatches must be >= 1")
-        if self.algorithm in ("ppo_lag", "ppo_reward_shaping") and not self.use_cost_model:
-            raise ValueError(f"{self.algorithm} needs a cost model (config.rl.cost_model_path)")
-
-    @property
-    def use_cost_critic(self) -> bool:
-        return self.algorithm == "ppo_lag"
+        if self.prompt_length < 1 or self.max_new_tokens < 1:
+            raise ValueError("config.rl.prompt_length and config.rl.max_new_tokens must be >= 1")
+        if self.episode_cost_window_size < 1:
+            raise ValueError("config.rl.episode_cost_window_size must be >= 1")
 
     @property
     def sequence_length(self) -> int:
@@ -67,11 +66,10 @@ class RLSettings:
         return self.prompt_length - 1
 
     @classmethod
-    def from_config(cls, config) -> "RLSettings":
-        """From a full run config: `config.stage` picks the algorithm, `config.rl` the rest."""
-        rl = config.rl
-        names = {field.name for field in dataclasses.fields(cls)} - {"algorithm", "use_cost_model"}
-        values = {name: rl[name] for name in names if name in rl}
-        if values.get("lambda_max") is not None and values["lambda_max"] <= 0:
-            values["lambda_max"] = None  # config files spell "no cap" as <= 0 (overridable from the CLI)
-        return cls(algorithm=config.stage, use_cost_model=bool(rl.cost_model_path), **values)
+    def from_group(cls, rl) -> "RLSettings":
+        """From the `config.rl` group; lambda_max <= 0 means no cap (config files cannot hold None
+        and stay overridable from the command line)."""
+        values = {field.name: rl[field.name] for field in dataclasses.fields(cls)}
+        if values["lambda_max"] is not None and values["lambda_max"] <= 0:
+            values["lambda_max"] = None
+        return cls(**values)

@@ -1,50 +1,44 @@
-"""The generic training loop shared by the SFT and score (reward/cost) stages.
+"""The one training loop: supervised stages (SFT, reward, cost) and RL stages run through `run`.
 
-A stage supplies four things and calls `train`:
+A stage supplies a host-level step and the state around it:
 
-    loss_fn(params, batch, rng, extra) -> (loss, (metrics, extra))
-        batch:   one micro-batch dict of global arrays (see docs/architecture.md, "Data batches")
-        rng:     a fresh raw PRNG key per micro-batch
-        extra:   the TrainState's stage state (e.g. score normalizer stats); return it updated
-                 (or unchanged); it is threaded through the micro-batches in order
-        metrics: dict of scalar arrays; averaged over the micro-batches of an update
-    abstract_state   `jaxalign.train.state.abstract_train_state(...)`: shapes + shardings
-    init_state()     builds the step-0 TrainState in those shardings (random init or HF load);
-                     called only when no checkpoint exists
-    train_iter       iterator of micro-batches with get_state()/set_state() (JSON)
+    result = loop.run(
+        settings=LoopSettings(num_steps=..., log_every=10, eval_every=0, checkpoint=...),
+        workdir=workdir, mesh=mesh, rules=rules,
+        step_fn=step_fn,              # (state, batch, frozen) -> (state, metrics): one update / one RL iteration
+        abstract_state=abstract,      # ShapeDtypeStructs with shardings (restore target)
+        init_state=init_state,        # () -> the step-0 state (random init or HF load); only on a fresh run
+        batches=batches,              # iterator with get_state()/set_state() (JSON)
+        frozen=frozen,                # sharded params of frozen roles (reference, reward, cost, ...):
+                                      # passed to every step and eval, never donated, never checkpointed
+        eval_fn=eval_fn)              # (state, frozen) -> {name: float}, optional
 
-    state = loop.train(
-        config=config, workdir=workdir, mesh=mesh, rules=rules, tx=tx,
-        loss_fn=loss_fn, abstract_state=abstract, init_state=init_state,
-        train_iter=train_iter, num_steps=num_steps,
-        eval_fn=loop.make_eval_fn(metrics_fn, make_eval_iter, config.train.eval_batches, mesh, rules),
-        schedule=optim.make_schedule(config.train, num_steps))
+`train` wraps `run` for supervised stages: it compiles the gradient-accumulation update of a
+`loss_fn` (see `make_train_step`) and groups the micro-batches.
 
-What `train` does, in order:
+What `run` does, in order:
   * restores WORKDIR/checkpoints/<latest> (state + iterator state) if present, else init_state();
     WORKDIR/metrics.jsonl is cut back to the restored step, so a resumed run logs exactly what an
-    uninterrupted one would;
-  * each update pulls `config.train.grad_accum_steps` micro-batches, averages their gradients
-    (lax.scan inside one jitted step, state donated) and applies one optimizer update;
-  * logs {"step", "loss", <stage metrics>, "grad_norm", "learning_rate", "tokens"} every
-    `config.train.log_every` updates to metrics.jsonl and TensorBoard, with a tqdm bar (tokens/s);
-  * runs `eval_fn(state) -> dict` every `config.train.eval_every` updates and at the end
-    (logged as "eval/<name>");
-  * saves every `config.checkpoint.save_every` updates, at the end, and on SIGTERM/SIGINT
-    (then raises `Preempted`); stops at `num_steps` or when `train_iter` is exhausted;
-  * a NaN/inf loss or gradient norm raises `NonFiniteLossError` without saving, so the last good
-    checkpoint stays.
-
-Build the `num_steps` with `resolve_num_steps(config.train, batches_per_epoch)`.
+    uninterrupted one would; a run already at num_steps trains nothing ("already finished");
+  * per step: step_fn, then every metric must be finite: a NaN/inf (loss, gradient or parameter
+    norm, reward, ...) writes that step's metrics and raises `NonFiniteError` without saving, so
+    the newest checkpoint is the last good one (parameter norms are measured after the update,
+    so a poisoned update is never saved);
+  * logs metrics every `log_every` steps (and the last) to metrics.jsonl and TensorBoard, with a
+    tqdm bar; evaluates every `eval_every` steps;
+  * saves every `checkpoint.save_every` steps, at the end and on SIGTERM/SIGINT (then raises
+    `Preempted`); the final evaluation runs after the final save, so a failing evaluation never
+    loses training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import pathlib
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -56,15 +50,21 @@ from jaxalign.train import checkpoint as checkpoint_lib
 from jaxalign.train import metrics as metrics_lib
 from jaxalign.train.state import TrainState, shardings_of
 
-LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, tuple[dict, Any]]]
+# (params, batch, rng, extra[, frozen]) -> (loss, (metrics, extra))
+LossFn = Callable[..., tuple[jax.Array, tuple[dict, Any]]]
+StepFn = Callable[[Any, Any, Any], tuple[Any, dict]]
+EvalFn = Callable[[Any, Any], dict]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the run stopped without saving the bad state."""
+class NonFiniteError(RuntimeError):
+    """A metric (loss, gradient norm, reward, ...) became NaN/inf; the run stopped without saving."""
+
+
+NonFiniteLossError = NonFiniteError  # the name the supervised stages have always raised
 
 
 class Preempted(RuntimeError):
-    """SIGTERM/SIGINT arrived; a checkpoint of the last completed update was saved."""
+    """SIGTERM/SIGINT arrived; a checkpoint of the last completed step was saved."""
 
     def __init__(self, step: int, signum: int | None):
         super().__init__(f"stopped by signal {signum} after step {step}; checkpoint saved, rerun the same command to resume")
@@ -72,13 +72,42 @@ class Preempted(RuntimeError):
         self.signum = signum
 
 
-def resolve_num_steps(train_config, batches_per_epoch: int | None) -> int:
-    """config.train.num_steps, or epochs * ceil(batches_per_epoch / grad_accum_steps) when it is -1."""
-    if train_config.num_steps > 0:
-        return int(train_config.num_steps)
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """How long to run and how often to log, evaluate and save."""
+
+    num_steps: int
+    checkpoint: checkpoint_lib.CheckpointSettings = checkpoint_lib.CheckpointSettings()
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end (when there is an eval_fn)
+    grad_accum_steps: int = 1  # micro-batches per update (supervised stages)
+    desc: str = "train"  # progress-bar label
+
+    def __post_init__(self):
+        if self.num_steps < 0:
+            raise ValueError(f"config.train.num_steps must be >= 0 after resolution, got {self.num_steps}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"config.train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    step: int  # the step the run ended at
+    trained_steps: int  # steps taken by this invocation (0: already finished)
+
+
+def resolve_num_steps(num_steps: int, epochs: int, batches_per_epoch: int | None, grad_accum_steps: int = 1) -> int:
+    """num_steps, or epochs * ceil(batches_per_epoch / grad_accum_steps) when num_steps is -1."""
+    if num_steps > 0:
+        return int(num_steps)
     if not batches_per_epoch:
-        raise ValueError("config.train.num_steps is -1 but the number of batches per epoch is unknown; set num_steps")
-    return int(train_config.epochs) * math.ceil(batches_per_epoch / int(train_config.grad_accum_steps))
+        raise ValueError("config.train.num_steps is -1 but the epoch has no full batch (too few examples for "
+                         "config.data.batch_size); set num_steps or lower batch_size")
+    return int(epochs) * math.ceil(batches_per_epoch / int(grad_accum_steps))
+
+
+# ------------------------------------------------------------------------------------ supervised update
 
 
 def count_tokens(batch: dict) -> jax.Array:
@@ -95,30 +124,34 @@ def make_train_step(
     tx: optax.GradientTransformation,
     grad_accum_steps: int,
     schedule: optax.Schedule | None = None,
-) -> Callable[[TrainState, list[dict]], tuple[TrainState, dict]]:
-    """A pure update: (state, [micro_batch] * grad_accum_steps) -> (state, metrics). Not jitted.
+) -> Callable[..., tuple[TrainState, dict]]:
+    """A pure update: (state, [micro_batch] * grad_accum_steps[, frozen]) -> (state, metrics). Not jitted.
 
     Gradients are the mean over micro-batches of grad(loss) (DeepSpeed GAS semantics); metrics
-    are micro-batch means, plus grad_norm (before clipping), learning_rate and tokens.
+    are micro-batch means, plus grad_norm (before clipping), param_norm (after the update),
+    learning_rate and tokens. With `frozen`, loss_fn is called as loss_fn(params, batch, rng, extra, frozen).
     """
 
-    def step(state: TrainState, micro_batches: list[dict]) -> tuple[TrainState, dict]:
+    def step(state: TrainState, micro_batches: list[dict], frozen: Any = None) -> tuple[TrainState, dict]:
         if len(micro_batches) != grad_accum_steps:
             raise ValueError(f"expected {grad_accum_steps} micro-batches, got {len(micro_batches)}")
         rng, step_rng = jax.random.split(state.rng)
+        frozen_args = () if frozen is None else (frozen,)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro_step(carry, inputs):
             grads_sum, extra = carry
             index, batch = inputs
-            (loss, (metrics, extra)), grads = grad_fn(state.params, batch, jax.random.fold_in(step_rng, index), extra)
+            (loss, (metrics, extra)), grads = grad_fn(state.params, batch, jax.random.fold_in(step_rng, index), extra,
+                                                      *frozen_args)
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_sum, grads)
             metrics = dict(metrics, loss=loss, tokens=count_tokens(batch))
             return (grads_sum, extra), metrics
 
         if grad_accum_steps == 1:  # no accumulation buffer, no scan
             batch = micro_batches[0]
-            (loss, (metrics, extra)), grads = grad_fn(state.params, batch, jax.random.fold_in(step_rng, 0), state.extra)
+            (loss, (metrics, extra)), grads = grad_fn(state.params, batch, jax.random.fold_in(step_rng, 0), state.extra,
+                                                      *frozen_args)
             metrics = dict(metrics, loss=loss, tokens=count_tokens(batch))
         else:
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro_batches)
@@ -132,26 +165,47 @@ def make_train_step(
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         new_state = state.apply_gradients(grads, tx, rng=rng, extra=extra)
+        metrics["param_norm"] = optax.tree.norm(new_state.params)
         return new_state, metrics
 
     return step
 
 
+class Grouped:
+    """Groups an iterator's items into lists of n (the micro-batches of one update); the wrapped
+    iterator's get_state()/set_state() pass through."""
+
+    def __init__(self, iterator: Iterator, n: int):
+        self.iterator, self.n = iterator, n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list:
+        return [next(self.iterator) for _ in range(self.n)]
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state) -> None:
+        self.iterator.set_state(state)
+
+
 def make_eval_fn(
-    metrics_fn: Callable[[Any, dict, Any], dict],
-    make_eval_iter: Callable[[], Iterable[dict]],
+    metrics_fn: Callable[..., dict],
+    make_eval_iter: Callable[[], Iterator[dict]],
     num_batches: int,
     mesh: jax.sharding.Mesh,
     rules,
-) -> Callable[[TrainState], dict[str, float]]:
-    """eval_fn(state) -> {name: mean over batches} from a per-batch `metrics_fn(params, batch, extra)`.
+) -> EvalFn:
+    """eval_fn(state, frozen) -> {name: mean over batches} from a per-batch `metrics_fn(params, batch, extra)`.
 
     make_eval_iter() returns a fresh pass over the eval split; num_batches < 0 means all of it.
-    Stages that need more than batch means (score distributions, ...) write their own eval_fn.
     """
     jitted = jax.jit(metrics_fn)
 
-    def eval_fn(state: TrainState) -> dict[str, float]:
+    def eval_fn(state: TrainState, frozen: Any = None) -> dict[str, float]:
+        del frozen
         sums: dict[str, float] = {}
         count = 0
         with mesh_lib.sharding_context(mesh, rules):
@@ -167,41 +221,9 @@ def make_eval_fn(
     return eval_fn
 
 
-def _next_micro_batches(train_iter: Iterator[dict], n: int) -> list[dict] | None:
-    batches = []
-    for _ in range(n):
-        try:
-            batches.append(next(train_iter))
-        except StopIteration:
-            return None
-    return batches
-
-
-def restore_or_init(
-    checkpointer: checkpoint_lib.Checkpointer,
-    abstract_state: Any,
-    init_state: Callable[[], Any],
-    train_iter: Any = None,
-) -> tuple[Any, int]:
-    """(state, step): the latest checkpoint (iterator state restored too) or init_state() at step 0."""
-    step = checkpointer.latest_step()
-    if step is None:
-        return init_state(), 0
-    state, data_state = checkpointer.restore(step, abstract_state)
-    if train_iter is not None and data_state.get("iterator") is not None:
-        train_iter.set_state(data_state["iterator"])
-    logging.info("resumed from %s/%d", checkpointer.directory, step)
-    return state, step
-
-
-def _data_state(train_iter: Any) -> dict:
-    get_state = getattr(train_iter, "get_state", None)
-    return {"iterator": get_state() if get_state is not None else None}
-
-
 def train(
     *,
-    config,
+    settings: LoopSettings,
     workdir: str | pathlib.Path,
     mesh: jax.sharding.Mesh,
     rules,
@@ -210,37 +232,105 @@ def train(
     abstract_state: TrainState,
     init_state: Callable[[], TrainState],
     train_iter: Iterator[dict],
-    num_steps: int,
-    eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
+    eval_fn: EvalFn | None = None,
     schedule: optax.Schedule | None = None,
+    frozen: Any = None,
+    frozen_shardings: Any = None,
     checkpointer: checkpoint_lib.Checkpointer | None = None,
-) -> TrainState:
-    """Trains until `num_steps` updates (see the module docstring); returns the final state."""
+) -> LoopResult:
+    """A supervised stage: `loss_fn` updates with gradient accumulation, run by `run`."""
+    shardings = shardings_of(abstract_state)
+    with mesh_lib.sharding_context(mesh, rules):
+        update = jax.jit(
+            make_train_step(loss_fn, tx, settings.grad_accum_steps, schedule),
+            in_shardings=(shardings, None, frozen_shardings),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+    return run(settings=settings, workdir=workdir, mesh=mesh, rules=rules, step_fn=update,
+               abstract_state=abstract_state, init_state=init_state,
+               batches=Grouped(train_iter, settings.grad_accum_steps), frozen=frozen, eval_fn=eval_fn,
+               checkpointer=checkpointer)
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def restore_or_init(checkpointer: checkpoint_lib.Checkpointer, abstract_state: Any, init_state: Callable[[], Any],
+                    batches: Any = None) -> tuple[Any, int]:
+    """(state, step): the latest checkpoint (iterator state restored too) or init_state() at step 0."""
+    step = checkpointer.latest_step()
+    if step is None:
+        state = jax.device_put(init_state(), shardings_of(abstract_state))
+        return state, 0
+    state, data_state = checkpointer.restore(step, abstract_state)
+    if batches is not None and data_state.get("iterator") is not None:
+        batches.set_state(data_state["iterator"])
+    logging.info("resumed from %s/%d", checkpointer.directory, step)
+    return state, step
+
+
+def _data_state(batches: Any) -> dict:
+    get_state = getattr(batches, "get_state", None)
+    return {"iterator": get_state() if get_state is not None else None}
+
+
+def _progress(metrics: dict, elapsed: float) -> dict:
+    shown = {}
+    for name in ("loss", "reward", "cost", "lambda"):
+        if name in metrics:
+            shown[name] = f"{float(metrics[name]):.4g}"
+    if "tokens" in metrics:
+        shown["tok_s"] = f"{float(metrics['tokens']) / max(elapsed, 1e-9):.0f}"
+    return shown
+
+
+def _non_finite(metrics: dict) -> list[str]:
+    bad = []
+    for name, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if not math.isfinite(number):
+            bad.append(f"{name}={number}")
+    return bad
+
+
+def run(
+    *,
+    settings: LoopSettings,
+    workdir: str | pathlib.Path,
+    mesh: jax.sharding.Mesh,
+    rules,
+    step_fn: StepFn,
+    abstract_state: Any,
+    init_state: Callable[[], Any],
+    batches: Iterator,
+    frozen: Any = None,
+    eval_fn: EvalFn | None = None,
+    checkpointer: checkpoint_lib.Checkpointer | None = None,
+) -> LoopResult:
+    """Runs `step_fn` until `settings.num_steps` (see the module docstring)."""
     workdir = pathlib.Path(workdir)
-    grad_accum = int(config.train.grad_accum_steps)
     own_checkpointer = checkpointer is None
     if own_checkpointer:
-        checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
+        checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", settings.checkpoint)
     writer = metrics_lib.MetricWriter(workdir)
-    shardings = shardings_of(abstract_state)
     try:
         with mesh_lib.sharding_context(mesh, rules):
-            state, step = restore_or_init(checkpointer, abstract_state, init_state, train_iter)
+            state, step = restore_or_init(checkpointer, abstract_state, init_state, batches)
             writer.truncate_after(step)
-            train_step = jax.jit(
-                make_train_step(loss_fn, tx, grad_accum, schedule),
-                in_shardings=(shardings, None),
-                out_shardings=(shardings, None),
-                donate_argnums=0,
-            )
-            state = _run_steps(
-                config, state, step, num_steps, train_step, train_iter, eval_fn, checkpointer, writer
-            )
+            if step >= settings.num_steps:
+                logging.info("already finished: step %d of %d; nothing to train", step, settings.num_steps)
+                return LoopResult(state=state, step=step, trained_steps=0)
+            start_step = step
+            state, step = _run_steps(settings, state, step, step_fn, batches, frozen, eval_fn, checkpointer, writer)
     finally:
         writer.close()
         if own_checkpointer:
             checkpointer.close()
-    return state
+    return LoopResult(state=state, step=step, trained_steps=step - start_step)
 
 
 def _write_eval(writer, step, results):
@@ -250,55 +340,49 @@ def _write_eval(writer, step, results):
     writer.write(step, results, prefix="eval/")
 
 
-def _run_steps(config, state, step, num_steps, train_step, train_iter, eval_fn, checkpointer, writer):
-    log_every = max(int(config.train.log_every), 1)
-    eval_every = int(config.train.eval_every)
-    grad_accum = int(config.train.grad_accum_steps)
-    bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+def _run_steps(settings, state, step, step_fn, batches, frozen, eval_fn, checkpointer, writer):
+    num_steps = settings.num_steps
+    log_every = max(int(settings.log_every), 1)
+    bar = tqdm.tqdm(total=num_steps, initial=step, desc=settings.desc, disable=jax.process_index() != 0,
+                    dynamic_ncols=True)
     last_saved = checkpointer.latest_step()
-    if step >= num_steps:
-        logging.info("already at step %d of %d: nothing to do", step, num_steps)
-        bar.close()
-        return state
     try:
         while step < num_steps:
-            micro_batches = _next_micro_batches(train_iter, grad_accum)
-            if micro_batches is None:
-                logging.info("training data exhausted after %d updates", step)
+            try:
+                batch = next(batches)
+            except StopIteration:
+                logging.info("training data exhausted after %d steps", step)
                 break
             start = time.perf_counter()
-            state, metrics = train_step(state, micro_batches)
+            state, metrics = step_fn(state, batch, frozen)
             metrics = jax.device_get(metrics)
             elapsed = time.perf_counter() - start
             step += 1
-            loss = float(metrics["loss"])
-            grad_norm = float(metrics["grad_norm"])
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            bad = _non_finite(metrics)
+            if bad:
                 writer.write(step, metrics)
                 checkpointer.wait()
-                raise NonFiniteLossError(
-                    f"loss is {loss} (grad norm {grad_norm}) at step {step}; stopping without saving. The last "
+                raise NonFiniteError(
+                    f"non-finite {', '.join(bad[:6])} at step {step}; stopping without saving. The last "
                     f"good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}"
                 )
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{float(metrics['tokens']) / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(_progress(metrics, elapsed))
             if step % log_every == 0 or step == num_steps:
                 writer.write(step, metrics)
-            if eval_fn is not None and eval_every > 0 and step % eval_every == 0 and step != num_steps:
-                _write_eval(writer, step, eval_fn(state))
-            if checkpointer.should_save(step):
-                checkpointer.save(step, state, _data_state(train_iter))
+            if eval_fn is not None and settings.eval_every > 0 and step % settings.eval_every == 0 and step != num_steps:
+                _write_eval(writer, step, eval_fn(state, frozen))
+            if checkpointer.should_save(step) or checkpointer.preempted:
+                checkpointer.save(step, state, _data_state(batches))
                 last_saved = step
             if checkpointer.preempted:
-                if last_saved != step:
-                    checkpointer.save(step, state, _data_state(train_iter))
                 checkpointer.wait()
                 raise Preempted(step, checkpointer.signal_number)
-        if eval_fn is not None:
-            _write_eval(writer, step, eval_fn(state))
         if last_saved != step:
-            checkpointer.save(step, state, _data_state(train_iter))
+            checkpointer.save(step, state, _data_state(batches))
         checkpointer.wait()
+        if eval_fn is not None:  # after the final save: a failing evaluation loses no training
+            _write_eval(writer, step, eval_fn(state, frozen))
     finally:
         bar.close()
-    return state
+    return state, step

@@ -1,0 +1,211 @@
+"""The one way to put a model on the mesh, and to export it.
+
+    settings = ModelSettings(init_path="out/sft_tiny/export")          # or hf_config={...} for random init
+    policy = load_policy(settings, mesh, rules, vocab_size=len(tok), special_ids=special_ids(tok), rng=rng)
+    policy.module.apply({"params": policy.params}, ids, attention_mask=mask).logits
+    scorer = load_score_model("out/reward_tiny/export", mesh, rules, settings)   # score-model dir
+    fresh = load_backbone_with_head(settings, head, mesh, rules, ...)            # backbone + fresh head
+    export_policy(out_dir, policy.cfg, params, tokenizer)
+
+Every parameter is created in its final sharding: a random init runs under jit with
+out_shardings; an HF checkpoint is read on the host tensor by tensor and each array is put on the
+devices already sharded (`mesh.put_sharded`), so no device holds a full copy. Shardings come from
+the modules' logical axis names through `jax.eval_shape` (no FLOPs, nothing allocated).
+
+A new vocabulary (a tokenizer that adds <pad>) resizes the embeddings on the host; new rows are
+the mean of the old ones (upstream `resize_tokenizer_embedding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign import models
+from jaxalign.models import hf, llama, score
+from jaxalign.parallel import mesh as mesh_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """Where a model comes from and how it runs (config.model)."""
+
+    init_path: str = ""  # HF dir (config.json + safetensors); "" = random init from hf_config
+    hf_config: Mapping[str, Any] | None = None  # config.json fields for a random init
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def runtime(self) -> dict:
+        """The runtime config fields (not in config.json) as overrides."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
+                    remat_policy=self.remat_policy)
+
+
+@dataclasses.dataclass
+class Placed:
+    """A model on the mesh: its config, flax module, global parameter arrays and their shardings.
+
+    Score models also carry their head (score type, dim, normalizer) and normalizer statistics.
+    """
+
+    cfg: Any
+    module: nn.Module
+    params: Any
+    shardings: Any
+    head: score.ScoreHead | None = None
+    stats: dict | None = None
+
+
+def special_ids(tokenizer) -> dict:
+    """bos/eos/pad ids of a tokenizer, as config overrides."""
+    return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+def model_config(settings: ModelSettings, *, vocab_size: int | None = None, special: Mapping | None = None):
+    """The model config of settings.init_path's config.json (or settings.hf_config) with the
+    runtime fields, the tokenizer's special ids and vocab_size (when given)."""
+    overrides = dict(special or {})
+    if vocab_size is not None:
+        overrides["vocab_size"] = int(vocab_size)
+    if settings.init_path:
+        cfg = hf.load_config(settings.init_path, **settings.runtime())
+        return dataclasses.replace(cfg, **overrides)
+    if not settings.hf_config:
+        raise ValueError("config.model: init_path is empty and hf_config is empty; set one of them")
+    return models.config_from_hf(dict(settings.hf_config, **overrides), **settings.runtime())
+
+
+def init_fn(module: nn.Module) -> Callable[[jax.Array], Any]:
+    """rng -> params boxed with their logical axes (for abstract states and sharded init)."""
+    return lambda rng: module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def param_shardings(module: nn.Module, mesh: jax.sharding.Mesh, rules) -> Any:
+    """NamedShardings of `module`'s params from its logical axis annotations (nothing allocated)."""
+    with mesh_lib.sharding_context(mesh, rules):
+        boxed = jax.eval_shape(init_fn(module), jax.random.PRNGKey(0))
+        return mesh_lib.logical_shardings(boxed, mesh, rules)
+
+
+def abstract_params(module: nn.Module, mesh: jax.sharding.Mesh, rules) -> Any:
+    """ShapeDtypeStructs of `module`'s params, each carrying its sharding (restore / AOT targets)."""
+    with mesh_lib.sharding_context(mesh, rules):
+        shapes = jax.eval_shape(lambda r: nn.meta.unbox(init_fn(module)(r)), jax.random.PRNGKey(0))
+    return mesh_lib.with_shardings(shapes, param_shardings(module, mesh, rules))
+
+
+def place(host_tree: Any, shardings: Any, dtype=None) -> Any:
+    """Host (numpy) pytree -> global arrays in `shardings`, each device receiving only its slice."""
+    cast = (lambda x: np.asarray(x)) if dtype is None else (lambda x: np.asarray(x, dtype))
+    return jax.tree.map(lambda x, s: mesh_lib.put_sharded(cast(x), s), host_tree, shardings)
+
+
+def _resized_host(cfg, params: dict, vocab_size: int) -> dict:
+    """Resizes the token embeddings (and LM head) on the host CPU; new rows = mean of the old."""
+    if vocab_size == cfg.vocab_size:
+        return params
+    log.info("resizing the vocabulary %d -> %d (new rows = mean of the old)", cfg.vocab_size, vocab_size)
+    with jax.default_device(jax.devices("cpu")[0]):
+        _, params = llama.resize_token_embeddings(cfg, params, vocab_size)
+    return jax.tree.map(np.asarray, params)
+
+
+def load_policy(settings: ModelSettings, mesh, rules, *, vocab_size: int, special: Mapping | None = None,
+                rng: jax.Array) -> Placed:
+    """A causal LM on the mesh: settings.init_path's weights (vocabulary resized to vocab_size)
+    or a random init from settings.hf_config (with `rng`)."""
+    cfg = model_config(settings, vocab_size=vocab_size, special=special)
+    module = models.causal_lm(cfg)
+    shardings = param_shardings(module, mesh, rules)
+    if settings.init_path:
+        stored = hf.load_config(settings.init_path, **settings.runtime())
+        host = hf.params_from_hf_tensors(stored, hf.read_safetensors_dir(settings.init_path))
+        host = _resized_host(stored, host, vocab_size)
+        params = place(host, shardings, np.dtype(jnp.dtype(cfg.param_dtype)))
+    else:
+        params, _ = mesh_lib.init_sharded(init_fn(module), rng, mesh, rules)
+    return Placed(cfg=cfg, module=module, params=params, shardings=shardings)
+
+
+def load_backbone_with_head(settings: ModelSettings, head: score.ScoreHead, mesh, rules, *, vocab_size: int,
+                            special: Mapping | None = None, rng: jax.Array) -> Placed:
+    """A score model on the mesh: the backbone of the causal LM in settings.init_path (vocabulary
+    resized) with a fresh score head initialised from `rng`, or a random init (all of it from `rng`)
+    from settings.hf_config."""
+    cfg = model_config(settings, vocab_size=vocab_size, special=special)
+    module = head.model(cfg)
+    shardings = param_shardings(module, mesh, rules)
+    if settings.init_path:
+        stored = hf.load_config(settings.init_path, **settings.runtime())
+        backbone = hf.backbone_from_hf_tensors(stored, hf.read_safetensors_dir(settings.init_path))
+        backbone = _resized_host(stored, {"model": backbone}, vocab_size)["model"]
+        with jax.default_device(jax.devices("cpu")[0]):
+            host = score.init_params_from_llama(backbone, cfg, rng, head.score_dim, head.score_bias)
+        params = place(jax.tree.map(np.asarray, host), shardings, np.dtype(jnp.dtype(cfg.param_dtype)))
+        log.info("score model: backbone of %s + a fresh %s head", settings.init_path, head.score_type)
+    else:
+        params, _ = mesh_lib.init_sharded(init_fn(module), rng, mesh, rules)
+    return Placed(cfg=cfg, module=module, params=params, shardings=shardings, head=head,
+                  stats=jax.device_get(score.init_normalizer(head.score_dim)))
+
+
+def load_score_model(path: str | pathlib.Path, mesh, rules, settings: ModelSettings = ModelSettings(), *,
+                     score_type: str | None = None, min_vocab_size: int | None = None) -> Placed:
+    """A saved score model (a reward/cost stage export) on the mesh, with its head and statistics.
+
+    score_type overrides the stored one ("critic" for a critic initialised from a reward model);
+    min_vocab_size: the vocabulary it must cover (RL: the actor's tokenizer, spec §3.3).
+    """
+    runtime = settings.runtime()
+    cfg, head, host, stats = score.load_score_model(path, dtype=runtime.pop("dtype"), score_type=score_type,
+                                                    on_host=True, **runtime)
+    if min_vocab_size is not None and cfg.vocab_size < min_vocab_size:
+        raise ValueError(f"score model {path} has a vocabulary of {cfg.vocab_size} < the tokenizer's "
+                         f"{min_vocab_size}; train it with the same tokenizer")
+    module = head.model(cfg)
+    shardings = param_shardings(module, mesh, rules)
+    params = place(host, shardings)
+    return Placed(cfg=cfg, module=module, params=params, shardings=shardings, head=head,
+                  stats=jax.device_get(stats))
+
+
+def _gather_to_host(tree: Any) -> Any:
+    """Every process gets the full arrays (multi-host exports); a no-op on one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return tree
+
+
+def export_policy(out_dir: str | pathlib.Path, cfg, params: Any, tokenizer) -> pathlib.Path:
+    """out_dir: HF config.json + safetensors + tokenizer files (written by process 0)."""
+    out = pathlib.Path(out_dir)
+    params = _gather_to_host(params)
+    if jax.process_index() == 0:
+        hf.save_pretrained(out, cfg, params, max_shard_size="5GB")
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def export_score_model(out_dir: str | pathlib.Path, cfg, params: Any, head: score.ScoreHead, stats: dict,
+                       tokenizer) -> pathlib.Path:
+    """out_dir: a score-model dir (normalizer statistics in config.json) + tokenizer files."""
+    out = pathlib.Path(out_dir)
+    params, stats = _gather_to_host((params, stats))
+    if jax.process_index() == 0:
+        score.save_score_model(out, cfg, params, head, stats, max_shard_size="5GB")
+        tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,29 @@
+"""RL algorithms on one seam (see base.py): each module declares its roles, how a rollout is
+scored, its advantages and its per-iteration hook; rl/steps.py runs any of them.
+
+    algorithm = algorithms.make("ppo_lag", has_cost_model=True)
+"""
+
+from __future__ import annotations
+
+from jaxalign.rl.algorithms.base import Algorithm
+from jaxalign.rl.algorithms.ppo import PPO
+from jaxalign.rl.algorithms.ppo_lag import PPOLagrangian
+from jaxalign.rl.algorithms.reward_shaping import RewardShaping
+
+ALGORITHMS = {cls.name: cls for cls in (PPO, PPOLagrangian, RewardShaping)}
+
+
+def make(name: str, has_cost_model: bool) -> Algorithm:
+    """The algorithm of config.stage `name`; has_cost_model: config.rl.cost_model_path is set."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown RL algorithm {name!r}; valid: {', '.join(ALGORITHMS)}")
+    if name == "ppo":
+        return PPO(log_cost=has_cost_model)
+    algorithm = ALGORITHMS[name]()
+    if "cost" in algorithm.scorers and not has_cost_model:
+        raise ValueError(f"{name} needs a cost model: set config.rl.cost_model_path")
+    return algorithm
+
+
+__all__ = ["Algorithm", "ALGORITHMS", "PPO", "PPOLagrangian", "RewardShaping", "make"]

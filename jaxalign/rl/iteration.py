@@ -1,0 +1,125 @@
+"""One RL iteration on the host, as a step of the one training loop (jaxalign.train.loop.run).
+
+    batches = RLBatches(prompt_iter, ptx_iter, ptx_per_iteration)   # checkpointable data state
+    step_fn = iteration_step(program, algorithm, settings)          # (state, batch, frozen) -> (state, metrics)
+    loop.run(step_fn=step_fn, batches=batches, frozen=frozen, ...)
+
+An iteration: generate -> score -> the algorithm observes the rollout's scores (PPO-Lagrangian
+pushes the costs into its window) -> for each PPO epoch and minibatch: the algorithm's hook (the
+lambda step), then one jitted update -> the adaptive KL controller, if on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.objectives import ppo
+from jaxalign.rl.algorithms.base import Algorithm
+from jaxalign.rl.settings import RLSettings
+from jaxalign.rl.steps import RLProgram, RLState
+
+
+class RLBatches:
+    """Yields {"prompt": batch, "ptx": [batch] * ptx_per_iteration or None} per iteration; its
+    state is both iterators' states."""
+
+    def __init__(self, prompt_iter: Iterator[dict], ptx_iter: Iterator[dict] | None, ptx_per_iteration: int):
+        self.prompt_iter, self.ptx_iter, self.ptx_per_iteration = prompt_iter, ptx_iter, ptx_per_iteration
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        prompt = next(self.prompt_iter)
+        ptx = None if self.ptx_iter is None else [next(self.ptx_iter) for _ in range(self.ptx_per_iteration)]
+        return {"prompt": prompt, "ptx": ptx}
+
+    def get_state(self) -> dict:
+        state = {"prompt": self.prompt_iter.get_state()}
+        if self.ptx_iter is not None:
+            state["ptx"] = self.ptx_iter.get_state()
+        return state
+
+    def set_state(self, state: dict) -> None:
+        self.prompt_iter.set_state(state["prompt"])
+        if self.ptx_iter is not None:
+            self.ptx_iter.set_state(state["ptx"])
+
+
+def process_local_rows(x: jax.Array) -> np.ndarray:
+    """The rows of a batch-sharded [B] array held by this process, in order, without repeats."""
+    shards = {}
+    for shard in x.addressable_shards:
+        shards.setdefault(shard.index[0].start or 0, shard)
+    return np.concatenate([np.asarray(shards[key].data) for key in sorted(shards)])
+
+
+def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings, frozen: dict, state: RLState,
+                 batch: dict) -> tuple[RLState, dict]:
+    """One rollout + scoring + PPO epochs over minibatches. -> (state, metrics)."""
+    times = {}
+    t0 = time.perf_counter()
+    rng, sample_rng = jax.random.split(state.rng)
+    prompt_ids, prompt_mask = jax.device_put((batch["prompt"]["input_ids"], batch["prompt"]["attention_mask"]),
+                                             program.batch_sharding)
+    input_ids, attention_mask = program.generate(state.actor.params, prompt_ids, prompt_mask, sample_rng)
+    jax.block_until_ready(attention_mask)
+    times["generate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    exp, scores, stats = program.score(frozen, state, input_ids, attention_mask)
+    stats = jax.device_get(stats)
+    times["score"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    algorithm_state = algorithm.observe(settings, state.algorithm,
+                                        {name: process_local_rows(value) for name, value in scores.items()})
+    state = state.replace(algorithm=algorithm_state, rng=rng)
+    update_metrics, hook_metrics = [], {}
+    ptx_batches = iter(batch["ptx"] or [])
+    for _ in range(settings.ppo_epochs):
+        for index in range(settings.num_minibatches):
+            algorithm_state, hook_metrics = algorithm.before_update(settings, state.algorithm, int(state.actor.step))
+            state = state.replace(algorithm=algorithm_state)
+            mb = exp if settings.num_minibatches == 1 else program.take_minibatch(exp, index)
+            ptx_batch = None
+            if settings.ptx_coeff > 0:
+                ptx_batch = jax.device_put(next(ptx_batches), program.ptx_shardings)
+            state, metrics = program.train(state, mb, algorithm.multiplier(settings, state.algorithm), ptx_batch)
+            update_metrics.append(metrics)
+    update_metrics = jax.device_get(update_metrics)
+    times["train"] = time.perf_counter() - t0
+
+    kl_coeff = float(state.kl_coeff)
+    if settings.adaptive_kl:
+        kl_coeff = float(ppo.adaptive_kl_coeff(state.kl_coeff, stats["kl_divergence"], settings.target_kl,
+                                               settings.kl_horizon, int(input_ids.shape[0])))
+    state = state.replace(kl_coeff=jnp.asarray(kl_coeff, jnp.float32), iteration=state.iteration + 1)
+
+    metrics = {name: float(value) for name, value in stats.items()}
+    for name in update_metrics[-1]:
+        metrics[name] = float(np.mean([m[name] for m in update_metrics]))
+    metrics.update({name: float(value) for name, value in hook_metrics.items()})
+    metrics["lambda"] = float(algorithm.multiplier(settings, state.algorithm))
+    metrics["kl_coeff"] = kl_coeff
+    batch_size, length = input_ids.shape
+    total = sum(times.values())
+    metrics.update({f"time/{name}_s": value for name, value in times.items()})
+    metrics["time/iteration_s"] = total
+    metrics["generate_tokens_per_s"] = batch_size * stats["mean_generated_length"] / max(times["generate"], 1e-9)
+    metrics["tokens_per_s"] = batch_size * length / max(total, 1e-9)
+    return state, metrics
+
+
+def iteration_step(program: RLProgram, algorithm: Algorithm, settings: RLSettings):
+    """The loop's step_fn: (state, {"prompt", "ptx"}, frozen) -> (state, metrics)."""
+
+    def step(state: RLState, batch: dict, frozen: dict) -> tuple[RLState, dict]:
+        return rl_iteration(program, algorithm, settings, frozen, state, batch)
+
+    return step

@@ -1,0 +1,229 @@
+"""The RL state and the three compiled steps of an iteration, for any algorithm (rl/algorithms).
+
+    generate   jit: the actor samples responses to a left-padded prompt batch
+    score      jit: actor + reference log-probs, the algorithm's scores, critic values and
+                    per-stream advantages -> Experience
+    train      jit: PPO-clip actor update on the algorithm's advantage plus PTX (one AdamW update
+                    on 0.5*(g_RL + ptx_coeff*g_PTX)), then a clipped value update of every critic
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxalign.objectives import ppo, sft
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.rl.algorithms.base import Algorithm
+from jaxalign.rl.roles import RoleFns
+from jaxalign.rl.rollout import Experience, critic_values, policy_log_probs, score_experience
+from jaxalign.rl.settings import RLSettings
+from jaxalign.train.state import TrainState
+
+
+@flax.struct.dataclass
+class RLState:
+    """Everything that changes during an RL run, as one checkpointable pytree."""
+
+    actor: TrainState
+    critics: dict  # {stream: TrainState}; empty for a critic-free algorithm
+    algorithm: Any  # the algorithm's own state (PPO-Lagrangian: the Lagrange state)
+    kl_coeff: jax.Array  # [] beta (changes only with the adaptive KL controller)
+    rng: jax.Array  # raw PRNG key: split once per iteration for sampling
+    iteration: jax.Array  # [] int32 rollouts done
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizers:
+    """Actor and critic optimizers with their schedules (for logging the learning rates)."""
+
+    actor: optax.GradientTransformation
+    critic: optax.GradientTransformation
+    actor_schedule: optax.Schedule
+    critic_schedule: optax.Schedule
+
+
+def init_rl_state(algorithm: Algorithm, settings: RLSettings, params: dict, optimizers: Optimizers,
+                  rng: jax.Array) -> RLState:
+    """Step-0 state around params["actor"] and params["<stream>_critic"] for each critic.
+
+    The train step donates the state, so these params must not share buffers with each other
+    or with the frozen roles (load or copy each role separately).
+    """
+    actor_rng, critic_rng, _, sample_rng = jax.random.split(rng, 4)
+    critics = {stream: TrainState.create(params[f"{stream}_critic"], optimizers.critic,
+                                         jax.random.fold_in(critic_rng, index))
+               for index, stream in enumerate(algorithm.critics)}
+    return RLState(
+        actor=TrainState.create(params["actor"], optimizers.actor, actor_rng),
+        critics=critics,
+        algorithm=algorithm.init_state(settings),
+        kl_coeff=jnp.asarray(settings.kl_coeff, jnp.float32),
+        rng=sample_rng,
+        iteration=jnp.zeros((), jnp.int32),
+    )
+
+
+def trained_roles(algorithm: Algorithm) -> tuple[str, ...]:
+    """The roles whose params live in the RLState."""
+    return ("actor", *(f"{stream}_critic" for stream in algorithm.critics))
+
+
+# ------------------------------------------------------------------------------------ losses
+
+
+def ptx_loss(fns: RoleFns, params: Any, batch: dict) -> jax.Array:
+    """SFT loss of the actor on a PTX batch (an "sft" batch: input_ids, attention_mask, loss_mask [B,L])."""
+    logits = fns.policy(params, batch["input_ids"], batch["attention_mask"])
+    return sft.sft_loss(logits, batch["input_ids"], batch["loss_mask"])[0]
+
+
+def actor_advantages(algorithm: Algorithm, settings: RLSettings, exp: Experience,
+                     multiplier: jax.Array) -> jax.Array:
+    """The algorithm's actor advantage, whitened if configured. [B,R]."""
+    advantages = algorithm.actor_advantages(settings, exp.advantages, multiplier)
+    if settings.whiten_advantages:
+        advantages = ppo.whiten(advantages, exp.response_mask)
+    return advantages
+
+
+def actor_rl_loss(fns: RoleFns, settings: RLSettings, params: Any, exp: Experience,
+                  advantages: jax.Array) -> jax.Array:
+    """PPO-clip loss of the actor on one experience batch. -> []."""
+    log_probs = policy_log_probs(fns, params, exp.input_ids, exp.attention_mask, settings.start)
+    return ppo.actor_loss(log_probs, exp.old_log_probs, advantages, exp.response_mask, settings.clip_range_ratio)
+
+
+def value_loss(score_fn, settings: RLSettings, params: Any, exp: Experience, old_values: jax.Array,
+               returns: jax.Array) -> jax.Array:
+    """Clipped value loss of one critic. -> []."""
+    values = critic_values(score_fn, params, exp.input_ids, exp.attention_mask, settings.start)
+    return ppo.critic_loss(values, old_values, returns, exp.response_mask, settings.clip_range_value)
+
+
+# ------------------------------------------------------------------------------------ steps
+
+
+def score_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, frozen: dict, state: RLState,
+               input_ids: jax.Array, attention_mask: jax.Array) -> tuple[Experience, dict, dict]:
+    """Experience of a rollout batch. -> (experience, sequence scores {scorer: [B]}, batch means {name: []})."""
+    params = dict(frozen, actor=state.actor.params)
+    params.update({f"{stream}_critic": critic.params for stream, critic in state.critics.items()})
+    exp, stats = score_experience(fns, algorithm, settings, params, state.kl_coeff, input_ids, attention_mask)
+    means = {name: jnp.mean(value) for name, value in stats.items()}
+    means["mean_generated_length"] = means.pop("generated_length")
+    means["max_generated_length"] = jnp.max(stats["generated_length"])
+    means["max_length_fraction"] = jnp.mean(stats["generated_length"] >= settings.max_new_tokens)
+    return exp, {name: stats[name] for name in algorithm.scorers}, means
+
+
+def train_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, optimizers: Optimizers, state: RLState,
+               exp: Experience, multiplier: jax.Array, ptx_batch: dict | None) -> tuple[RLState, dict]:
+    """One actor update (RL + PTX) and one update of each critic on an experience batch."""
+    advantages = actor_advantages(algorithm, settings, exp, multiplier)
+    actor_loss, grads = jax.value_and_grad(actor_rl_loss, argnums=2)(fns, settings, state.actor.params, exp, advantages)
+    metrics = {"actor_loss": actor_loss, "actor_learning_rate": optimizers.actor_schedule(state.actor.step)}
+    if settings.ptx_coeff > 0:
+        loss, ptx_grads = jax.value_and_grad(ptx_loss, argnums=1)(fns, state.actor.params, ptx_batch)
+        # Upstream doubles GAS when PTX is on: one update on the mean of the two backward passes.
+        grads = jax.tree.map(lambda g, p: 0.5 * (g + settings.ptx_coeff * p), grads, ptx_grads)
+        metrics["ptx_loss"] = loss
+    metrics["actor_grad_norm"] = optax.tree.norm(grads)
+    actor = state.actor.apply_gradients(grads, optimizers.actor)
+    metrics["actor_param_norm"] = optax.tree.norm(actor.params)
+
+    critics = {}
+    for stream, critic in state.critics.items():
+        loss, critic_grads = jax.value_and_grad(value_loss, argnums=2)(
+            fns.scores[f"{stream}_critic"], settings, critic.params, exp, exp.values[stream], exp.returns[stream])
+        critics[stream] = critic.apply_gradients(critic_grads, optimizers.critic)
+        metrics[f"{stream}_critic_loss"] = loss
+    if critics:
+        metrics["critic_learning_rate"] = optimizers.critic_schedule(next(iter(state.critics.values())).step)
+    return state.replace(actor=actor, critics=critics), metrics
+
+
+def minibatch(exp: Experience, index: int, num_minibatches: int) -> Experience:
+    """The index-th of num_minibatches equal slices of the batch axis."""
+    size = exp.input_ids.shape[0] // num_minibatches
+    return jax.tree.map(lambda x: x[index * size:(index + 1) * size], exp)
+
+
+# ------------------------------------------------------------------------------------ compiled program
+
+
+@dataclasses.dataclass
+class RLProgram:
+    """The jitted steps of one configuration, with explicit shardings."""
+
+    generate: Callable
+    score: Callable
+    train: Callable
+    take_minibatch: Callable
+    state_shardings: Any
+    frozen_shardings: Any
+    batch_sharding: Any
+    ptx_shardings: Any
+
+
+def rl_state_shardings(state: RLState, param_shardings: dict, optimizers: Optimizers, mesh) -> RLState:
+    """Shardings of an RLState: each TrainState's moments follow its params; the rest replicated."""
+    rep = mesh_lib.replicated(mesh)
+    critics = {stream: mesh_lib.state_shardings(critic, param_shardings[f"{stream}_critic"], optimizers.critic, mesh)
+               for stream, critic in state.critics.items()}
+    return RLState(
+        actor=mesh_lib.state_shardings(state.actor, param_shardings["actor"], optimizers.actor, mesh),
+        critics=critics,
+        algorithm=jax.tree.map(lambda _: rep, state.algorithm),
+        kl_coeff=rep,
+        rng=rep,
+        iteration=rep,
+    )
+
+
+def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, optimizers: Optimizers, mesh,
+                    abstract_state: RLState, param_shardings: dict, frozen_shardings: dict,
+                    ptx_shardings: Any = None) -> RLProgram:
+    """jit the three steps with batch-sharded activations and per-role parameter shardings.
+
+    abstract_state: an RLState of arrays or ShapeDtypeStructs (only its structure is used).
+    ptx_shardings: shardings of the PTX batch dict (None when ptx_coeff is 0).
+    """
+    state_sh = rl_state_shardings(abstract_state, param_shardings, optimizers, mesh)
+    rep = mesh_lib.replicated(mesh)
+    batch2 = mesh_lib.batch_sharding(mesh, 2)
+    batch1 = mesh_lib.batch_sharding(mesh, 1)
+    exp_sh = Experience(input_ids=batch2, attention_mask=batch2, response_mask=batch2, old_log_probs=batch2,
+                        advantages=dict.fromkeys(algorithm.streams, batch2),
+                        values=dict.fromkeys(algorithm.critics, batch2), returns=dict.fromkeys(algorithm.critics, batch2))
+    generate = jax.jit(
+        fns.generate,
+        in_shardings=(param_shardings["actor"], batch2, batch2, rep),
+        out_shardings=(batch2, batch2),
+    )
+    score = jax.jit(
+        lambda frozen, state, ids, mask: score_step(fns, algorithm, settings, frozen, state, ids, mask),
+        in_shardings=(frozen_shardings, state_sh, batch2, batch2),
+        out_shardings=(exp_sh, batch1, rep),
+    )
+    train = jax.jit(
+        lambda state, exp, multiplier, ptx: train_step(fns, algorithm, settings, optimizers, state, exp, multiplier,
+                                                       ptx),
+        in_shardings=(state_sh, exp_sh, rep, ptx_shardings),
+        out_shardings=(state_sh, rep),
+        donate_argnums=0,
+    )
+    take_minibatch = jax.jit(
+        lambda exp, index: minibatch(exp, index, settings.num_minibatches),
+        static_argnums=1,
+        in_shardings=(exp_sh,),
+        out_shardings=exp_sh,
+    )
+    return RLProgram(generate=generate, score=score, train=train, take_minibatch=take_minibatch,
+                     state_shardings=state_sh, frozen_shardings=frozen_shardings, batch_sharding=batch2,
+                     ptx_shardings=ptx_shardings)

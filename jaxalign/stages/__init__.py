@@ -1,0 +1,33 @@
+"""Stages: one module per stage turns the ConfigDict into typed settings and wires the library.
+
+    from jaxalign import stages
+    stages.run(config, workdir)          # dispatch on config.stage
+
+Nothing in the library imports a stage; `jaxalign train` (stages/commands.py) is the entry point.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# config.stage -> module exposing run(config, workdir)
+STAGES = {
+    "sft": "jaxalign.stages.sft",
+    "reward": "jaxalign.stages.score",
+    "cost": "jaxalign.stages.score",
+    "ppo": "jaxalign.stages.rl",
+    "ppo_lag": "jaxalign.stages.rl",
+    "ppo_reward_shaping": "jaxalign.stages.rl",
+}
+
+
+def stage_module(name: str):
+    """The module that runs config.stage `name`."""
+    if name not in STAGES:
+        raise ValueError(f"config.stage: unknown stage {name!r}; valid: {', '.join(STAGES)}")
+    return importlib.import_module(STAGES[name])
+
+
+def run(config, workdir):
+    """Runs the stage named by config.stage in `workdir`; returns its run() result."""
+    return stage_module(config.stage).run(config, workdir)

@@ -1,0 +1,129 @@
+"""What every stage reads from its ConfigDict, turned into the typed settings the library takes.
+
+Stages are the only modules that see a ConfigDict; each builds the settings below and wires the
+library packages (models, data, objectives, train, rl, evaluate).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+from jaxalign.data import sources, views
+from jaxalign.models import loading
+from jaxalign.models import tokenizer as tokenizer_lib
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.train import checkpoint as checkpoint_lib
+from jaxalign.train import loop, optim
+
+FORK_PROMPT_TEMPLATE = "{input} "  # the fork's template (spec §2.4); breaks Beaver checkpoints
+
+log = logging.getLogger(__name__)
+
+
+def model_settings(config) -> loading.ModelSettings:
+    """config.model -> ModelSettings."""
+    model = config.model
+    return loading.ModelSettings(init_path=model.init_path, hf_config=model.hf_config.to_dict(), dtype=model.dtype,
+                                 param_dtype=model.param_dtype, scan_layers=bool(model.scan_layers),
+                                 remat_policy=model.remat_policy)
+
+
+def optimizer_settings(config) -> optim.OptimizerSettings:
+    """config.train's optimizer fields."""
+    return optim.OptimizerSettings.from_group(config.train, "config.train")
+
+
+def checkpoint_settings(config) -> checkpoint_lib.CheckpointSettings:
+    group = config.checkpoint
+    return checkpoint_lib.CheckpointSettings(save_every=int(group.save_every), keep=int(group.keep),
+                                             async_save=bool(group.async_save))
+
+
+def loop_settings(config, num_steps: int, desc: str) -> loop.LoopSettings:
+    """config.train's loop fields + config.checkpoint, for `num_steps` steps."""
+    return loop.LoopSettings(num_steps=num_steps, checkpoint=checkpoint_settings(config),
+                             log_every=int(config.train.log_every), eval_every=int(config.train.eval_every),
+                             grad_accum_steps=int(config.train.grad_accum_steps), desc=desc)
+
+
+def num_steps(config, batches_per_epoch: int | None) -> int:
+    """config.train.num_steps, or epochs over the data when it is -1."""
+    train = config.train
+    return loop.resolve_num_steps(int(train.num_steps), int(train.epochs), batches_per_epoch,
+                                  int(train.grad_accum_steps))
+
+
+def mesh_and_rules(config):
+    """The config's device mesh and logical axis rules."""
+    mesh = mesh_lib.make_mesh(config.mesh)
+    log.info("mesh: %s", mesh_lib.describe(mesh))
+    return mesh, mesh_lib.axis_rules(config.mesh)
+
+
+def load_tokenizer(config, padding_side: str = "right"):
+    """config.tokenizer (or model.init_path) -> tokenizer with upstream's special tokens added."""
+    path = config.tokenizer or config.model.init_path
+    if not path:
+        raise ValueError("config.tokenizer and config.model.init_path are both empty: set one of them")
+    if not pathlib.Path(path).is_dir():
+        raise FileNotFoundError(f"config.tokenizer: {path} is not a tokenizer directory")
+    tokenizer = tokenizer_lib.load_tokenizer(path, padding_side=padding_side, model_max_length=config.data.max_length)
+    added = getattr(tokenizer, "jaxalign_added_tokens", [])
+    if added:
+        log.info("added special tokens %s; vocabulary is now %d", added, len(tokenizer))
+    return tokenizer
+
+
+def prompt_template(config, tokenizer) -> views.Template:
+    """config.data.prompt_template: upstream | fork | chat | a string containing {input}."""
+    name = config.data.prompt_template
+    if name == "upstream":
+        return views.PROMPT_TEMPLATE
+    if name == "fork":
+        return FORK_PROMPT_TEMPLATE
+    if name == "chat":
+        return views.chat_template(tokenizer)
+    if "{input}" in name:
+        return name
+    raise ValueError(f"config.data.prompt_template: expected upstream, fork, chat or a '{{input}}' template, got {name!r}")
+
+
+def read_rows(config, split: str, source: str = "", name: str = ""):
+    """Rows of one split: the TFDS-prepared ArrayRecord dataset when config.data.prepared_dir is
+    set, else the release files under config.data.source. -> (rows, report)."""
+    source = source or config.data.source
+    name = name or config.data.name
+    prepared = config.data.prepared_dir if source == config.data.source else ""
+    rows, report = sources.read_split(source, name, split, prepared_dir=prepared)
+    log.info("%s/%s: %s", prepared or source, split, report)
+    return rows, report
+
+
+def check_batch_size(config, mesh, key: str = "batch_size") -> int:
+    """config.data.<key> must be >= 1 and divide over the mesh's batch shards (data x fsdp)."""
+    size = int(config.data[key])
+    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    if size < 1 or size % shards:
+        raise ValueError(f"config.data.{key}={size} must be a positive multiple of the {shards} batch shards "
+                         f"(mesh data x fsdp)")
+    return size
+
+
+def check_eval_batch(config, num_examples: int, mesh) -> None:
+    """The eval batch must fit the split and divide over the batch shards: checked before training."""
+    size = check_batch_size(config, mesh, "eval_batch_size")
+    if num_examples < size:
+        raise ValueError(f"config.data.eval_batch_size={size} is larger than the {num_examples} examples of split "
+                         f"{config.data.eval_split!r}; lower it or set config.data.eval_split=''")
+
+
+def export_once(result: loop.LoopResult, workdir: pathlib.Path, export_fn) -> pathlib.Path:
+    """export_fn(WORKDIR/export), unless the run was already finished and its export exists."""
+    out = pathlib.Path(workdir) / "export"
+    if result.trained_steps == 0 and (out / "config.json").exists():
+        log.info("already finished; %s is up to date", out)
+        return out
+    export_fn(out)
+    log.info("exported to %s", out)
+    return out

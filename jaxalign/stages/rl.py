@@ -1,0 +1,108 @@
+"""RL stages (config.stage = an algorithm of jaxalign/rl/algorithms: ppo | ppo_lag | ppo_reward_shaping).
+
+    jaxalign train --config configs/ppo_lag_tiny.py --workdir out/ppo_lag_tiny
+
+mesh -> tokenizer (left padding) -> prompt and PTX batches -> the algorithm's roles on the mesh
+(actor and reference from config.model.init_path, score models from config.rl.*_model_path) ->
+the compiled generate / score / train steps -> the one loop (one step = one iteration; the frozen
+roles ride along, never donated nor checkpointed) -> WORKDIR/export (the actor as an HF dir).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import jax
+
+from jaxalign.data import pipeline, views
+from jaxalign.models import loading
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.rl import algorithms, iteration, roles, steps
+from jaxalign.rl.settings import RLSettings
+from jaxalign.stages import common
+from jaxalign.train import loop, optim
+
+log = logging.getLogger(__name__)
+
+
+def role_paths(config) -> roles.RolePaths:
+    rl = config.rl
+    return roles.RolePaths(reward=rl.reward_model_path, cost=rl.cost_model_path,
+                           reward_critic=rl.reward_critic_model_path, cost_critic=rl.cost_critic_model_path)
+
+
+def make_optimizers(config, num_updates: int) -> steps.Optimizers:
+    """Actor: config.train (AdamW, cosine + warmup); critics: config.rl.critic (constant)."""
+    actor = common.optimizer_settings(config)
+    critic = optim.OptimizerSettings.from_group(config.rl.critic, "config.rl.critic")
+    return steps.Optimizers(
+        actor=optim.make_optimizer(actor, num_updates),
+        critic=optim.make_optimizer(critic, num_updates),
+        actor_schedule=optim.make_schedule(actor, num_updates),
+        critic_schedule=optim.make_schedule(critic, num_updates),
+    )
+
+
+def load_batches(config, settings: RLSettings, tokenizer, mesh) -> tuple[iteration.RLBatches, int]:
+    """Prompt batches (+ PTX batches when ptx_coeff > 0) and the number of prompts per epoch."""
+    template = common.prompt_template(config, tokenizer)
+    rows, _ = common.read_rows(config, config.data.train_split)
+    prompts = views.prompt_examples(rows, template=template)
+    batch_size = int(config.data.batch_size)
+    prompt_iter = pipeline.make_batches(
+        "prompt", prompts, tokenizer, batch_size=batch_size, max_length=settings.prompt_length, mesh=mesh,
+        seed=config.seed, shuffle=bool(config.data.shuffle), num_epochs=None)
+    ptx_iter = None
+    if settings.ptx_coeff > 0:
+        source = config.rl.ptx_source or config.data.source
+        ptx_rows, _ = common.read_rows(config, config.data.train_split, source=source, name=config.rl.ptx_name)
+        ptx_examples = views.sft_examples(ptx_rows, template=template)
+        ptx_iter = pipeline.make_batches(
+            "sft", ptx_examples, tokenizer, batch_size=batch_size // settings.num_minibatches,
+            max_length=settings.sequence_length, mesh=mesh, seed=config.seed + 1, shuffle=bool(config.data.shuffle),
+            num_epochs=None)
+    log.info("%d prompts (%s), PTX %s", len(prompts), dict(prompts.counts), "off" if ptx_iter is None else "on")
+    ptx_per_iteration = settings.ppo_epochs * settings.num_minibatches
+    return iteration.RLBatches(prompt_iter, ptx_iter, ptx_per_iteration), len(prompts)
+
+
+def run(config, workdir) -> loop.LoopResult:
+    """Trains the RL stage in `workdir` (resuming from WORKDIR/checkpoints) and exports the actor."""
+    workdir = pathlib.Path(workdir)
+    algorithm = algorithms.make(config.stage, has_cost_model=bool(config.rl.cost_model_path))
+    settings = RLSettings.from_group(config.rl)
+    mesh, rules = common.mesh_and_rules(config)
+    batch_size = common.check_batch_size(config, mesh)
+    if batch_size % (settings.num_minibatches * mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"config.data.batch_size {batch_size} must split into rl.num_minibatches="
+                         f"{settings.num_minibatches} minibatches that each divide over the batch shards")
+    tokenizer = common.load_tokenizer(config, padding_side="left")
+    batches, num_prompts = load_batches(config, settings, tokenizer, mesh)
+    num_iterations = common.num_steps(config, num_prompts // batch_size)
+    optimizers = make_optimizers(config, num_iterations * settings.ppo_epochs * settings.num_minibatches)
+
+    rng = jax.random.PRNGKey(config.seed)
+    fns, params, shardings, actor_cfg = roles.load_roles(algorithm.roles, common.model_settings(config),
+                                                         role_paths(config), settings, tokenizer, mesh, rules, rng)
+    trained = {name: params.pop(name) for name in steps.trained_roles(algorithm)}
+    frozen = params  # reference and score models: passed to every step, never donated or checkpointed
+    abstract = jax.eval_shape(lambda p: steps.init_rl_state(algorithm, settings, p, optimizers, rng), trained)
+    ptx_shardings = None
+    if settings.ptx_coeff > 0:
+        ptx_shardings = {key: mesh_lib.batch_sharding(mesh, 2) for key in ("input_ids", "attention_mask", "loss_mask")}
+    program = steps.compile_program(fns, algorithm, settings, optimizers, mesh, abstract, shardings,
+                                    {name: shardings[name] for name in frozen}, ptx_shardings)
+    log.info("%s: %d iterations of %d prompts, %d new tokens", algorithm.name, num_iterations, batch_size,
+             settings.max_new_tokens)
+    result = loop.run(
+        settings=common.loop_settings(config, num_iterations, algorithm.name),
+        workdir=workdir, mesh=mesh, rules=rules,
+        step_fn=iteration.iteration_step(program, algorithm, settings),
+        abstract_state=mesh_lib.with_shardings(abstract, program.state_shardings),
+        init_state=lambda: steps.init_rl_state(algorithm, settings, trained, optimizers, rng),
+        batches=batches, frozen=frozen,
+    )
+    common.export_once(result, workdir,
+                       lambda out: loading.export_policy(out, actor_cfg, result.state.actor.params, tokenizer))
+    return result
