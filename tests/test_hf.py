@@ -183,3 +183,56 @@ def test_bfloat16_params_roundtrip(saved, tmp_path):
         np.asarray(params2["model"]["norm"]["scale"]),
         np.asarray(params["model"]["norm"]["scale"].astype(jnp.bfloat16)),
     )
+
+
+def test_malformed_safetensors_names_the_file(saved, tmp_path):
+    _, _, path = saved
+    garbage = _rewrite(path, tmp_path / "garbage", lambda t: None)
+    (garbage / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(hf.CheckpointError, match=r"malformed safetensors file .*garbage/model\.safetensors"):
+        hf.from_pretrained(garbage)
+    truncated = _rewrite(path, tmp_path / "truncated", lambda t: None)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(hf.CheckpointError, match=r"truncated/model\.safetensors"):
+        hf.read_safetensors_dir(truncated)
+    # One bad shard of a sharded checkpoint is the one named.
+    cfg, params, _ = saved
+    hf.save_pretrained(tmp_path / "sharded", cfg, params, max_shard_size="20KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (tmp_path / "sharded" / shard).write_bytes(b"short")
+    with pytest.raises(hf.CheckpointError, match=rf"malformed safetensors file .*sharded/{shard}"):
+        hf.from_pretrained(tmp_path / "sharded")
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "sub/../../outside.safetensors", "/tmp/outside.safetensors"])
+def test_weight_map_pointing_outside_the_folder_is_refused(saved, tmp_path, target):
+    cfg, params, path = saved
+    # A loadable file really is there: only the check stops it from being read.
+    (tmp_path / "outside.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text((path / "config.json").read_text())
+    names = load_file(str(path / "model.safetensors"))
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: target for n in names}}))
+    with pytest.raises(hf.CheckpointError, match="points outside") as info:
+        hf.from_pretrained(ckpt)
+    assert "model.safetensors.index.json" in str(info.value) and repr(target) in str(info.value)
+
+
+def test_weight_map_must_match_the_shards(saved, tmp_path):
+    cfg, params, _ = saved
+    hf.save_pretrained(tmp_path, cfg, params, max_shard_size="20KB")
+    index_file = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name = "model.norm.weight"
+    right = index["weight_map"][name]
+    wrong = next(f for f in sorted(set(index["weight_map"].values())) if f != right)
+    index["weight_map"][name] = wrong
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(hf.CheckpointError, match=f"model.norm.weight -> {wrong}"):
+        hf.read_safetensors_dir(tmp_path)
+    index_file.write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    with pytest.raises(hf.CheckpointError, match="malformed .*index.json: weight_map must map"):
+        hf.read_safetensors_dir(tmp_path)

@@ -168,6 +168,25 @@ def test_param_tree_and_tensor_map(tiny):
             hf.params_from_hf_tensors(cfg, missing)
 
 
+def test_remat_and_unscanned_layers_give_same_gradients():
+    cfg = qwen.Qwen3Config(**TINY, attention_bias=True)  # q/k norms and biases inside nn.scan / remat
+    params = _host_params(cfg, seed=2)
+    ids = jnp.asarray(np.random.RandomState(5).randint(0, cfg.vocab_size, (2, 10)))
+
+    def grads(c, p):
+        loss = lambda p: jnp.mean(models.causal_lm(c).apply({"params": p}, ids).logits ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss))(p)
+
+    plain = grads(cfg, params)
+    remat = grads(dataclasses.replace(cfg, remat_policy="full"), params)
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    unscanned = grads(dataclasses.replace(cfg, scan_layers=False), llama.unstack_layers(params))
+    restacked = llama.stack_layers(unscanned)
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(restacked)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
 def test_kv_cache_decode_matches_full_forward(tiny):
     cfg, params = tiny
     model = models.causal_lm(cfg)

@@ -48,34 +48,54 @@ class CheckpointError(ValueError):
 class SafetensorsReader(Mapping):
     """Lazy read-only mapping name -> np.ndarray over a checkpoint dir's safetensors files
     (single `model.safetensors` or sharded with `model.safetensors.index.json`).
-    `shape(name)` reads only the header."""
+    `shape(name)` reads only the header. Errors (CheckpointError) name the file: a malformed or
+    truncated safetensors file, a malformed index, a weight_map entry pointing outside the
+    folder, a listed shard that is missing or lacks a tensor the index places in it."""
 
     def __init__(self, path: str | os.PathLike):
         path = pathlib.Path(path)
         index = path / SAFE_WEIGHTS_INDEX_NAME
         single = path / SAFE_WEIGHTS_NAME
+        weight_map: dict[str, str] = {}
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"malformed {index}: {e}") from e
+            weight_map = _read_weight_map(index)
             files = sorted(set(weight_map.values()))
         elif single.exists():
             files = [SAFE_WEIGHTS_NAME]
         else:
             raise CheckpointError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {path}")
+        self._path = path
         self._handles = {}
         self._where = {}
         for file in files:
-            if not (path / file).exists():
+            if not (path / file).is_file():
                 raise CheckpointError(f"shard {file} listed in {index} is missing")
-            handle = safe_open(str(path / file), framework="numpy")
+            try:
+                handle = safe_open(str(path / file), framework="numpy")
+                names = list(handle.keys())
+            except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
+                raise CheckpointError(f"malformed safetensors file {path / file}: {e}") from e
             self._handles[file] = handle
-            for name in handle.keys():
+            for name in names:
+                if name in self._where:
+                    raise CheckpointError(f"tensor {name} is in both {path / self._where[name]} and {path / file}")
                 self._where[name] = file
+        absent = sorted(n for n, f in weight_map.items() if self._where.get(n) != f)
+        if absent:
+            raise CheckpointError(
+                f"{index}: {len(absent)} tensors are not in the shard their weight_map entry names, e.g. "
+                f"{absent[0]} -> {weight_map[absent[0]]}"
+            )
+
+    def _read(self, name: str, what: Callable):
+        file = self._where[name]
+        try:
+            return what(self._handles[file])
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self._path / file}: {e}") from e
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._handles[self._where[name]].get_tensor(name)
+        return self._read(name, lambda handle: handle.get_tensor(name))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -84,7 +104,28 @@ class SafetensorsReader(Mapping):
         return len(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return tuple(self._read(name, lambda handle: handle.get_slice(name).get_shape()))
+
+
+def _read_weight_map(index: pathlib.Path) -> dict[str, str]:
+    """The weight_map of a model.safetensors.index.json: tensor name -> shard file, every shard
+    a relative path inside the index's folder (no absolute path, no "..")."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"malformed {index}: {e}") from e
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"malformed {index}: weight_map must map tensor names to shard file names")
+    for name, file in weight_map.items():
+        parts = pathlib.PurePosixPath(file.replace("\\", "/")).parts
+        if file.startswith(("/", "\\")) or pathlib.PureWindowsPath(file).drive or ".." in parts:
+            raise CheckpointError(
+                f"{index}: weight_map entry {name} -> {file!r} points outside {index.parent}; "
+                "shards must be files inside the checkpoint folder"
+            )
+    return weight_map
 
 
 def read_safetensors_dir(path: str | os.PathLike) -> SafetensorsReader:
