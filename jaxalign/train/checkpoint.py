@@ -262,11 +262,16 @@ class Checkpointer:
         """Starts saving `state` and the JSON `data_state` as step `step` (async if configured)."""
         step = int(step)
         if step in self.manager.all_steps():
-            if step not in self._corrupt:
+            replace = step in self._corrupt  # known on process 0, which verifies
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                replace = bool(multihost_utils.broadcast_one_to_all(np.int32(replace)))
+            if not replace:
                 return
             logging.warning("replacing corrupted checkpoint step %d in %s", step, self.directory)
             self.manager.delete(step)
-            self._corrupt.pop(step)
+            self._corrupt.pop(step, None)
         self.manager.wait_until_finished()  # what manager.save does first anyway
         self._schedule_manifests()
         self.manager.save(
