@@ -6,8 +6,10 @@ conflict: plain PPO makes the policy worse on cost, PPO-Lagrangian raises lambda
 goes down.
 """
 
+import dataclasses
 import functools
 import json
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +18,16 @@ import numpy as np
 import optax
 import pytest
 
+from configs import base
 from jaxalign.models import score
 from jaxalign.models.llama import LlamaConfig, init_params
+from jaxalign.objectives import ppo
 from jaxalign.parallel import mesh as mesh_lib
-from jaxalign.rl import ppo_lag, roles
+from jaxalign.rl import algorithms, iteration, roles, steps
+from jaxalign.rl.rollout import score_experience
 from jaxalign.rl.settings import RLSettings
+from jaxalign.train import checkpoint as checkpoint_lib
+from jaxalign.train import loop
 from jaxalign.train import metrics as metrics_lib
 from jaxalign.train import optim
 
@@ -73,25 +80,26 @@ class PromptIter:
         self.index = state["index"]
 
 
-def make_settings(algorithm, **changes):
-    """The proof-run settings: PTX on (small), two minibatches per rollout, fast lambda."""
-    values = dict(algorithm=algorithm, prompt_length=PROMPT, max_new_tokens=NEW, kl_coeff=0.01, ptx_coeff=0.1,
-                  num_minibatches=2, lambda_lr=1.0, lambda_max=5.0, episode_cost_window_size=BATCH)
+def make_settings(**changes) -> RLSettings:
+    """The proof-run settings (base.py's config.rl, then): PTX on (small), two minibatches per
+    rollout, fast lambda, threshold 0."""
+    values = dict(prompt_length=PROMPT, max_new_tokens=NEW, kl_coeff=0.01, ptx_coeff=0.1, num_minibatches=2,
+                  lambda_lr=1.0, lambda_max=5.0, episode_cost_window_size=BATCH, threshold=0.0)
     values.update(changes)
-    return RLSettings(**values)
+    return dataclasses.replace(RLSettings.from_group(base.get_config().rl), **values)
 
 
 def constant_optimizer(lr):
-    train = ml_collections.ConfigDict(dict(learning_rate=lr, lr_schedule="constant", warmup_ratio=0.0,
-                                           weight_decay=0.0, max_grad_norm=1.0))
-    return optim.make_optimizer(train, 100), optim.make_schedule(train, 100)
+    settings = optim.OptimizerSettings(learning_rate=lr, lr_schedule="constant")
+    return optim.make_optimizer(settings, 100), optim.make_schedule(settings, 100)
 
 
 CRITIC = score.ScoreModel(CFG)
-# One sampler function for every settings object, so every program shares its compiled rollout.
-LLAMA_FNS = dict(policy=roles.llama_policy(CFG), generate=roles.sampler_fn(CFG, make_settings("ppo"), PAD),
-                 reward=bad_fraction_scores(0.0), cost=bad_fraction_scores(COST_OFFSET),
-                 reward_critic=roles.score_role_fn(CRITIC), cost_critic=roles.score_role_fn(CRITIC))
+# One RoleFns (and sampler) for every program, so every program shares its compiled rollout.
+LLAMA_FNS = roles.RoleFns(
+    policy=roles.policy_fn(CFG), generate=roles.sampler_fn(CFG, make_settings(), PAD),
+    scores=dict(reward=bad_fraction_scores(0.0), cost=bad_fraction_scores(COST_OFFSET),
+                reward_critic=roles.score_role_fn(CRITIC), cost_critic=roles.score_role_fn(CRITIC)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,15 +112,14 @@ def INITIAL_PARAMS():  # noqa: N802 (a lazily computed constant)
 
 
 @functools.lru_cache(maxsize=None)
-def setup(settings: RLSettings):
-    """(program, fns, frozen, make_trained, optimizers, abstract, mesh); compiled once per settings."""
+def setup(algorithm, settings: RLSettings, fns=None):
+    """(program, frozen, make_trained, optimizers, abstract, mesh); compiled once per (algorithm, settings)."""
     mesh = mesh_lib.make_mesh(MESH_CONFIG)
-    fns = roles.RoleFns(**LLAMA_FNS)
     actor_tx, actor_schedule = constant_optimizer(3e-3)
     critic_tx, critic_schedule = constant_optimizer(3e-3)
-    optimizers = ppo_lag.Optimizers(actor_tx, critic_tx, actor_schedule, critic_schedule)
+    optimizers = steps.Optimizers(actor_tx, critic_tx, actor_schedule, critic_schedule)
     rng = jax.random.PRNGKey(0)
-    names = ("actor", "reward_critic") + (("cost_critic",) if settings.use_cost_critic else ())
+    names = steps.trained_roles(algorithm)
 
     def make_trained():
         # Fresh buffers every time: the train step donates the state.
@@ -123,31 +130,39 @@ def setup(settings: RLSettings):
     trained = make_trained()
     param_shardings = {name: jax.tree.map(lambda _: rep, tree) for name, tree in trained.items()}
     frozen_shardings = {name: jax.tree.map(lambda _: rep, tree) for name, tree in frozen.items()}
-    abstract = jax.eval_shape(lambda p: ppo_lag.init_rl_state(settings, p, optimizers, rng), trained)
+    abstract = jax.eval_shape(lambda p: steps.init_rl_state(algorithm, settings, p, optimizers, rng), trained)
     ptx_shardings = None
     if settings.ptx_coeff > 0:
         ptx_shardings = {key: mesh_lib.batch_sharding(mesh, 2) for key in ("input_ids", "attention_mask", "loss_mask")}
-    program = ppo_lag.compile_program(fns, settings, optimizers, mesh, abstract, param_shardings, frozen_shardings,
-                                      ptx_shardings)
-    return program, fns, frozen, make_trained, optimizers, abstract, mesh
+    program = steps.compile_program(fns or LLAMA_FNS, algorithm, settings, optimizers, mesh, abstract, param_shardings,
+                                    frozen_shardings, ptx_shardings)
+    return program, frozen, make_trained, optimizers, abstract, mesh
 
 
-def run_loop(settings, workdir, num_iterations, save_every=100):
-    program, _, frozen, make_trained, optimizers, abstract, mesh = setup(settings)
+def run_loop(algorithm, settings, workdir, num_iterations, save_every=100, fns=None):
+    """The RL stage's loop on the fixture: loop.run over rl iterations. -> metrics.jsonl records."""
+    program, frozen, make_trained, optimizers, abstract, mesh = setup(algorithm, settings, fns)
     ptx_iter = PromptIter(BATCH // settings.num_minibatches, "sft", PROMPT + NEW) if settings.ptx_coeff > 0 else None
-    checkpoint = ml_collections.ConfigDict(dict(save_every=save_every, keep=2, async_save=False))
-    ppo_lag.train_loop(
-        program=program, settings=settings, frozen=frozen,
-        init_state=lambda: ppo_lag.init_rl_state(settings, make_trained(), optimizers, jax.random.PRNGKey(0)),
-        abstract_state=abstract, prompt_iter=PromptIter(), ptx_iter=ptx_iter, num_iterations=num_iterations,
-        workdir=workdir, checkpoint_config=checkpoint, mesh=mesh, rules=(), log=print)
+    batches = iteration.RLBatches(PromptIter(), ptx_iter, settings.ppo_epochs * settings.num_minibatches)
+    loop_settings = loop.LoopSettings(num_steps=num_iterations, log_every=1, checkpoint=checkpoint_lib.CheckpointSettings(
+        save_every=save_every, keep=2, async_save=False))
+    loop.run(settings=loop_settings, workdir=workdir, mesh=mesh, rules=(),
+             step_fn=iteration.iteration_step(program, algorithm, settings),
+             abstract_state=mesh_lib.with_shardings(abstract, program.state_shardings),
+             init_state=lambda: steps.init_rl_state(algorithm, settings, make_trained(), optimizers,
+                                                    jax.random.PRNGKey(0)),
+             batches=batches, frozen=frozen)
     return metrics_lib.read_metrics(workdir)
+
+
+PPO_LAG = algorithms.make("ppo_lag", has_cost_model=True)
+PPO = algorithms.make("ppo", has_cost_model=True)
 
 
 def test_ppo_lagrangian_lowers_cost_where_ppo_does_not(tmp_path):
     iterations = 14
-    lag = run_loop(make_settings("ppo_lag"), tmp_path / "lag", iterations)
-    ppo = run_loop(make_settings("ppo"), tmp_path / "ppo", iterations)
+    lag = run_loop(PPO_LAG, make_settings(), tmp_path / "lag", iterations)
+    ppo = run_loop(PPO, make_settings(), tmp_path / "ppo", iterations)
     lag_cost = np.array([m["cost"] for m in lag])
     ppo_cost = np.array([m["cost"] for m in ppo])
     lam = np.array([m["lambda"] for m in lag])
@@ -168,10 +183,10 @@ def test_ppo_lagrangian_lowers_cost_where_ppo_does_not(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    settings = make_settings("ppo_lag")  # the proof run's program: nothing new to compile
-    full = run_loop(settings, tmp_path / "full", 4)
-    run_loop(settings, tmp_path / "resumed", 2, save_every=1)
-    resumed = run_loop(settings, tmp_path / "resumed", 4, save_every=1)
+    settings = make_settings()  # the proof run's program: nothing new to compile
+    full = run_loop(PPO_LAG, settings, tmp_path / "full", 4)
+    run_loop(PPO_LAG, settings, tmp_path / "resumed", 2, save_every=1)
+    resumed = run_loop(PPO_LAG, settings, tmp_path / "resumed", 4, save_every=1)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith(TIME_KEYS) and "per_s" not in k}  # noqa: E731
     assert [strip(m) for m in resumed] == [strip(m) for m in full]
@@ -181,9 +196,9 @@ def test_resume_is_exact(tmp_path):
 def test_experience_indexing_matches_the_sampler():
     """Old log-probs from the scoring forward pass equal the sampler's own log-probs (start = S-1),
     and the sequence scores are the score functions at the last real token."""
-    settings = make_settings("ppo_lag")
-    program, fns, frozen, make_trained, optimizers, _, mesh = setup(settings)
-    state = jax.device_put(ppo_lag.init_rl_state(settings, make_trained(), optimizers, jax.random.PRNGKey(0)),
+    settings = make_settings()
+    program, frozen, make_trained, optimizers, _, mesh = setup(PPO_LAG, settings)
+    state = jax.device_put(steps.init_rl_state(PPO_LAG, settings, make_trained(), optimizers, jax.random.PRNGKey(0)),
                            program.state_shardings)
     batch = next(PromptIter())
     from jaxalign.generate import sampler
@@ -193,7 +208,8 @@ def test_experience_indexing_matches_the_sampler():
                                      jax.random.PRNGKey(3))
         out = sampler.sample(state.actor.params, CFG, batch["input_ids"], batch["attention_mask"],
                              jax.random.PRNGKey(3), sampler.SamplingConfig(NEW, eos_token_ids=(EOS,), pad_token_id=PAD))
-        exp, costs, stats = program.score(jax.device_put(frozen, program.frozen_shardings), state, ids, mask)
+        exp, scores, stats = program.score(jax.device_put(frozen, program.frozen_shardings), state, ids, mask)
+    costs = scores["cost"]
     np.testing.assert_array_equal(ids, out.sequences)
     np.testing.assert_array_equal(exp.response_mask, out.response_mask)
     np.testing.assert_allclose(np.where(out.response_mask, exp.old_log_probs, 0.0), out.log_probs, atol=1e-5)
@@ -213,10 +229,9 @@ def bigram_fns():
     return roles.RoleFns(
         policy=lambda p, ids, mask: p["table"][ids],
         generate=None,
-        reward=bad_fraction_scores(0.0),
-        cost=bad_fraction_scores(COST_OFFSET),
-        reward_critic=lambda p, ids, mask: p["value"][ids],
-        cost_critic=lambda p, ids, mask: p["value"][ids],
+        scores=dict(reward=bad_fraction_scores(0.0), cost=bad_fraction_scores(COST_OFFSET),
+                    reward_critic=lambda p, ids, mask: p["value"][ids],
+                    cost_critic=lambda p, ids, mask: p["value"][ids]),
     )
 
 
@@ -244,64 +259,121 @@ def sampled_batch(seed):
 
 
 def test_reward_shaping_uses_r_minus_nu_c():
-    settings = make_settings("ppo_reward_shaping", lambda_init=3.0)
+    settings = make_settings(lambda_init=3.0)
+    shaping = algorithms.make("ppo_reward_shaping", has_cost_model=True)
+    assert shaping.roles == ("actor", "reference", "reward", "cost", "reward_critic")
     params = bigram_params(0)
     params["reference"] = params["actor"]  # no KL: the reward stream sums to the shaped reward
     ids, mask = sampled_batch(0)
-    score_fn = jax.jit(ppo_lag.score_experience, static_argnums=(0, 1))
+    score_fn = jax.jit(score_experience, static_argnums=(0, 1, 2))
     fns = bigram_fns()
-    exp, stats = score_fn(fns, settings, params, jnp.float32(0.01), ids, mask)
+    exp, stats = score_fn(fns, shaping, settings, params, jnp.float32(0.01), ids, mask)
     np.testing.assert_allclose(stats["reward_with_kl_penalty"], stats["reward"] - 3.0 * stats["cost"], atol=1e-6)
-    assert np.all(np.asarray(exp.cost_advantages) == 0.0)
+    assert set(exp.advantages) == {"reward"} and set(exp.values) == {"reward"}  # one stream, one critic
     # With a reference that differs, the per-token -beta*KL appears in the reward stream.
     params = bigram_params(0)
-    exp, stats = score_fn(fns, settings, params, jnp.float32(0.5), ids, mask)
+    exp, stats = score_fn(fns, shaping, settings, params, jnp.float32(0.5), ids, mask)
     np.testing.assert_allclose(stats["reward_with_kl_penalty"],
                                stats["reward"] - 3.0 * stats["cost"] - 0.5 * stats["kl_divergence"], atol=1e-5)
 
 
 def test_ptx_makes_one_update_on_half_the_summed_gradients():
-    settings = make_settings("ppo_lag", ptx_coeff=4.0, whiten_advantages=True)
+    settings = make_settings(ptx_coeff=4.0, whiten_advantages=True)
     fns, params = bigram_fns(), bigram_params(1)
     ids, mask = sampled_batch(1)
-    exp, _ = jax.jit(ppo_lag.score_experience, static_argnums=(0, 1))(fns, settings, params, jnp.float32(0.01), ids, mask)
-    sgd = ppo_lag.Optimizers(optax.sgd(1.0), optax.sgd(0.0), optax.constant_schedule(1.0), optax.constant_schedule(0.0))
+    exp, _ = jax.jit(score_experience, static_argnums=(0, 1, 2))(fns, PPO_LAG, settings, params, jnp.float32(0.01),
+                                                                 ids, mask)
+    sgd = steps.Optimizers(optax.sgd(1.0), optax.sgd(0.0), optax.constant_schedule(1.0), optax.constant_schedule(0.0))
     trained = {name: params[name] for name in ("actor", "reward_critic", "cost_critic")}
-    state = ppo_lag.init_rl_state(settings, trained, sgd, jax.random.PRNGKey(0))
+    state = steps.init_rl_state(PPO_LAG, settings, trained, sgd, jax.random.PRNGKey(0))
     ptx_batch = next(PromptIter(BATCH, "sft", PROMPT + NEW))
     lam = jnp.float32(2.0)
-    new_state, metrics = jax.jit(ppo_lag.train_step, static_argnums=(0, 1, 2))(fns, settings, sgd, state, exp, lam,
-                                                                             ptx_batch)
+    new_state, metrics = jax.jit(steps.train_step, static_argnums=(0, 1, 2, 3))(fns, PPO_LAG, settings, sgd, state, exp,
+                                                                               lam, ptx_batch)
     # Independent recomputation: A = whiten((A_R - 2 A_C) / 3), PPO-clip, SFT loss, one SGD step.
     response = np.asarray(exp.response_mask)
-    combined = (np.asarray(exp.reward_advantages) - 2.0 * np.asarray(exp.cost_advantages)) / 3.0
+    combined = (np.asarray(exp.advantages["reward"]) - 2.0 * np.asarray(exp.advantages["cost"])) / 3.0
     mean = combined[response].mean()
     std = np.sqrt(((combined - mean) ** 2)[response].mean() + 1e-8)
     advantages = jnp.asarray(np.where(response, (combined - mean) / std, 0.0))
-    g_rl = jax.grad(lambda p: ppo_lag.actor_rl_loss(fns, settings, p, exp, advantages))(state.actor.params)
-    g_ptx = jax.grad(lambda p: ppo_lag.ptx_loss(fns, p, ptx_batch))(state.actor.params)
+    g_rl = jax.grad(lambda p: steps.actor_rl_loss(fns, settings, p, exp, advantages))(state.actor.params)
+    g_ptx = jax.grad(lambda p: steps.ptx_loss(fns, p, ptx_batch))(state.actor.params)
     expected = state.actor.params["table"] - 0.5 * (g_rl["table"] + 4.0 * g_ptx["table"])
     assert float(jnp.abs(g_rl["table"]).max()) > 0 and float(jnp.abs(g_ptx["table"]).max()) > 0
     np.testing.assert_allclose(new_state.actor.params["table"], expected, rtol=1e-5, atol=1e-6)
     assert float(metrics["ptx_loss"]) > 0 and int(new_state.actor.step) == 1
     # The critics (lr 0) stepped without moving; both value losses are reported.
-    np.testing.assert_array_equal(new_state.reward_critic.params["value"], state.reward_critic.params["value"])
-    assert int(new_state.cost_critic.step) == 1 and "cost_critic_loss" in metrics
+    np.testing.assert_array_equal(new_state.critics["reward"].params["value"], state.critics["reward"].params["value"])
+    assert int(new_state.critics["cost"].step) == 1 and "cost_critic_loss" in metrics
 
 
 def test_settings_from_configs_and_bad_input():
     from jaxalign import config as config_lib
 
     config = config_lib.load_config("configs/ppo_lag_tiny.py", ["--config.rl.lambda_max=0"])
-    settings = RLSettings.from_config(config)
-    assert settings.algorithm == "ppo_lag" and settings.lambda_max is None and settings.start == 47
-    seven_b = RLSettings.from_config(config_lib.load_config("configs/ppo_lag_llama2_7b.py"))
+    settings = RLSettings.from_group(config.rl)
+    assert settings.lambda_max is None and settings.start == 47
+    seven_b = RLSettings.from_group(config_lib.load_config("configs/ppo_lag_llama2_7b.py").rl)
     assert (seven_b.kl_coeff, seven_b.ptx_coeff, seven_b.lambda_max, seven_b.sequence_length) == (0.01, 16.0, 5.0, 512)
-    assert RLSettings.from_config(config_lib.load_config("configs/ppo_llama2_7b.py")).kl_coeff == 0.02
-    with pytest.raises(ValueError, match="algorithm"):
-        make_settings("dpo")
-    with pytest.raises(ValueError, match="cost model"):
-        RLSettings(algorithm="ppo_lag", use_cost_model=False)
+    assert RLSettings.from_group(config_lib.load_config("configs/ppo_llama2_7b.py").rl).kl_coeff == 0.02
+    with pytest.raises(ValueError, match="unknown RL algorithm 'dpo'"):
+        algorithms.make("dpo", has_cost_model=True)
+    with pytest.raises(ValueError, match="ppo_lag needs a cost model"):
+        algorithms.make("ppo_lag", has_cost_model=False)
+    with pytest.raises(ValueError, match="config.rl.lambda_lr must be finite"):
+        make_settings(lambda_lr=float("nan"))
+    assert algorithms.make("ppo", has_cost_model=False).roles == ("actor", "reference", "reward", "reward_critic")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRelative(algorithms.Algorithm):
+    """A critic-free algorithm written only against the seam: per-stream advantages are the
+    sequence score standardised over the batch, broadcast over the response tokens."""
+
+    name: ClassVar[str] = "batch_relative"
+    scorers: ClassVar[tuple[str, ...]] = ("reward", "cost")
+    streams: ClassVar[tuple[str, ...]] = ("reward", "cost")
+    critics: ClassVar[tuple[str, ...]] = ()
+
+    def stream_advantages(self, settings, stream, sequence_score, kl, end_index, kl_coeff, values, response_mask):
+        assert values is None
+        standardised = (sequence_score - sequence_score.mean()) / (sequence_score.std() + 1e-6)
+        advantages = jnp.where(response_mask, standardised[:, None], 0.0)
+        return advantages, advantages, None
+
+    def actor_advantages(self, settings, advantages, multiplier):
+        return -advantages["cost"]  # reward and cost count the same tokens here: chase safety only
+
+
+def test_a_critic_free_algorithm_fits_the_seam(tmp_path):
+    algorithm = BatchRelative()
+    assert algorithm.roles == ("actor", "reference", "reward", "cost")
+    settings = make_settings(num_minibatches=1, ptx_coeff=0.0)
+    records = run_loop(algorithm, settings, tmp_path / "run", 10)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert "reward_critic_loss" not in records[-1] and "critic_learning_rate" not in records[-1]
+    cost = np.array([r["cost"] for r in records])
+    print("critic-free cost", np.round(cost, 3).tolist())
+    assert cost[-3:].mean() < cost[:3].mean() - 0.03  # the actor moves against the cost advantage
+    for record in records:
+        assert abs(record["reward_advantage"]) < 1e-5  # standardised per batch
+
+
+def test_a_non_finite_reward_stops_before_saving(tmp_path):
+    """An infinite reward is caught on the iteration it appears: its metrics are written, no
+    checkpoint of the poisoned update exists, and the error names the metric."""
+    settings = make_settings(num_minibatches=1, ptx_coeff=0.0)
+
+    good = bad_fraction_scores(0.0)
+
+    def exploding_reward(params, input_ids, attention_mask):
+        return good(params, input_ids, attention_mask).at[0].set(jnp.inf)  # one row's reward model overflows
+
+    fns = dataclasses.replace(LLAMA_FNS, scores=dict(LLAMA_FNS.scores, reward=exploding_reward))
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite reward=inf.* at step 1; stopping without saving"):
+        run_loop(PPO, settings, tmp_path / "run", 3, save_every=1, fns=fns)
+    assert [r["step"] for r in metrics_lib.read_metrics(tmp_path / "run")] == [1]
+    assert not (tmp_path / "run" / "checkpoints" / "1").exists()
 
 
 def test_jaxalign_train_runs_the_ppo_lag_stage(tmp_path):
@@ -340,3 +412,8 @@ def test_jaxalign_train_runs_the_ppo_lag_stage(tmp_path):
     assert exported_cfg.vocab_size == len(tok)
     assert not np.allclose(exported["lm_head"]["kernel"], params["lm_head"]["kernel"])  # the actor was trained
     assert json.loads((workdir / "config.json").read_text())["stage"] == "ppo_lag"
+    # Re-running the finished run trains nothing and re-exports nothing.
+    exported_at = (workdir / "export" / "model.safetensors").stat().st_mtime_ns
+    assert cli.main(argv) == 0
+    assert [m["step"] for m in metrics_lib.read_metrics(workdir)] == [1, 2]
+    assert (workdir / "export" / "model.safetensors").stat().st_mtime_ns == exported_at
