@@ -341,9 +341,13 @@ class Checkpointer:
         return restored["state"], dict(restored["data"] or {})
 
     def wait(self) -> None:
-        """Blocks until pending async saves are on disk and their manifests are written."""
+        """Blocks until pending async saves are on disk and their manifests are written.
+
+        After SIGTERM/SIGINT the last manifests are skipped (hashing a large state could outlast
+        the preemption grace period): those steps are then used unverified."""
         self.manager.wait_until_finished()
-        self._schedule_manifests()
+        if self._signal_seen is None:
+            self._schedule_manifests()
         self._finish_manifests()
 
     def close(self) -> None:
