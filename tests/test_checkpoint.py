@@ -94,12 +94,15 @@ def run_tiny(workdir, config, batches=None, devices=None, checkpointer=None):
         loss = jnp.mean((y + noise - jnp.roll(batch["x"], 1, axis=-1)) ** 2)
         return loss, ({"y_mean": jnp.mean(y)}, extra)
 
-    state = loop.train(
-        config=config, workdir=workdir, mesh=mesh, rules=rules, tx=tx, loss_fn=loss_fn,
+    settings = loop.LoopSettings(
+        num_steps=num_steps, log_every=int(config.train.log_every), grad_accum_steps=int(config.train.grad_accum_steps),
+        checkpoint=checkpoint_lib.CheckpointSettings(**config.checkpoint.to_dict()))
+    result = loop.train(
+        settings=settings, workdir=workdir, mesh=mesh, rules=rules, tx=tx, loss_fn=loss_fn,
         abstract_state=abstract, init_state=init_state, train_iter=batches or Batches(mesh),
-        num_steps=num_steps, schedule=optim.make_schedule(config.train, num_steps), checkpointer=checkpointer,
+        schedule=optim.make_schedule(config.train, num_steps), checkpointer=checkpointer,
     )
-    return state, mesh, rules, abstract
+    return result.state, mesh, rules, abstract
 
 
 def _losses(workdir):
@@ -109,7 +112,7 @@ def _losses(workdir):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config()
     mesh = mesh_lib.make_mesh(config.mesh)
-    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan .*at step 5.*last good checkpoint is step 4"):
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite loss=nan.* at step 5.*last good checkpoint is step 4"):
         run_tiny(tmp_path, config, batches=Batches(mesh, nan_at=10))
     checkpointer = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", config.checkpoint, False)
     assert checkpointer.latest_step() == 4
