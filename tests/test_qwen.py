@@ -108,8 +108,9 @@ def test_logits_match_transformers_with_left_padding(tmp_path, case):
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def tiny(request):
-    """(cfg, params) of a jaxalign-side tiny Qwen2 / Qwen3 (Qwen3 with attention_bias too)."""
-    extra = dict(attention_bias=True) if request.param == "qwen3" else {}
+    """(cfg, params) of a jaxalign-side tiny Qwen2 (head_dim 16 != hidden / heads, which
+    transformers must read from config.json) / Qwen3 (with attention_bias)."""
+    extra = dict(attention_bias=True) if request.param == "qwen3" else dict(head_dim=16)
     cfg = CONFIGS[request.param](**TINY, eos_token_id=[2, 3], pad_token_id=PAD, **extra)
     return cfg, _host_params(cfg)
 
@@ -146,7 +147,8 @@ def test_save_pretrained_loads_in_transformers_and_back(tiny, tmp_path):
 def test_param_tree_and_tensor_map(tiny):
     cfg, params = tiny
     attn = params["model"]["layers"]["self_attn"]
-    assert attn["q_proj"]["bias"].shape == (2, 4, 8) and attn["v_proj"]["bias"].shape == (2, 2, 8)
+    dh = cfg.head_dim
+    assert attn["q_proj"]["bias"].shape == (2, 4, dh) and attn["v_proj"]["bias"].shape == (2, 2, dh)
     assert ("bias" in attn["o_proj"]) == (cfg.model_type == "qwen3")  # Qwen2: never an o_proj bias
     assert ("q_norm" in attn) == (cfg.model_type == "qwen3")
     shapes = jax.eval_shape(models.causal_lm(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))

@@ -8,6 +8,7 @@ jaxalign/parallel/mesh.py map them onto mesh axes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,59 @@ if TYPE_CHECKING:
 
 
 # ----------------------------------------------------------------------------- RoPE
+
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: rope_type "linear" (factor) or "llama3" (all fields)."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def to_hf(self) -> dict:
+        out = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            out.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+        return out
+
+
+def parse_rope_scaling(rope: dict) -> RopeScaling | None:
+    """RopeScaling of an HF rope_scaling / rope_parameters dict (None for "default"); a
+    ValueError naming the key for anything unsupported."""
+    rope_type = rope.get("rope_type", rope.get("type"))
+    if rope_type not in _ROPE_TYPES:
+        raise ValueError(
+            f"unsupported rope_scaling rope_type={rope_type!r}; supported: {list(_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return None
+    factor = rope.get("partial_rotary_factor", 1.0)
+    if factor != 1.0:
+        raise ValueError(f"unsupported partial_rotary_factor={factor!r}; must be 1.0")
+    needed = ["factor"]
+    if rope_type == "llama3":
+        needed += ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+    missing = [k for k in needed if rope.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_scaling of type {rope_type!r} is missing keys: {missing}")
+    if rope_type == "linear":
+        return RopeScaling("linear", float(rope["factor"]))
+    return RopeScaling(
+        "llama3",
+        float(rope["factor"]),
+        float(rope["low_freq_factor"]),
+        float(rope["high_freq_factor"]),
+        int(rope["original_max_position_embeddings"]),
+    )
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:

@@ -43,6 +43,8 @@ from jaxalign.models.layers import (  # noqa: F401  (re-exported: llama.Linear, 
     Embed,
     Linear,
     RMSNorm,
+    RopeScaling,
+    parse_rope_scaling,
     apply_rope,
     attention,
     causal_attention,
@@ -51,7 +53,6 @@ from jaxalign.models.layers import (  # noqa: F401  (re-exported: llama.Linear, 
 )
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_ROPE_TYPES = ("default", "linear", "llama3")
 _REMAT_POLICIES = {
     "none": None,
     "full": "nothing_saveable",
@@ -70,27 +71,6 @@ _REQUIRED_HF_KEYS = (
 
 
 # ----------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling: rope_type "linear" (factor) or "llama3" (all fields)."""
-
-    rope_type: str
-    factor: float
-    low_freq_factor: float | None = None
-    high_freq_factor: float | None = None
-    original_max_position_embeddings: int | None = None
-
-    def to_hf(self) -> dict:
-        out = {"rope_type": self.rope_type, "factor": self.factor}
-        if self.rope_type == "llama3":
-            out.update(
-                low_freq_factor=self.low_freq_factor,
-                high_freq_factor=self.high_freq_factor,
-                original_max_position_embeddings=self.original_max_position_embeddings,
-            )
-        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +124,7 @@ class LlamaConfig:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.rope_scaling, Mapping):
-            object.__setattr__(self, "rope_scaling", _parse_rope_scaling(dict(self.rope_scaling)))
+            object.__setattr__(self, "rope_scaling", parse_rope_scaling(dict(self.rope_scaling)))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -228,7 +208,7 @@ class LlamaConfig:
                 rope_theta = params.pop("rope_theta")
             if rope is None:
                 rope = params
-        rope_scaling = _parse_rope_scaling(dict(rope)) if rope else None
+        rope_scaling = parse_rope_scaling(dict(rope)) if rope else None
 
         return dict(
             vocab_size=int(hf["vocab_size"]),
@@ -289,34 +269,6 @@ class LlamaConfig:
     @property
     def weight_dtype(self):
         return _DTYPES[self.param_dtype]
-
-
-def _parse_rope_scaling(rope: dict) -> RopeScaling | None:
-    rope_type = rope.get("rope_type", rope.get("type"))
-    if rope_type not in _ROPE_TYPES:
-        raise ValueError(
-            f"unsupported rope_scaling rope_type={rope_type!r}; supported: {list(_ROPE_TYPES)}"
-        )
-    if rope_type == "default":
-        return None
-    factor = rope.get("partial_rotary_factor", 1.0)
-    if factor != 1.0:
-        raise ValueError(f"unsupported partial_rotary_factor={factor!r}; must be 1.0")
-    needed = ["factor"]
-    if rope_type == "llama3":
-        needed += ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
-    missing = [k for k in needed if rope.get(k) is None]
-    if missing:
-        raise ValueError(f"rope_scaling of type {rope_type!r} is missing keys: {missing}")
-    if rope_type == "linear":
-        return RopeScaling("linear", float(rope["factor"]))
-    return RopeScaling(
-        "llama3",
-        float(rope["factor"]),
-        float(rope["low_freq_factor"]),
-        float(rope["high_freq_factor"]),
-        int(rope["original_max_position_embeddings"]),
-    )
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
