@@ -82,7 +82,7 @@ def test_lock_is_released_when_the_body_raises(tmp_path):
 
 def test_train_command_refuses_a_held_workdir_before_touching_it(tmp_path):
     from jaxalign import config as config_lib
-    from jaxalign.train import commands
+    from jaxalign.stages import commands
 
     config = config_lib.load_config(REPO / "configs" / "sft_tiny.py")
     holder = _start_holder(tmp_path)
