@@ -75,12 +75,12 @@ def tiny_config(overrides=()):
     )
 
 
-def run_tiny(workdir, config, batches=None, devices=None, checkpointer=None):
+def run_tiny(workdir, config, batches=None, devices=None, checkpointer=None, tx=None):
     mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
     rules = mesh_lib.axis_rules(config.mesh)
     model = TinyModel()
     num_steps = config.train.num_steps
-    tx = optim.make_optimizer(config.train, num_steps)
+    tx = tx or optim.make_optimizer(config.train, num_steps)
     init_params = lambda r: model.init(r, jnp.zeros((1, 8)))["params"]  # noqa: E731
     abstract = state_lib.abstract_train_state(init_params, tx, mesh, rules)
 
@@ -112,12 +112,24 @@ def _losses(workdir):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config()
     mesh = mesh_lib.make_mesh(config.mesh)
-    with pytest.raises(loop.NonFiniteError, match=r"non-finite loss=nan.* at step 5.*last good checkpoint is step 4"):
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite .*loss=nan.* at step 5.*last good checkpoint is step 4"):
         run_tiny(tmp_path, config, batches=Batches(mesh, nan_at=10))
     checkpointer = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", config.checkpoint, False)
     assert checkpointer.latest_step() == 4
     _, data_state = checkpointer.restore(4, run_tiny_abstract(config))
     assert data_state["iterator"] == {"index": 8}
+
+
+def test_a_poisoned_update_is_never_saved(tmp_path):
+    """A NaN learning rate gives a finite loss and gradient at step 1 but NaN parameters after the
+    update: the loop checks the parameter norm after the update, so no checkpoint holds them."""
+    import optax
+
+    config = tiny_config(["--config.checkpoint.save_every=1"])
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite param_norm=nan at step 1"):
+        run_tiny(tmp_path, config, tx=optax.sgd(float("nan")))
+    checkpointer = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", config.checkpoint, False)
+    assert checkpointer.latest_step() is None
 
 
 def run_tiny_abstract(config, devices=None):

@@ -12,8 +12,10 @@ from jaxalign import config as config_lib
 from jaxalign.data import mini
 from jaxalign.models import hf, llama, score
 from jaxalign.models import tokenizer as tokenizer_lib
-from jaxalign.train import commands, optim, score_stage
-from jaxalign.train import state as state_lib
+from jaxalign.models import loading
+from jaxalign.objectives import preference
+from jaxalign.stages import commands, common
+from jaxalign.stages import score as score_stage
 from jaxalign.parallel import mesh as mesh_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -84,7 +86,8 @@ def _check_export(export, stage, steps, batch_size):
 def test_reward_stage_learns_preferences(mini_data, tmp_path):
     # No eval split here (saves a compile): the cost test covers the stage's evaluation.
     config = _config("reward", mini_data, **{"data.eval_split": ""})
-    export = commands.train(config, tmp_path)
+    commands.train(config, tmp_path)
+    export = tmp_path / "export"
     train, evals = _metrics(tmp_path)
     assert len(train) == STEPS and not evals
     early = np.mean([m["accuracy"] for m in train[:3]])
@@ -96,7 +99,8 @@ def test_reward_stage_learns_preferences(mini_data, tmp_path):
 
 def test_cost_stage_learns_signs(mini_data, tmp_path):
     config = _config("cost", mini_data)
-    export = commands.train(config, tmp_path)
+    commands.train(config, tmp_path)
+    export = tmp_path / "export"
     train, evals = _metrics(tmp_path)
     early = np.mean([m["accuracy_sign"] for m in train[:3]])
     late = np.mean([m["accuracy_sign"] for m in train[-10:]])
@@ -115,16 +119,15 @@ def test_init_from_llama_dir_copies_backbone_and_grows_vocab(mini_data, tmp_path
     sft_params = _host_llama_params(sft_cfg, seed=1)
     hf.save_pretrained(tmp_path / "sft", sft_cfg, sft_params)
 
-    cfg = score_stage.model_config(config, tokenizer)
-    assert cfg.vocab_size == len(tokenizer) and cfg.pad_token_id == tokenizer.pad_token_id
     head = score_stage.score_head(config)
-    model = head.model(cfg)
     mesh, rules = mesh_lib.make_mesh(config.mesh), mesh_lib.axis_rules(config.mesh)
-    tx = optim.make_optimizer(config.train, 10)
-    abstract = state_lib.abstract_train_state(
-        score_stage.boxed_init_fn(model), tx, mesh, rules, score_stage.initial_extra(head)
-    )
-    state = score_stage.make_init_state(config, cfg, head, model, tx, abstract, mesh, rules)()
+    state = loading.load_backbone_with_head(common.model_settings(config), head, mesh, rules,
+                                            vocab_size=len(tokenizer), special=loading.special_ids(tokenizer),
+                                            rng=jax.random.PRNGKey(0))
+    cfg = state.cfg
+    assert cfg.vocab_size == len(tokenizer) and cfg.pad_token_id == tokenizer.pad_token_id
+    assert state.shardings["model"]["embed_tokens"]["embedding"] == state.params["model"]["embed_tokens"][
+        "embedding"].sharding
 
     embedding = np.asarray(state.params["model"]["embed_tokens"]["embedding"])
     old = sft_params["model"]["embed_tokens"]["embedding"]
@@ -134,7 +137,7 @@ def test_init_from_llama_dir_copies_backbone_and_grows_vocab(mini_data, tmp_path
     np.testing.assert_array_equal(up_proj(state.params), up_proj(sft_params))
     np.testing.assert_array_equal(state.params["score_head"]["bias"], [0.0])
     assert 0.005 < float(np.std(state.params["score_head"]["kernel"])) < 0.05  # N(0, 0.02), fresh
-    assert int(state.extra["normalizer"]["count"]) == 0
+    assert int(state.stats["count"]) == 0
 
 
 def test_bad_stage_and_loss_type(mini_data):
@@ -145,5 +148,5 @@ def test_bad_stage_and_loss_type(mini_data):
         score_stage.score_head(config)
     config = _config("reward", mini_data, **{"score.loss_type": "pairwise"})
     head = score_stage.score_head(config)
-    with pytest.raises(ValueError, match="loss_type"):
-        score_stage.make_loss_fn(None, head, config)
+    with pytest.raises(ValueError, match="config.score.loss_type: 'pairwise'"):
+        preference.make_score_loss_fn(None, head, "preference", config.score.loss_type, 0.0)

@@ -13,11 +13,12 @@ from configs import base
 from jaxalign import cli
 from jaxalign import config as config_lib
 from jaxalign.data import mini
-from jaxalign.models import hf, llama
+from jaxalign.models import hf, loading
 from jaxalign.models import tokenizer as tokenizer_lib
 from jaxalign.objectives import sft
 from jaxalign.parallel import mesh as mesh_lib
-from jaxalign.train import commands, metrics as metrics_lib, sft_stage
+from jaxalign.stages import commands
+from jaxalign.train import metrics as metrics_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -96,15 +97,11 @@ def test_sft_stage_trains_exports_and_resumes_exactly(mini_data, tmp_path):
     # the export loads back onto the 8-device mesh tensor by tensor; an added token's row = mean row
     mesh = mesh_lib.make_mesh(config_lib.load_config(REPO / "configs" / "sft_tiny.py").mesh)
     rules = mesh_lib.axis_rules(base.get_config().mesh)
-    bigger = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 1)
-    with mesh_lib.sharding_context(mesh, rules):
-        boxed = jax.eval_shape(
-            lambda r: llama.Llama(bigger).init(r, jnp.zeros((1, 1), jnp.int32))["params"], jax.random.PRNGKey(0)
-        )
-    shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
-    new_cfg, loaded = sft_stage.load_hf_params(cfg, str(full / "export"), bigger.vocab_size, shardings)
+    policy = loading.load_policy(loading.ModelSettings(init_path=str(full / "export")), mesh, rules,
+                                 vocab_size=cfg.vocab_size + 1, rng=jax.random.PRNGKey(0))
+    loaded, shardings = policy.params, policy.shardings
     table = loaded["model"]["embed_tokens"]["embedding"]
-    assert new_cfg.vocab_size == bigger.vocab_size and table.sharding == shardings["model"]["embed_tokens"]["embedding"]
+    assert policy.cfg.vocab_size == cfg.vocab_size + 1 and table.sharding == shardings["model"]["embed_tokens"]["embedding"]
     old_table = np.asarray(params["model"]["embed_tokens"]["embedding"])
     np.testing.assert_array_equal(np.asarray(table)[:-1], old_table)
     np.testing.assert_allclose(np.asarray(table)[-1], old_table.mean(axis=0), rtol=1e-5, atol=1e-7)
@@ -119,7 +116,7 @@ def test_sft_stage_trains_exports_and_resumes_exactly(mini_data, tmp_path):
     config = config_lib.load_config(
         REPO / "configs" / "sft_tiny.py", _overrides(mini_data, 5) + ["--config.data.eval_split="]
     )
-    commands.train(config, resumed)
+    commands.train(config, resumed, allow_config_change=True)  # eval_split was turned off
     assert _losses(resumed) == losses  # bitwise, step for step: iterator, rng and optimizer restored
     _, resumed_params = hf.from_pretrained(resumed / "export")
     for a, b in zip(jax.tree.leaves(resumed_params), jax.tree.leaves(params)):
