@@ -19,6 +19,7 @@ Keys and shapes (docs/architecture.md), B = batch_size, L = max_length:
                        unsafer_sign [B] int32 (+1 safe, -1 unsafe)
     prompt             input_ids [B,L] left-padded, attention_mask [B,L]
     qa                 input_ids, attention_mask, is_safe [B] bool, categories [B,19] bool, severity [B] int32
+                       response_mask [B,L] bool (the response tokens, like sft's loss_mask)
 
 Tokenization follows upstream (spec §2.5, §11.10): the tokenizer adds BOS
 (`add_special_tokens=True`); training texts are `prompt + response + tokenizer.eos_token`;
@@ -140,10 +141,11 @@ def _tokenize(kind: str, examples: Sequence[dict], tok: _Tokenizer, max_length: 
         arrays[f"{prefix}input_ids"] = ids
         arrays[f"{prefix}attention_mask"] = mask
         truncated[f"{prefix}input_ids"] += cut
-    if kind == "sft":
+    if kind in ("sft", "qa"):  # qa: the response tokens, for streaming moderation (issue 10)
         prompt_lengths = np.array([len(s) for s in tok([e["prompt"] for e in examples])])
         positions = np.arange(max_length)[None, :]
-        arrays["loss_mask"] = (positions >= prompt_lengths[:, None]) & arrays["attention_mask"]
+        mask = (positions >= prompt_lengths[:, None]) & arrays["attention_mask"]
+        arrays["loss_mask" if kind == "sft" else "response_mask"] = mask
     elif kind == "safety_preference":
         arrays["safer_sign"] = np.array([e["safer_sign"] for e in examples], dtype=np.int32)
         arrays["unsafer_sign"] = np.array([e["unsafer_sign"] for e in examples], dtype=np.int32)
