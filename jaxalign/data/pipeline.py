@@ -146,7 +146,7 @@ def _tokenize(kind: str, examples: Sequence[dict], tok: _Tokenizer, max_length: 
         positions = np.arange(max_length)[None, :]
         mask = (positions >= prompt_lengths[:, None]) & arrays["attention_mask"]
         arrays["loss_mask" if kind == "sft" else "response_mask"] = mask
-    elif kind == "safety_preference":
+    if kind == "safety_preference":
         arrays["safer_sign"] = np.array([e["safer_sign"] for e in examples], dtype=np.int32)
         arrays["unsafer_sign"] = np.array([e["unsafer_sign"] for e in examples], dtype=np.int32)
     elif kind == "qa":
