@@ -209,3 +209,57 @@ def export_score_model(out_dir: str | pathlib.Path, cfg, params: Any, head: scor
         score.save_score_model(out, cfg, params, head, stats, max_shard_size="5GB")
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def load_moderation_model(settings: ModelSettings, mesh, rules, *, head=None, vocab_size: int | None = None,
+                          special: Mapping | None = None, rng: jax.Array | None = None,
+                          min_vocab_size: int | None = None) -> Placed:
+    """A moderation model (models/moderation.py) on the mesh, by what settings.init_path holds:
+
+      * a moderation export (its config.json has the head fields): its weights and stored head;
+      * a causal LM / score model dir (e.g. the SFT export): its backbone (vocabulary resized to
+        vocab_size) + fresh heads of `head` from `rng`;
+      * "" : a random init of settings.hf_config (all of it from `rng`).
+    Placed.head is the ModerationHead. min_vocab_size: the vocabulary a saved model must cover.
+    """
+    from jaxalign.models import moderation
+
+    if settings.init_path and moderation.is_moderation_config(hf.read_config(settings.init_path)):
+        runtime = settings.runtime()
+        cfg, stored_head, host = moderation.load_moderation_model(settings.init_path, dtype=runtime.pop("dtype"),
+                                                                  on_host=True, **runtime)
+        if min_vocab_size is not None and cfg.vocab_size < min_vocab_size:
+            raise ValueError(f"moderation model {settings.init_path} has a vocabulary of {cfg.vocab_size} < the "
+                             f"tokenizer's {min_vocab_size}; train it with the same tokenizer")
+        module = stored_head.model(cfg)
+        shardings = param_shardings(module, mesh, rules)
+        return Placed(cfg=cfg, module=module, params=place(host, shardings), shardings=shardings, head=stored_head)
+    if head is None or rng is None or vocab_size is None:
+        raise ValueError(f"{settings.init_path or 'config.model.hf_config'} is not a moderation model; fresh heads "
+                         "need head, vocab_size and rng")
+    cfg = model_config(settings, vocab_size=vocab_size, special=special)
+    module = head.model(cfg)
+    shardings = param_shardings(module, mesh, rules)
+    if settings.init_path:
+        stored = hf.load_config(settings.init_path, **settings.runtime())
+        backbone = hf.backbone_from_hf_tensors(stored, hf.read_safetensors_dir(settings.init_path))
+        backbone = _resized_host(stored, {"model": backbone}, vocab_size)["model"]
+        with jax.default_device(jax.devices("cpu")[0]):
+            host = moderation.init_params_from_backbone(backbone, cfg, rng, head)
+        params = place(jax.tree.map(np.asarray, host), shardings, np.dtype(jnp.dtype(cfg.param_dtype)))
+        log.info("moderation model: backbone of %s + fresh heads", settings.init_path)
+    else:
+        params, _ = mesh_lib.init_sharded(init_fn(module), rng, mesh, rules)
+    return Placed(cfg=cfg, module=module, params=params, shardings=shardings, head=head)
+
+
+def export_moderation_model(out_dir: str | pathlib.Path, cfg, params: Any, head, tokenizer) -> pathlib.Path:
+    """out_dir: a moderation-model dir (head fields and threshold in config.json) + tokenizer files."""
+    from jaxalign.models import moderation
+
+    out = pathlib.Path(out_dir)
+    params = _gather_to_host(params)
+    if jax.process_index() == 0:
+        moderation.save_moderation_model(out, cfg, params, head, max_shard_size="5GB")
+        tokenizer.save_pretrained(str(out))
+    return out
