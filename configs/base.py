@@ -26,9 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = model = ml_collections.ConfigDict()
     model.init_path = ""  # HF model dir (config.json + *.safetensors) to start from; "" = random init
-    # HF-style config.json fields used for random init when init_path is "" (LlamaConfig.from_hf_config).
+    # HF-style config.json fields used for random init when init_path is "" (models.config_from_hf).
     model.hf_config = ml_collections.ConfigDict(
         dict(
+            model_type="llama",  # the family: llama | qwen2 | qwen3 (qwen3: per-head q/k norm; qwen2: q/k/v bias)
+            head_dim=None,  # None = hidden_size // num_attention_heads
             vocab_size=32000,  # replaced by the tokenizer's vocabulary size (incl. pad) when known
             hidden_size=4096,
             intermediate_size=11008,

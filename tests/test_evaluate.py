@@ -94,3 +94,39 @@ def test_evaluate_bad_model_dir(setup, tmp_path):
     argv = ["evaluate", "reward", "--model", str(tmp_path / "nope"), "--data", str(root / "mini"),
             "--out", str(tmp_path / "out")]
     assert cli.main(argv) == 1
+
+
+def test_evaluate_on_the_configs_sharded_mesh(setup, tmp_path, monkeypatch, caplog):
+    """--config places the model on that config's mesh (fsdp=4 x tensor=2 over the 8 simulated
+    devices): the numbers equal the default mesh's, and the parameters really are sharded."""
+    from jaxalign.models import loading
+
+    root, *_ = setup
+    placed = []
+    original = loading.load_score_model
+
+    def spy(*args, **kwargs):
+        placed.append(original(*args, **kwargs))
+        return placed[-1]
+
+    monkeypatch.setattr(loading, "load_score_model", spy)
+    default = _evaluate(root, "reward", tmp_path / "default")
+    argv = ["evaluate", "reward", "--model", str(root / "reward"), "--data", str(root / "mini"),
+            "--out", str(tmp_path / "sharded"), "--max-length", str(MAX_LENGTH), "--batch-size", "8",
+            "--config", "configs/reward_tiny.py", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"]
+    assert cli.main(argv) == 0
+    sharded = json.loads((tmp_path / "sharded" / "metrics.json").read_text())
+    assert sharded["num_pairs"] == default["num_pairs"] and sharded["accuracy"] == default["accuracy"]
+    assert sharded["reward_mean"] == pytest.approx(default["reward_mean"], abs=1e-5)
+    embedding = placed[-1].params["model"]["embed_tokens"]["embedding"]  # [V, D]: vocab/tensor, embed/fsdp
+    assert dict(placed[-1].params["model"]["embed_tokens"]["embedding"].sharding.mesh.shape) == {
+        "data": 1, "fsdp": 4, "tensor": 2}
+    assert embedding.addressable_shards[0].data.shape == (embedding.shape[0] // 2, embedding.shape[1] // 4)
+
+
+def test_evaluate_overrides_need_a_config(setup, tmp_path):
+    root, *_ = setup
+    argv = ["evaluate", "reward", "--model", str(root / "reward"), "--data", str(root / "mini"),
+            "--out", str(tmp_path), "--config.mesh.fsdp=4"]
+    with pytest.raises(SystemExit):
+        cli.main(argv)
