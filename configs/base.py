@@ -21,7 +21,7 @@ from jaxalign.parallel import mesh as mesh_lib
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.stage = "sft"  # sft | reward | cost | ppo | ppo_lag | ppo_reward_shaping (jaxalign/stages)
+    config.stage = "sft"  # sft | reward | cost | ppo | ppo_lag | ppo_reward_shaping | safe_grpo | dpo | safe_dpo | c_dpo (jaxalign/stages)
     config.seed = 42  # seeds parameter init, dropout-free training RNG and data shuffling
 
     config.model = model = ml_collections.ConfigDict()
@@ -156,4 +156,20 @@ def get_config() -> ml_collections.ConfigDict:
     rl.kl_horizon = 10000.0
     rl.ppo_epochs = 1  # upstream update_iters
     rl.num_minibatches = 1
+    # safe_grpo: responses sampled per prompt (a group); advantages are normalised within each group
+    rl.num_return_sequences = 1
+
+    config.dpo = dpo = ml_collections.ConfigDict()  # dpo | safe_dpo | c_dpo (objectives/dpo.py)
+    dpo.beta = 0.1  # β: upstream dpo.sh --scale_coeff 0.1 (argparse default 0.02)
+    dpo.safety_margin = 2.0  # safe_dpo: Δ, extra margin for a safe preferred answer over an unsafe one
+    # c_dpo: labels from r - λc of the frozen reward and cost models; λ by dual ascent (lagrange.py).
+    dpo.reward_model_path = ""  # score-model dir (reward stage export)
+    dpo.cost_model_path = ""  # score-model dir (cost stage export)
+    dpo.normalize_reward = False  # apply the reward model's stored mean/var
+    dpo.normalize_cost = False  # apply the cost model's stored var (sign kept)
+    dpo.threshold = 0.0  # the constraint: policy cost J_C <= threshold
+    dpo.lambda_init = 1.0
+    dpo.lambda_lr = 0.05  # one log-space step per micro-batch
+    dpo.lambda_max = 5.0  # <= 0: no cap
+    dpo.episode_cost_window_size = 16  # batches of policy-cost estimates averaged into J_C
     return config
