@@ -14,8 +14,7 @@ Code shipped in a tokenizer dir is never run: transformers is always called with
 `trust_remote_code=False`, and a dir whose tokenizer_config.json or config.json has an `auto_map`
 (custom Python classes) is refused with one error line naming the dir, never a [y/N] prompt.
 
-`jaxalign tokenizer --data DIR --out DIR --vocab-size N` trains on the prompts and responses of
-a release-layout dir.
+`jaxalign tokenizer` (models/commands.py) trains one on the prompts and responses of a release-layout dir.
 """
 
 from __future__ import annotations
@@ -123,16 +122,3 @@ def release_texts(data_dir: str | os.PathLike) -> Iterable[str]:
             yield format_prompt(row["prompt"])
             yield row["response_0"]
             yield row["response_1"]
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--data", required=True, help="release-layout dir (data/<Model>/{train,test}.jsonl)")
-    parser.add_argument("--out", required=True, help="output tokenizer dir")
-    parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocab size incl. the 4 special tokens")
-
-
-def run(args) -> int:
-    tokenizer = train_bpe_tokenizer(release_texts(args.data), args.vocab_size, args.out)
-    print(f"wrote {args.out}: vocab {len(tokenizer)}, bos={tokenizer.bos_token_id} eos={tokenizer.eos_token_id} "
-          f"unk={tokenizer.unk_token_id} pad={tokenizer.pad_token_id}")
-    return 0
