@@ -32,3 +32,59 @@ def test_invalid_release_dir_is_reported(tmp_path, capsys):
     assert cli.main(["data", "validate", str(tmp_path)]) != 0
     captured = capsys.readouterr()
     assert "test.jsonl" in captured.err + captured.out
+    assert "'response_0': missing" in captured.err + captured.out  # the nearest kind's missing field
+
+
+@pytest.mark.parametrize("text", ['{"model_type": "llama", "hidden_size": ', "[1, 2]",
+                                  '{"model_type": "llama", "vocab_size": 8, "hidden_size": "abc", '
+                                  '"intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}'])
+def test_sample_with_a_malformed_config_json_is_one_line(tmp_path, capsys, monkeypatch, text):
+    monkeypatch.delenv("JAXALIGN_DEBUG", raising=False)
+    (tmp_path / "config.json").write_text(text)
+    assert cli.main(["sample", "--model", str(tmp_path), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jaxalign sample: error:") and "config.json" in err and err.count("\n") == 1, err
+
+
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory):
+    """A 150-row mini dataset and its BPE tokenizer."""
+    from jaxalign.data import mini
+    from jaxalign.models import tokenizer as tokenizer_lib
+
+    root = tmp_path_factory.mktemp("mini")
+    mini.write_mini(root / "data", rows=150, seed=0)
+    tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(root / "data"), 300, root / "tokenizer")
+    return root
+
+
+def _sft_argv(root, workdir):
+    return ["train", "--config", "configs/sft_tiny.py", "--workdir", str(workdir),
+            f"--config.data.source={root / 'data'}", f"--config.tokenizer={root / 'tokenizer'}",
+            "--config.train.num_steps=2", "--config.data.max_length=48", "--config.data.batch_size=8",
+            "--config.data.eval_split=", "--config.checkpoint.save_every=1", "--config.checkpoint.async_save=False"]
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "export"])
+def test_a_full_disk_is_one_line(mini_run, tmp_path, capsys, monkeypatch, where):
+    """ENOSPC while saving a checkpoint (Orbax) or writing the export (safetensors): exit 1 and one
+    line naming the full disk, no traceback."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    from jaxalign.models import hf
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run"))
+
+    if where == "checkpoint":
+        monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    else:
+        monkeypatch.setattr(hf, "save_file", full)
+    monkeypatch.delenv("JAXALIGN_DEBUG", raising=False)
+    assert cli.main(_sft_argv(mini_run, tmp_path / "run")) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "No space left on device" in lines[0], err
+    assert "Traceback" not in err

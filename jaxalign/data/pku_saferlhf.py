@@ -350,24 +350,28 @@ def find_files(source_dir: str | os.PathLike, config: str = "default", split: st
     return files
 
 
-def kind_of_row(row: dict) -> str:
-    """The kind whose field set is nearest the row's fields (fewest missing + unexpected; ties: dual).
+def kind_of_row(row: dict, kinds: Sequence[str] = KINDS) -> str:
+    """The kind of `kinds` whose field set is nearest the row's fields (fewest missing + unexpected;
+    ties: the first, dual).
 
     A row missing one field keeps its kind, so validation then names the missing field and line
     instead of reporting every field of another kind as unexpected.
     """
     keys = set(row)
-    return min(KINDS, key=lambda kind: len(keys ^ set(FIELDS[kind])))
+    return min(kinds, key=lambda kind: len(keys ^ set(FIELDS[kind])))
 
 
 def detect_kind(source_dir: str | os.PathLike) -> str:
-    """The kind ('dual', 'single', 'v0') of the first JSON object found, by its nearest field set."""
+    """The kind ('dual', 'single', 'v0') of the first JSON object found, by its nearest field set.
+    A file in a subset folder (data/Alpaca-7B/...) is dual or single: the v0 release has none."""
+    subset_dirs = {pathlib.Path(source_dir) / "data" / name for name in SUBSET_DIRS.values()}
     for config in ("default", "v0"):
         for split in SPLITS:
             for path in find_files(source_dir, config, split):
+                kinds = ("dual", "single") if pathlib.Path(path).parent in subset_dirs else KINDS
                 for _, row in iter_file(path):
                     if isinstance(row, dict):
-                        return kind_of_row(row)
+                        return kind_of_row(row, kinds)
     raise FileNotFoundError(f"{source_dir}: no release file found (expected data/<Model>/{{train,test}}.jsonl)")
 
 

@@ -36,12 +36,14 @@ def run(args) -> int:
     from jaxalign.models.tokenizer import load_tokenizer
     from jaxalign.parallel import mesh as mesh_lib
 
+    # config.json first: a malformed one is one line naming it (the tokenizer would raise from transformers).
+    stored = hf.load_config(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model, padding_side="left")
     settings = mesh_lib.MeshSettings()
     mesh, rules = mesh_lib.make_mesh(settings), mesh_lib.axis_rules(settings)
     # A tokenizer with more tokens than the checkpoint (e.g. an added <pad>) resizes the embeddings.
     policy = loading.load_policy(loading.ModelSettings(init_path=args.model, dtype=args.dtype), mesh, rules,
-                                 vocab_size=max(len(tokenizer), hf.load_config(args.model).vocab_size),
+                                 vocab_size=max(len(tokenizer), stored.vocab_size),
                                  rng=jax.random.PRNGKey(args.seed))
     cfg = policy.cfg
     text = args.prompt if args.raw else format_prompt(args.prompt)
