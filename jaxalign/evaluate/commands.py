@@ -3,6 +3,7 @@
     jaxalign evaluate reward --model out/reward_tiny/export --data out/mini --out out/eval_rm
     jaxalign evaluate cost   --model out/cost_tiny/export   --data out/mini --out out/eval_cm
     jaxalign evaluate curves --runs out/ppo_lag_tiny out/ppo_tiny --out out/rl_curves.png
+    jaxalign evaluate judge  --model out/ppo_lag_tiny/export --data out/mini --out out/judge_ppo_lag
     jaxalign evaluate reward --model DIR ... --config configs/reward_llama2_7b.py [--config.mesh.fsdp=8]
 
 reward: accuracy P(r_better > r_worse), reward mean/std; cost: accuracy P(c_unsafer > c_safer),
@@ -12,12 +13,17 @@ OUT/metrics.json, OUT/scores.npy and PNG histograms (see jaxalign/evaluate/score
 The model is placed on the mesh of --config (config.mesh and its axis rules, so a 7B model
 evaluates sharded); without --config every device holds a data-parallel share of the batch
 and the parameters are FSDP-sharded over all devices.
+
+judge: samples a policy on the mini dataset's test prompts and classifies every answer exactly
+(jaxalign/evaluate/judge.py): harmful, severe, safe-alternative, over-refusal, helpful and broken
+rates, per harm category; OUT/judge.json, OUT/answers.jsonl, OUT/judge.png.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pathlib
 
 import jax
 
@@ -119,12 +125,82 @@ def _run_curves(args) -> int:
     return 0
 
 
+def add_policy_arguments(parser) -> None:
+    """Arguments shared by commands that sample a policy (judge, arena)."""
+    parser.add_argument("--split", default="test", help="dataset split (default: test)")
+    parser.add_argument("--name", default="default", help="dataset config (default: default)")
+    parser.add_argument("--samples", type=int, default=2, help="answers per prompt (default: 2)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--prompt-length", type=int, default=64, help="prompts are left-padded/cut to this")
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per sampler call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    parser.add_argument("--config", default="", help="config file whose config.mesh places the models "
+                        "(--config.mesh.* overrides allowed); default: all devices, FSDP")
+
+
+def judge_settings(args):
+    from jaxalign.evaluate import judge
+
+    return judge.JudgeSettings(samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                               prompt_length=args.prompt_length, seed=args.seed)
+
+
+def load_sampling_policy(path: str, mesh, rules, dtype: str = "float32"):
+    """(policy Placed, left-padding tokenizer) of an HF policy dir (its own tokenizer files)."""
+    from jaxalign.models import hf
+    from jaxalign.models.tokenizer import load_tokenizer as load_tok
+
+    if not (pathlib.Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"--model {path}: no config.json (expected a policy dir, e.g. WORKDIR/export)")
+    tokenizer = load_tok(path, padding_side="left")
+    policy = loading.load_policy(loading.ModelSettings(init_path=path, dtype=dtype), mesh, rules,
+                                 vocab_size=max(len(tokenizer), hf.load_config(path).vocab_size),
+                                 special=loading.special_ids(tokenizer), rng=jax.random.PRNGKey(0))
+    return policy, tokenizer
+
+
+def _add_judge_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="policy dir (HF causal LM + tokenizer, e.g. WORKDIR/export)")
+    parser.add_argument("--data", required=True, help="the mini dataset dir (`jaxalign data mini --out DIR`)")
+    parser.add_argument("--out", required=True, help="output dir: judge.json, answers.jsonl, judge.png")
+    parser.add_argument("--label", default="", help="policy name in the plot (default: the --out dir name)")
+    add_policy_arguments(parser)
+
+
+def _run_judge(args) -> int:
+    from jaxalign.evaluate import judge
+
+    mesh, rules = mesh_from_args(args)
+    rows, report = sources.read_split(args.data, args.name, args.split)
+    prompts = judge.unique_prompts(rows)
+    for prompt in prompts:
+        judge.prompt_info(prompt)  # a non-mini prompt fails before any sampling
+    log.info("%s/%s: %s; %d prompts", args.data, args.split, report, len(prompts))
+    policy, tokenizer = load_sampling_policy(args.model, mesh, rules, args.dtype)
+    settings = judge_settings(args)
+    texts = judge.sample_answers(policy.params, policy.cfg, tokenizer, prompts, settings, mesh, rules)
+    asked = [p for p in prompts for _ in range(settings.samples_per_prompt)]
+    labels = [judge.classify(text, prompt) for text, prompt in zip(texts, asked)]
+    rates = judge.judge_rates(asked, labels)
+    rates["model"] = args.model
+    if jax.process_index() == 0:
+        judge.write_judge_report(args.out, asked, texts, labels, rates, title=args.label)
+    print(json.dumps({k: v for k, v in rates.items() if k != "per_category"}, indent=2, sort_keys=True))
+    return 0
+
+
 # sub-command -> (help, add_arguments, run)
 _TARGETS = {
     "reward": ("reward model: preference accuracy and reward distribution", _add_score_arguments, _run_reward),
     "cost": ("cost model: preference and sign accuracy, safe/unsafe costs", _add_cost_arguments, _run_cost),
     "curves": ("RL runs: reward, cost, lambda and KL per iteration (PNG + summary)", _add_curves_arguments,
                _run_curves),
+    "judge": ("policy on the mini test prompts: exact harmful/helpful/broken rates (JSON + PNG)",
+              _add_judge_arguments, _run_judge),
 }
 
 
