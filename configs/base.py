@@ -135,6 +135,16 @@ def get_config() -> ml_collections.ConfigDict:
     rl.ptx_coeff = 16.0  # one actor update on 0.5*(g_RL + ptx_coeff*g_PTX); 0 = no PTX
     rl.ptx_source = ""  # release-layout dir of the PTX SFT data; "" = data.source (upstream: alpaca)
     rl.ptx_name = "default"
+    # What the PTX SFT examples imitate (issue 9; upstream imitates Alpaca, not the safety data):
+    # safe_only = every response labelled safe (both of a row when both are), safer = the safer
+    # response of each row (may be unsafe when both are), better = the more helpful one, both = every
+    # response (imitates unsafe answers too).
+    rl.ptx_response = "safe_only"
+    # Evaluation inside the RL loop on config.data.eval_split's prompts, every N iterations and at the
+    # end (0 = off): mean reward and cost of the policy's answers (and the exact judge's rates on the
+    # mini dataset), logged as eval/* to metrics.jsonl and TensorBoard.
+    rl.eval_every = 0
+    rl.eval_prompts = 64  # held-out prompts per evaluation (the first N distinct ones; -1 = all)
     # Critic optimizer: AdamW with a constant lr (HF "constant" ignores the warmup ratio).
     rl.critic = critic = ml_collections.ConfigDict()
     critic.learning_rate = 5e-6
@@ -172,4 +182,15 @@ def get_config() -> ml_collections.ConfigDict:
     dpo.lambda_lr = 0.05  # one log-space step per micro-batch
     dpo.lambda_max = 5.0  # <= 0: no cap
     dpo.episode_cost_window_size = 16  # batches of policy-cost estimates averaged into J_C
+
+    config.moderation = moderation = ml_collections.ConfigDict()  # moderation stage (issue 10; objectives/moderation.py)
+    moderation.unsafe_coeff = 1.0  # weight of the unsafe BCE
+    moderation.category_coeff = 1.0  # weight of the per-category BCE (mean over the 19 categories)
+    moderation.severity_coeff = 1.0  # weight of the severity 0-3 cross-entropy
+    moderation.stream_coeff = 0.5  # streaming: mean prefix loss of a row vs its end loss (<= 1: the end dominates)
+    moderation.max_pos_weight = 10.0  # cap of the per-category positive weights N_neg/N_pos (train frequencies)
+    moderation.category_threshold = 0.5  # a category is flagged iff P >= this (saved with the model)
+    # The unsafe threshold (max F1) is chosen on this split; "" = hold out validation_fraction of the train rows.
+    moderation.validation_split = ""
+    moderation.validation_fraction = 0.05  # rows held out of the train split when validation_split is ""
     return config
