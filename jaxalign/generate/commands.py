@@ -9,6 +9,8 @@ ASSISTANT:") unless --raw is given. The tokenizer is read from --tokenizer or th
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +39,8 @@ def run(args) -> int:
     from jaxalign.parallel import mesh as mesh_lib
 
     # config.json first: a malformed one is one line naming it (the tokenizer would raise from transformers).
+    if not pathlib.Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model} is not a directory")
     stored = hf.load_config(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model, padding_side="left")
     settings = mesh_lib.MeshSettings()

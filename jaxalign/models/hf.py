@@ -189,7 +189,7 @@ def read_config(path: str | os.PathLike) -> dict:
     """The config.json dict of a checkpoint dir; a clear error when missing or malformed."""
     file = pathlib.Path(path) / CONFIG_NAME
     if not file.exists():
-        raise FileNotFoundError(f"{file} does not exist")
+        raise CheckpointError(f"{file} does not exist")
     try:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as e:
