@@ -145,16 +145,6 @@ def get_config() -> ml_collections.ConfigDict:
     # mini dataset), logged as eval/* to metrics.jsonl and TensorBoard.
     rl.eval_every = 0
     rl.eval_prompts = 64  # held-out prompts per evaluation (the first N distinct ones; -1 = all)
-    # What the PTX SFT examples imitate (issue 9; upstream imitates Alpaca, not the safety data):
-    # safe_only = every response labelled safe (both of a row when both are), safer = the safer
-    # response of each row (may be unsafe when both are), better = the more helpful one, both = every
-    # response (imitates unsafe answers too).
-    rl.ptx_response = "safe_only"
-    # Evaluation inside the RL loop on config.data.eval_split's prompts, every N iterations and at the
-    # end (0 = off): mean reward and cost of the policy's answers (and the exact judge's rates on the
-    # mini dataset), logged as eval/* to metrics.jsonl and TensorBoard.
-    rl.eval_every = 0
-    rl.eval_prompts = 64  # held-out prompts per evaluation (the first N distinct ones; -1 = all)
     # Critic optimizer: AdamW with a constant lr (HF "constant" ignores the warmup ratio).
     rl.critic = critic = ml_collections.ConfigDict()
     critic.learning_rate = 5e-6
