@@ -22,6 +22,7 @@ STAGES = {
     "dpo": "jaxalign.stages.dpo",
     "safe_dpo": "jaxalign.stages.dpo",
     "c_dpo": "jaxalign.stages.dpo",
+    "moderation": "jaxalign.stages.moderation",
 }
 
 
