@@ -1,0 +1,44 @@
+"""Tiny moderation model on CPU: the sft_tiny backbone + unsafe / 19-category / severity heads on
+the mini dataset's QA pairs (two per row), with the streaming (every-prefix) loss.
+
+Prepare the data, tokenizer and SFT model once (see configs/README.md), then
+
+    jaxalign train --config configs/moderation_tiny.py --workdir out/moderation_tiny
+    jaxalign evaluate moderation --model out/moderation_tiny/export --data out/mini --out out/eval_moderation
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = base.get_config()
+    config.stage = "moderation"  # stages/moderation.py
+    config.seed = 0  # same seed as sft_tiny
+    config.model.init_path = "out/sft_tiny/export"  # the tiny SFT model's backbone; "" = random init below
+    hf = config.model.hf_config
+    hf.vocab_size = 1024  # replaced by len(tokenizer)
+    hf.hidden_size = 64  # sft_tiny shape (used only for random init)
+    hf.intermediate_size = 128  # sft_tiny shape
+    hf.num_hidden_layers = 2  # sft_tiny shape
+    hf.num_attention_heads = 4  # sft_tiny shape
+    hf.num_key_value_heads = 2  # sft_tiny shape
+    hf.max_position_embeddings = 256  # sft_tiny shape
+    config.tokenizer = "out/mini_tokenizer"  # `jaxalign tokenizer --data out/mini --out out/mini_tokenizer`
+    config.data.source = "out/mini"  # `jaxalign data mini --out out/mini`
+    config.data.max_length = 96  # mini texts are tens of tokens
+    config.data.batch_size = 32  # QA answers per update
+    config.data.eval_batch_size = 32
+    config.mesh.fsdp = -1  # all local devices (1 on a plain CPU run)
+    config.train.epochs = 1  # ~160 updates on the mini train split (5% of its rows held out for the threshold)
+    config.train.learning_rate = 1e-3  # a tiny model needs a much larger lr than 2e-5
+    config.train.warmup_ratio = 0.03
+    config.train.weight_decay = 0.0
+    config.train.log_every = 10
+    config.train.eval_every = 50  # a few evals per run
+    config.train.eval_batches = -1  # the whole mini test split (~600 answers)
+    config.checkpoint.save_every = 100
+    config.checkpoint.keep = 2
+    # config.moderation: base's coefficients, stream_coeff 0.5, positive weights capped at 10
+    return config
