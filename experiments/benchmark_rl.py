@@ -47,46 +47,47 @@ def _mesh(fsdp: int):
     return mesh_lib.make_mesh(mesh_config, devices=jax.devices()[:fsdp]), mesh_lib.axis_rules(mesh_config)
 
 
-def build(model_kwargs: dict, settings, mesh, rules, **cfg_runtime):
-    """(program, fns, abstract params by role, param shardings by role, optimizers) for one model size:
-    every role is the same architecture (as with an SFT actor and RM/CM trained from it)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import ml_collections
+def rl_settings(**changes):
+    """configs/base.py's config.rl with `changes`."""
+    import dataclasses
 
-    from jaxalign.models import llama, score
+    from configs import base
+    from jaxalign.rl.settings import RLSettings
+
+    return dataclasses.replace(RLSettings.from_group(base.get_config().rl), **changes)
+
+
+def build(model_kwargs: dict, algorithm, settings, mesh, rules, **cfg_runtime):
+    """(program, abstract params by role, param shardings by role, optimizers, abstract state) for one
+    model size: every role is the same architecture (as with an SFT actor and RM/CM trained from it)."""
+    import jax
+
+    from jaxalign.models import llama, loading, score
     from jaxalign.parallel import mesh as mesh_lib
-    from jaxalign.rl import ppo_lag, roles
+    from jaxalign.rl import roles, steps
     from jaxalign.train import optim
 
     cfg = llama.LlamaConfig(**model_kwargs, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, **cfg_runtime)
     policy, scorer = llama.Llama(cfg), score.ScoreModel(cfg)
     score_fn = roles.score_role_fn(scorer)
-    fns = roles.RoleFns(policy=roles.llama_policy(cfg), generate=roles.sampler_fn(cfg, settings, PAD),
-                        reward=score_fn, cost=score_fn, reward_critic=score_fn, cost_critic=score_fn)
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    abstract = {
-        "policy": jax.eval_shape(lambda r: nn.meta.unbox(policy.init(r, dummy)["params"]), jax.random.PRNGKey(0)),
-        "score": jax.eval_shape(lambda r: nn.meta.unbox(scorer.init(r, dummy)["params"]), jax.random.PRNGKey(0)),
-    }
-    sh = {"policy": roles.param_shardings_of(policy, mesh, rules), "score": roles.param_shardings_of(scorer, mesh, rules)}
-    kind = {"actor": "policy", "reference": "policy", "reward": "score", "cost": "score", "reward_critic": "score",
-            "cost_critic": "score"}
+    fns = roles.RoleFns(policy=roles.policy_fn(cfg), generate=roles.sampler_fn(cfg, settings, PAD),
+                        scores={role: score_fn for role in algorithm.roles if role not in ("actor", "reference")})
+    module = {"policy": policy, "score": scorer}
+    abstract = {name: loading.abstract_params(m, mesh, rules) for name, m in module.items()}
+    kind = {role: "policy" if role in ("actor", "reference") else "score" for role in algorithm.roles}
     params_abs = {role: abstract[k] for role, k in kind.items()}
-    shardings = {role: sh[k] for role, k in kind.items()}
-    actor = ml_collections.ConfigDict(dict(learning_rate=1e-5, lr_schedule="cosine", warmup_ratio=0.03,
-                                           weight_decay=0.01, max_grad_norm=1.0))
-    critic = ml_collections.ConfigDict(dict(learning_rate=5e-6, lr_schedule="constant", warmup_ratio=0.0,
-                                            weight_decay=0.0, max_grad_norm=1.0))
-    optimizers = ppo_lag.Optimizers(optim.make_optimizer(actor, 1000), optim.make_optimizer(critic, 1000),
-                                    optim.make_schedule(actor, 1000), optim.make_schedule(critic, 1000))
-    trained = {name: params_abs[name] for name in ("actor", "reward_critic", "cost_critic")}
-    abstract_state = jax.eval_shape(lambda p: ppo_lag.init_rl_state(settings, p, optimizers, jax.random.PRNGKey(0)),
-                                    trained)
+    shardings = {role: jax.tree.map(lambda x: x.sharding, params_abs[role]) for role in kind}
+    actor = optim.OptimizerSettings(learning_rate=1e-5, lr_schedule="cosine", warmup_ratio=0.03, weight_decay=0.01)
+    critic = optim.OptimizerSettings(learning_rate=5e-6, lr_schedule="constant", where="config.rl.critic")
+    optimizers = steps.Optimizers(optim.make_optimizer(actor, 1000), optim.make_optimizer(critic, 1000),
+                                  optim.make_schedule(actor, 1000), optim.make_schedule(critic, 1000))
+    trained = {name: params_abs[name] for name in steps.trained_roles(algorithm)}
+    abstract_state = jax.eval_shape(
+        lambda p: steps.init_rl_state(algorithm, settings, p, optimizers, jax.random.PRNGKey(0)), trained)
     ptx_sh = {key: mesh_lib.batch_sharding(mesh, 2) for key in ("input_ids", "attention_mask", "loss_mask")}
-    frozen_sh = {name: shardings[name] for name in ("reference", "reward", "cost")}
-    program = ppo_lag.compile_program(fns, settings, optimizers, mesh, abstract_state, shardings, frozen_sh, ptx_sh)
+    frozen_sh = {name: shardings[name] for name in shardings if name not in trained}
+    program = steps.compile_program(fns, algorithm, settings, optimizers, mesh, abstract_state, shardings, frozen_sh,
+                                    ptx_sh)
     return program, params_abs, shardings, optimizers, abstract_state
 
 
@@ -98,14 +99,13 @@ def cpu_iterations(iterations: int) -> dict:
     import numpy as np
 
     from jaxalign.parallel import mesh as mesh_lib
-    from jaxalign.rl import ppo_lag
-    from jaxalign.rl.settings import RLSettings
+    from jaxalign.rl import algorithms, iteration, steps
 
     batch, prompt, new = 16, 48, 32
-    settings = RLSettings(algorithm="ppo_lag", prompt_length=prompt, max_new_tokens=new, ptx_coeff=1.0,
-                          episode_cost_window_size=32)
+    algorithm = algorithms.make("ppo_lag", has_cost_model=True)
+    settings = rl_settings(prompt_length=prompt, max_new_tokens=new, ptx_coeff=1.0, episode_cost_window_size=32)
     mesh, rules = _mesh(1)
-    program, params_abs, shardings, optimizers, _ = build(TINY, settings, mesh, rules)
+    program, params_abs, shardings, optimizers, _ = build(TINY, algorithm, settings, mesh, rules)
     rng = np.random.default_rng(0)
 
     def random_params(role, seed):
@@ -114,9 +114,9 @@ def cpu_iterations(iterations: int) -> dict:
         return jax.tree.unflatten(tree, [0.02 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
     params = {role: random_params(role, i) for i, role in enumerate(shardings)}
-    trained = {name: params[name] for name in ("actor", "reward_critic", "cost_critic")}
-    frozen = jax.device_put({name: params[name] for name in ("reference", "reward", "cost")}, program.frozen_shardings)
-    state = jax.device_put(ppo_lag.init_rl_state(settings, trained, optimizers, jax.random.PRNGKey(0)),
+    trained = {name: params.pop(name) for name in steps.trained_roles(algorithm)}
+    frozen = jax.device_put(params, program.frozen_shardings)
+    state = jax.device_put(steps.init_rl_state(algorithm, settings, trained, optimizers, jax.random.PRNGKey(0)),
                            program.state_shardings)
 
     class Batches:
@@ -131,11 +131,11 @@ def cpu_iterations(iterations: int) -> dict:
                 out["loss_mask"] = mask & (np.arange(self.length)[None, :] >= self.length // 2)
             return out
 
-    prompts, ptx = Batches(prompt), Batches(prompt + new, sft=True)
+    batches = iteration.RLBatches(Batches(prompt), Batches(prompt + new, sft=True), 1)
     records = []
     with mesh_lib.sharding_context(mesh, rules):
         for _ in range(iterations + 1):
-            state, metrics = ppo_lag.rl_iteration(program, settings, frozen, state, next(prompts), ptx)
+            state, metrics = iteration.rl_iteration(program, algorithm, settings, frozen, state, next(batches))
             records.append(metrics)
     first, rest = records[0], records[1:]
     median = lambda key: float(np.median([m[key] for m in rest]))  # noqa: E731
@@ -157,19 +157,18 @@ def cpu_iterations(iterations: int) -> dict:
 
 
 def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 384, remat: str = "full") -> list[dict]:
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
 
     from jaxalign.parallel import mesh as mesh_lib
-    from jaxalign.rl import rollout
-    from jaxalign.rl.settings import RLSettings
+    from jaxalign.rl import algorithms, rollout, steps as rl_steps
 
-    settings = RLSettings(algorithm="ppo_lag", prompt_length=prompt, max_new_tokens=new)
+    algorithm = algorithms.make("ppo_lag", has_cost_model=True)
+    settings = rl_settings(prompt_length=prompt, max_new_tokens=new)
     mesh, rules = _mesh(fsdp)
     program, params_abs, shardings, _, abstract_state = build(
-        LLAMA2_7B, settings, mesh, rules, dtype="bfloat16", param_dtype="float32", remat_policy=remat, scan_layers=True)
+        LLAMA2_7B, algorithm, settings, mesh, rules, dtype="bfloat16", param_dtype="float32", remat_policy=remat,
+        scan_layers=True)
     length, response = prompt + new, new
     rep = mesh_lib.replicated(mesh)
 
@@ -177,12 +176,14 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding or mesh_lib.batch_sharding(mesh, len(shape)))
 
     params = {role: mesh_lib.with_shardings(params_abs[role], shardings[role]) for role in shardings}
-    frozen = {name: params[name] for name in ("reference", "reward", "cost")}
+    frozen = {name: params[name] for name in params if name not in rl_steps.trained_roles(algorithm)}
     state = mesh_lib.with_shardings(abstract_state, program.state_shardings)
-    types = {"input_ids": jnp.int32, "attention_mask": jnp.bool_, "response_mask": jnp.bool_}
-    exp = rollout.Experience(**{
-        f.name: array((batch, length if f.name in ("input_ids", "attention_mask") else response),
-                      types.get(f.name, jnp.float32)) for f in dataclasses.fields(rollout.Experience)})
+    per_token = lambda names: {name: array((batch, response), jnp.float32) for name in names}  # noqa: E731
+    exp = rollout.Experience(
+        input_ids=array((batch, length), jnp.int32), attention_mask=array((batch, length), jnp.bool_),
+        response_mask=array((batch, response), jnp.bool_), old_log_probs=array((batch, response), jnp.float32),
+        advantages=per_token(algorithm.streams), values=per_token(algorithm.critics),
+        returns=per_token(algorithm.critics))
     ptx = {"input_ids": array((batch, length), jnp.int32), "attention_mask": array((batch, length), jnp.bool_),
            "loss_mask": array((batch, length), jnp.bool_)}
     steps = {

@@ -44,11 +44,9 @@ LLAMA2_7B = dict(
 
 
 def _train_config(learning_rate=2e-5):
-    import ml_collections
+    from jaxalign.train import optim
 
-    return ml_collections.ConfigDict(
-        dict(learning_rate=learning_rate, lr_schedule="cosine", warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0)
-    )
+    return optim.OptimizerSettings(learning_rate=learning_rate, lr_schedule="cosine", warmup_ratio=0.03)
 
 
 def _mesh(fsdp: int, tensor: int = 1, num_devices: int | None = None):
@@ -95,7 +93,7 @@ def throughput(steps: int, batch_size: int = 4, seq_len: int = 512) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxalign.models import llama
+    from jaxalign.models import llama, loading
     from jaxalign.objectives import sft
     from jaxalign.parallel import mesh as mesh_lib
     from jaxalign.train import loop, optim, state as state_lib
@@ -104,7 +102,7 @@ def throughput(steps: int, batch_size: int = 4, seq_len: int = 512) -> dict:
     model = llama.Llama(cfg)
     mesh, rules = _mesh(1)
     tx = optim.make_optimizer(_train_config(), 1000)
-    init_params = lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731
+    init_params = loading.init_fn(model)
     abstract = state_lib.abstract_train_state(init_params, tx, mesh, rules)
     params, _ = mesh_lib.init_sharded(init_params, jax.random.PRNGKey(0), mesh, rules)
     state = state_lib.init_train_state(params, tx, jax.random.PRNGKey(1), abstract)
@@ -173,7 +171,7 @@ def memory_plan(name: str, kind: str, fsdp: int, tensor: int, batch_size: int, s
     import jax
     import jax.numpy as jnp
 
-    from jaxalign.models import llama, score
+    from jaxalign.models import llama, loading, score
     from jaxalign.objectives import preference, sft
     from jaxalign.parallel import mesh as mesh_lib
     from jaxalign.train import loop, optim, state as state_lib
@@ -181,27 +179,24 @@ def memory_plan(name: str, kind: str, fsdp: int, tensor: int, batch_size: int, s
     cfg = llama.LlamaConfig(**LLAMA2_7B, dtype="bfloat16", param_dtype="float32", remat_policy=remat, scan_layers=True)
     mesh, rules = _mesh(fsdp, tensor)
     tx = optim.make_optimizer(_train_config(), 1000)
-    dummy = jnp.zeros((1, 1), jnp.int32)
     int_batch = lambda: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=mesh_lib.batch_sharding(mesh))  # noqa: E731
     bool_batch = lambda: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.bool_, sharding=mesh_lib.batch_sharding(mesh))  # noqa: E731
     if kind == "reward":
         model = score.ScoreModel(cfg)
 
-        def loss_fn(params, batch, rng, extra):
-            ids = jnp.concatenate([batch["better_input_ids"], batch["worse_input_ids"]])
-            mask = jnp.concatenate([batch["better_attention_mask"], batch["worse_attention_mask"]])
-            out = model.apply({"params": params}, ids, attention_mask=mask)
-            loss, metrics = preference.reward_loss(out.scores[..., 0], out.end_scores[..., 0], batch, "sequence-wise", 0.001)
-            return loss, (metrics, extra)
+        head = score.ScoreHead(score_type="reward", normalizer_type="ExponentialMovingAverage")
+        loss_fn = preference.make_score_loss_fn(model, head, "preference", "sequence-wise", 0.001)
+        extra = {"normalizer": score.init_normalizer(1)}
 
         batch = {"better_input_ids": int_batch(), "better_attention_mask": bool_batch(),
                  "worse_input_ids": int_batch(), "worse_attention_mask": bool_batch()}
     else:
         model = llama.Llama(cfg)
         loss_fn = sft.make_loss_fn(model)
+        extra = None
         batch = {"input_ids": int_batch(), "attention_mask": bool_batch(), "loss_mask": bool_batch()}
 
-    abstract = state_lib.abstract_train_state(lambda r: model.init(r, dummy)["params"], tx, mesh, rules)
+    abstract = state_lib.abstract_train_state(loading.init_fn(model), tx, mesh, rules, extra)
     shardings = state_lib.shardings_of(abstract)
     step = jax.jit(
         loop.make_train_step(loss_fn, tx, grad_accum),
