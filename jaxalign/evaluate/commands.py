@@ -29,6 +29,7 @@ import jax
 
 from jaxalign.data import pipeline, sources, views
 from jaxalign.evaluate import curves
+from jaxalign.evaluate import moderation as moderation_lib
 from jaxalign.evaluate import scores as scores_lib
 from jaxalign.models import loading
 from jaxalign.models.tokenizer import load_tokenizer
@@ -201,6 +202,8 @@ _TARGETS = {
                _run_curves),
     "judge": ("policy on the mini test prompts: exact harmful/helpful/broken rates (JSON + PNG)",
               _add_judge_arguments, _run_judge),
+    "moderation": ("moderation model: unsafe P/R/F1, per-category F1, severity, ECE, streaming (JSON + PNG)",
+                   moderation_lib.add_arguments, moderation_lib.run_command),
 }
 
 

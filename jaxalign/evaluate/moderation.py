@@ -26,6 +26,7 @@ P >= category_threshold (at least the most probable one). Metrics:
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -36,6 +37,8 @@ import numpy as np
 from jaxalign.parallel import mesh as mesh_lib
 
 NUM_ECE_BINS = 10
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------
@@ -304,3 +307,60 @@ def write_outputs(out_dir, scores: dict[str, np.ndarray], arrays: dict[str, np.n
     recall, precision, ap = pr_curve(labels, scores["unsafe"])
     _plot(out / "pr_curve.png", recall, precision, f"Precision-recall, unsafe (AP {ap:.3f})", "recall", "precision")
     return ["metrics.json", "scores.npz", "roc_curve.png", "pr_curve.png"]
+
+
+# ---------------------------------------------------------------------------------------
+# `jaxalign evaluate moderation`
+
+
+def add_arguments(parser) -> None:
+    """Arguments of `jaxalign evaluate moderation`."""
+    parser.add_argument("--model", required=True, help="moderation model dir (WORKDIR/export of a moderation run)")
+    parser.add_argument("--data", required=True, help="release-layout dataset dir (data/<Model>/{train,test}.jsonl)")
+    parser.add_argument("--out", required=True, help="output dir: metrics.json, scores.npz, roc_curve.png, pr_curve.png")
+    parser.add_argument("--split", default="test", help="dataset split (default: test)")
+    parser.add_argument("--name", default="default", help="dataset config: default, alpaca-7b, ... (default: default)")
+    parser.add_argument("--tokenizer", default="", help="tokenizer dir (default: the model dir)")
+    parser.add_argument("--max-length", type=int, default=0, help="pad/cut to this length (0: the training length)")
+    parser.add_argument("--batch-size", type=int, default=16, help="answers per forward")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"), help="parameter dtype")
+    parser.add_argument("--prepared-dir", default="", help="read --data's split from this TFDS-prepared dir")
+    parser.add_argument("--config", default="", help="config file whose config.mesh places the model "
+                        "(--config.mesh.* overrides allowed); default: all devices, FSDP")
+
+
+def evaluate(args) -> dict:
+    """Scores every QA answer of the split with the saved threshold; writes the files; -> report."""
+    from jaxalign.data import pipeline, sources, views
+    from jaxalign.evaluate.commands import mesh_from_args
+    from jaxalign.models import loading
+    from jaxalign.models.tokenizer import load_tokenizer
+
+    mesh, rules = mesh_from_args(args)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = loading.load_moderation_model(loading.ModelSettings(init_path=args.model, dtype=args.dtype,
+                                                                param_dtype=args.param_dtype), mesh, rules,
+                                          min_vocab_size=len(tokenizer))
+    head = model.head
+    template = views.chat_template(tokenizer) if head.prompt_template == "chat" else head.prompt_template
+    rows, source_report = sources.read_split(args.data, args.name, args.split, prepared_dir=args.prepared_dir)
+    examples = views.qa_examples(rows, template=template)
+    arrays, _ = pipeline.tokenize_examples("qa", examples, tokenizer, max_length=args.max_length or head.max_length)
+    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    batch_size = -(-max(1, args.batch_size) // shards) * shards
+    scores = make_scorer(model.module, mesh, rules)(model.params, arrays, batch_size=batch_size,
+                                                    threshold=head.threshold)
+    report = moderation_report(scores, arrays, head)
+    report["data"] = {"source": str(args.data), "split": args.split, "name": args.name, "rows": str(source_report)}
+    if jax.process_index() == 0:
+        written = write_outputs(args.out, scores, arrays, report)
+        log.info("wrote %s", ", ".join(f"{args.out}/{name}" for name in written))
+    return report
+
+
+def run_command(args) -> int:
+    """`jaxalign evaluate moderation`: prints the report's headline metrics as JSON."""
+    report = evaluate(args)
+    print(json.dumps(dict(summary(report), threshold=report["threshold"]), indent=2, sort_keys=True))
+    return 0

@@ -1,0 +1,128 @@
+"""`jaxalign moderate --model DIR --input FILE.jsonl [--output OUT.jsonl] [--on-error skip|stop]`.
+
+Input: one JSON object per line, either a (prompt, response) row {"prompt", "response", ...} or a
+release row {"prompt", "response_0", "response_1", ...}, which gives two output rows (one per
+answer, with "response_index" 0/1 and "response" set). Every output row keeps the input's fields
+and adds is_safe, unsafe_probability, categories (the 19 names -> probability),
+flagged_categories and severity (jaxalign/moderation/api.py).
+
+A malformed line (not JSON, not an object, no string prompt, neither response nor
+response_0/response_1 strings) is reported with FILE:LINE; --on-error skip (default) skips and
+counts it (each one logged, the count in the summary), --on-error stop fails with that line before
+any model is loaded. Blank lines are ignored. The output (default: INPUT with .moderated.jsonl) is
+written to a temporary file and renamed when complete; a summary (rows, unsafe, malformed,
+rows/s) is printed as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import time
+
+import tqdm
+
+from jaxalign.evaluate.commands import mesh_from_args
+from jaxalign.moderation import api
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="moderation model dir (WORKDIR/export of a moderation run)")
+    parser.add_argument("--input", required=True, help="JSONL: (prompt, response) rows or release rows")
+    parser.add_argument("--output", default="", help="output JSONL (default: INPUT with .moderated.jsonl)")
+    parser.add_argument("--on-error", default="skip", choices=("skip", "stop"),
+                        help="a malformed input line: skip and count it (default) or stop")
+    parser.add_argument("--batch-size", type=int, default=16, help="answers per forward")
+    parser.add_argument("--max-length", type=int, default=0, help="cut texts to this many tokens (0: the training length)")
+    parser.add_argument("--tokenizer", default="", help="tokenizer dir (default: the model dir)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"), help="parameter dtype")
+    parser.add_argument("--config", default="", help="config file whose config.mesh places the model (default: all devices)")
+
+
+def parse_line(text: str) -> tuple[dict | None, list[tuple[dict, int | None, str]], str]:
+    """One input line -> (row, [(row, response_index or None, response)], error message or "")."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, [], f"not valid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(row, dict):
+        return None, [], f"expected a JSON object, got {type(row).__name__}"
+    if not isinstance(row.get("prompt"), str):
+        return None, [], "no string field 'prompt'"
+    if "response" in row:
+        if not isinstance(row["response"], str):
+            return None, [], "field 'response' is not a string"
+        return row, [(row, None, row["response"])], ""
+    if isinstance(row.get("response_0"), str) and isinstance(row.get("response_1"), str):
+        return row, [(row, 0, row["response_0"]), (row, 1, row["response_1"])], ""
+    return None, [], "needs a string 'response' or string 'response_0' and 'response_1' (release row)"
+
+
+def read_input(path: pathlib.Path, on_error: str) -> tuple[list[tuple[dict, int | None, str]], list[str]]:
+    """The answers to moderate, in order, and the malformed lines ("FILE:LINE: why")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--input {path} does not exist")
+    answers, malformed = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            _, items, error = parse_line(text)
+            if error:
+                message = f"{path}:{number}: {error}"
+                if on_error == "stop":
+                    raise ValueError(f"{message} (--on-error skip skips malformed lines)")
+                log.warning("skipped %s", message)
+                malformed.append(message)
+                continue
+            answers.extend(items)
+    return answers, malformed
+
+
+def output_row(row: dict, index: int | None, response: str, result: dict) -> dict:
+    """The input row's fields (+ response_index/response for a release row) + the result's."""
+    out = dict(row)
+    if index is not None:
+        out["response_index"] = index
+        out["response"] = response
+    out.update(result)
+    return out
+
+
+def run(args) -> int:
+    path = pathlib.Path(args.input)
+    output = pathlib.Path(args.output) if args.output else path.with_name(path.name.removesuffix(".jsonl") + ".moderated.jsonl")
+    answers, malformed = read_input(path, args.on_error)
+    mesh, rules = mesh_from_args(args)
+    moderator = api.load_moderator(args.model, batch_size=args.batch_size, max_length=args.max_length or None,
+                                   dtype=args.dtype, param_dtype=args.param_dtype, tokenizer_dir=args.tokenizer,
+                                   mesh=mesh, rules=rules)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    unsafe = 0
+    start = time.perf_counter()
+    try:
+        with open(tmp, "w", encoding="utf-8") as f, tqdm.tqdm(total=len(answers), unit="rows", desc="moderate") as bar:
+            for begin in range(0, len(answers), moderator.batch_size):
+                chunk = answers[begin:begin + moderator.batch_size]
+                results = moderator.score_batch([(row["prompt"], response) for row, _, response in chunk])
+                for (row, index, response), result in zip(chunk, results):
+                    unsafe += not result["is_safe"]
+                    f.write(json.dumps(output_row(row, index, response, result), ensure_ascii=False) + "\n")
+                bar.update(len(chunk))
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    summary = {"output": str(output), "rows": len(answers), "unsafe": unsafe, "malformed_lines": len(malformed),
+               "seconds": round(seconds, 3), "rows_per_second": round(len(answers) / seconds, 2) if seconds else None}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+COMMANDS = {"moderate": (add_arguments, run)}
