@@ -417,3 +417,165 @@ def test_jaxalign_train_runs_the_ppo_lag_stage(tmp_path):
     assert cli.main(argv) == 0
     assert [m["step"] for m in metrics_lib.read_metrics(workdir)] == [1, 2]
     assert (workdir / "export" / "model.safetensors").stat().st_mtime_ns == exported_at
+
+
+def _mini_tokenizer(tmp_path, rows=150):
+    from jaxalign.data import mini
+    from jaxalign.models import tokenizer as tokenizer_lib
+
+    mini.write_mini(tmp_path / "data", rows=rows, seed=0)
+    return tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), 300, tmp_path / "tok")
+
+
+def test_ptx_batches_imitate_only_safe_answers(tmp_path):
+    """config.rl.ptx_response = safe_only (the default): every PTX target is a response the mini
+    generator labels safe, read back from the batches' loss-masked tokens through the exact judge."""
+    from configs import ppo_lag_tiny
+    from jaxalign.data import sources, views
+    from jaxalign.evaluate import judge
+    from jaxalign.models import tokenizer as tokenizer_lib
+    from jaxalign.stages import rl as rl_stage
+
+    _mini_tokenizer(tmp_path)
+    tok = tokenizer_lib.load_tokenizer(tmp_path / "tok", padding_side="left")
+    config = ppo_lag_tiny.get_config()
+    config.data.source = str(tmp_path / "data")
+    config.data.batch_size = 16
+    assert config.rl.ptx_response == "safe_only" and config.rl.ptx_coeff > 0
+    settings = dataclasses.replace(RLSettings.from_group(config.rl), prompt_length=40, max_new_tokens=40)
+    batches, _ = rl_stage.load_batches(config, settings, tok, mesh_lib.make_mesh(MESH_CONFIG))
+    labels = []
+    for _ in range(6):
+        for ptx in next(batches)["ptx"]:
+            ids, loss_mask = np.asarray(ptx["input_ids"]), np.asarray(ptx["loss_mask"])
+            for row_ids, row_mask, row_attention in zip(ids, loss_mask, np.asarray(ptx["attention_mask"])):
+                text = tok.decode(row_ids[row_mask].tolist(), skip_special_tokens=True)
+                prompt = tok.decode(row_ids[row_attention & ~row_mask].tolist(), skip_special_tokens=True)
+                prompt = prompt.split("USER: ", 1)[1].rsplit(" ASSISTANT:", 1)[0]
+                labels.append(judge.classify(text, prompt))
+    assert len(labels) == 6 * 16 and set(labels) <= {"safe", "refusal", "helpful", "vague"}
+    assert {"safe", "refusal"} <= set(labels)
+    rows, _ = sources.read_split(str(tmp_path / "data"), "default", "train")
+    safe = rl_stage.ptx_sft_examples(rows, views.PROMPT_TEMPLATE, "safe_only")
+    assert safe.counts["skipped_unsafe"] > 0 and len(safe) + safe.counts["skipped_unsafe"] == 2 * len(rows)
+    both = rl_stage.ptx_sft_examples(rows, views.PROMPT_TEMPLATE, "both")  # the old behaviour imitates harm
+    assert any(e["response"].startswith("Sure. ") for e in both)
+    with pytest.raises(ValueError, match="config.rl.ptx_response: expected one of"):
+        rl_stage.ptx_sft_examples(rows, views.PROMPT_TEMPLATE, "safest")
+
+
+def test_in_loop_evaluation_writes_its_metrics(tmp_path):
+    """The RL loop with rl/evaluation.py's eval_fn on held-out prompts: eval/reward, eval/cost and
+    the judge's rates at every config.rl.eval_every iterations and at the end, in metrics.jsonl and
+    TensorBoard; the training records are those of a run without evaluation (fixed eval key)."""
+    from jaxalign.models import tokenizer as tokenizer_lib
+    from jaxalign.rl import evaluation
+
+    _mini_tokenizer(tmp_path, rows=30)
+    tok = tokenizer_lib.load_tokenizer(tmp_path / "tok", padding_side="left")
+    settings = make_settings()
+    program, frozen, make_trained, optimizers, abstract, mesh = setup(PPO_LAG, settings)
+    from jaxalign.data import mini
+    from jaxalign.evaluate import judge
+
+    prompts = judge.unique_prompts(mini.generate_rows(40, seed=5))
+    assert evaluation.mini_prompts(prompts) and not evaluation.mini_prompts(["How do I pick a lock?"])
+    # The fixture's policy has a 16-token vocabulary: it reads the tokenized prompts' ids mod 16.
+    eval_settings = evaluation.EvalSettings(batch_size=BATCH, prompt_length=PROMPT, use_judge=True)
+
+    def generate(params, ids, mask, rng):
+        return program.generate(params, ids % VOCAB, mask, rng)
+
+    eval_fn = evaluation.make_eval_fn(generate, LLAMA_FNS.scores, prompts, tok, eval_settings, mesh, (),
+                                      template="{input}")
+    batches = iteration.RLBatches(PromptIter(), PromptIter(BATCH // 2, "sft", PROMPT + NEW), 2)
+    loop_settings = loop.LoopSettings(num_steps=3, log_every=1, eval_every=2, checkpoint=checkpoint_lib.CheckpointSettings(
+        save_every=100, keep=1, async_save=False))
+    loop.run(settings=loop_settings, workdir=tmp_path / "run", mesh=mesh, rules=(),
+             step_fn=iteration.iteration_step(program, PPO_LAG, settings),
+             abstract_state=mesh_lib.with_shardings(abstract, program.state_shardings),
+             init_state=lambda: steps.init_rl_state(PPO_LAG, settings, make_trained(), optimizers,
+                                                    jax.random.PRNGKey(0)),
+             batches=batches, frozen=frozen, eval_fn=eval_fn)
+    records = metrics_lib.read_metrics(tmp_path / "run")
+    evals = [r for r in records if "eval/reward" in r]
+    assert [r["step"] for r in evals] == [2, 3]
+    for record in evals:
+        for key in ("eval/reward", "eval/cost", "eval/cost_positive_rate", "eval/generated_length",
+                    "eval/judge/broken_rate", "eval/judge/harmful_rate", "eval/judge/helpful_rate"):
+            assert np.isfinite(record[key]), key
+        assert 0.0 <= record["eval/judge/broken_rate"] <= 1.0
+        assert 0.0 < record["eval/generated_length"] <= NEW
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+    plain = run_loop(PPO_LAG, settings, tmp_path / "plain", 3)
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith(TIME_KEYS) and "per_s" not in k}  # noqa: E731
+    assert [strip(r) for r in records if "reward" in r] == [strip(r) for r in plain]
+
+
+def test_health_metrics_every_iteration(tmp_path):
+    """Every iteration logs the gap between the sampler's log-probs and the trainer's recomputed old
+    log-probs (~0: both are the same fp32 model, KV cache vs one full forward), the fraction of
+    responses at max length and non-finite counts (all 0 here)."""
+    records = run_loop(PPO_LAG, make_settings(), tmp_path / "run", 2)
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert 0.0 <= record["logprob_gap_mean"] <= record["logprob_gap_max"] < 1e-4, record
+        assert 0.0 <= record["max_length_fraction"] <= 1.0
+        counts = {k: v for k, v in record.items() if k.startswith("nonfinite/")}
+        assert set(counts) >= {"nonfinite/reward", "nonfinite/cost", "nonfinite/old_log_probs",
+                               "nonfinite/sampler_log_probs", "nonfinite/reward_advantage",
+                               "nonfinite/cost_value"}
+        assert all(v == 0 for v in counts.values()), counts
+
+
+def test_health_metrics_see_a_mismatch_and_count_non_finite_values():
+    """A sampler whose log-probs are off by 0.25 shows a gap of 0.25; one NaN is counted once."""
+    settings = make_settings()
+    program, frozen, make_trained, optimizers, _, mesh = setup(PPO_LAG, settings)
+    state = jax.device_put(steps.init_rl_state(PPO_LAG, settings, make_trained(), optimizers, jax.random.PRNGKey(0)),
+                           program.state_shardings)
+    batch = next(PromptIter())
+    with mesh_lib.sharding_context(mesh, ()):
+        ids, mask, log_probs = program.rollout(state.actor.params, batch["input_ids"], batch["attention_mask"],
+                                               jax.random.PRNGKey(3))
+        frozen = jax.device_put(frozen, program.frozen_shardings)
+        _, _, exact = program.score(frozen, state, ids, mask, log_probs)
+        _, _, shifted = program.score(frozen, state, ids, mask, log_probs + 0.25)
+        first = int(np.argmax(np.asarray(mask)[0, PROMPT:]))
+        _, _, poisoned = program.score(frozen, state, ids, mask, log_probs.at[0, first].set(jnp.nan))
+    assert float(exact["logprob_gap_max"]) < 1e-4
+    assert float(shifted["logprob_gap_max"]) == pytest.approx(0.25, abs=1e-4)
+    assert float(shifted["logprob_gap_mean"]) == pytest.approx(0.25, abs=1e-4)
+    assert float(poisoned["nonfinite/sampler_log_probs"]) == 1.0
+    assert float(poisoned["nonfinite/old_log_probs"]) == 0.0
+
+
+def test_generation_mask_drops_pad_and_unk_sampled_mid_response():
+    """Upstream's mask = (seq != pad) & (seq != unk) (spec §5.2): a <pad>/<unk> the policy samples
+    before EOS is left out of the attention mask; the tokens after it and EOS stay in."""
+    unk = 9
+    settings = make_settings()
+    plain = roles.sampler_fn(CFG, settings, PAD)
+    masked = roles.sampler_fn(CFG, settings, PAD, masked_token_ids=(PAD, unk, EOS))  # EOS is never masked
+    params = INITIAL_PARAMS()["actor"]
+    batch = next(PromptIter())
+    args = (params, batch["input_ids"], batch["attention_mask"], jax.random.PRNGKey(5))
+    ids, plain_mask, plain_lp = jax.jit(plain)(*args)
+    ids2, mask, lp = jax.jit(masked)(*args)
+    ids, plain_mask, mask = np.asarray(ids), np.asarray(plain_mask), np.asarray(mask)
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_array_equal(plain_lp, lp)
+    dropped = plain_mask & ~mask
+    assert dropped[:, PROMPT:].sum() > 0  # the random policy samples <pad>/<unk> mid-response
+    np.testing.assert_array_equal(dropped, plain_mask & np.isin(ids, (PAD, unk)))
+    assert np.all(mask[ids == EOS] == plain_mask[ids == EOS])
+    # A token after a dropped one is still in the mask (only the token itself is left out).
+    rows, cols = np.nonzero(dropped[:, PROMPT:-1])
+    assert np.any(mask[rows, PROMPT + cols + 1])
+
+
+def test_prompt_plus_new_tokens_beyond_max_positions_warns(caplog):
+    roles.check_sequence_length(CFG, make_settings(prompt_length=40, max_new_tokens=24))  # = 64: fine
+    assert not caplog.records
+    roles.check_sequence_length(CFG, make_settings(prompt_length=48, max_new_tokens=24))
+    assert "48 + 24 = 72 exceeds the actor's max_position_embeddings 64" in caplog.text

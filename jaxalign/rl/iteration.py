@@ -67,12 +67,13 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
     rng, sample_rng = jax.random.split(state.rng)
     prompt_ids, prompt_mask = jax.device_put((batch["prompt"]["input_ids"], batch["prompt"]["attention_mask"]),
                                              program.batch_sharding)
-    input_ids, attention_mask = program.generate(state.actor.params, prompt_ids, prompt_mask, sample_rng)
+    input_ids, attention_mask, sample_log_probs = program.rollout(state.actor.params, prompt_ids, prompt_mask,
+                                                                  sample_rng)
     jax.block_until_ready(attention_mask)
     times["generate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    exp, scores, stats = program.score(frozen, state, input_ids, attention_mask)
+    exp, scores, stats = program.score(frozen, state, input_ids, attention_mask, sample_log_probs)
     stats = jax.device_get(stats)
     times["score"] = time.perf_counter() - t0
 

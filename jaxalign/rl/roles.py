@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxalign import models
 from jaxalign.generate import sampler
@@ -31,10 +32,12 @@ TRAINED = ("actor",)  # plus every "<stream>_critic" role
 PolicyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 # (params, input_ids [B,L], attention_mask [B,L]) -> per-token scores [B,L] fp32
 ScoreFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
-# (params, prompt_ids [B,S], prompt_mask [B,S], rng) -> (input_ids [B,S+N], attention_mask [B,S+N]):
+# (params, prompt_ids [B,S], prompt_mask [B,S], rng) ->
+#   (input_ids [B,S+N], attention_mask [B,S+N], log_probs [B,N]):
 # prompt + sampled response, pad after EOS; the mask covers real prompt tokens and the response
-# up to and including EOS (jaxalign.generate.sampler.sample)
-GenerateFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# up to and including EOS, less any masked token id (upstream: <pad>/<unk> anywhere); log_probs are
+# the sampler's own log-probs of the response tokens (jaxalign.generate.sampler.sample)
+GenerateFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,17 +91,37 @@ def score_role_fn(module: nn.Module, stats: dict | None = None, score_type: str 
     return apply
 
 
-def sampler_fn(cfg, settings: RLSettings, pad_token_id: int) -> GenerateFn:
-    """GenerateFn of the jit sampler with the run's temperature / top-p / max new tokens."""
+def sampler_fn(cfg, settings: RLSettings, pad_token_id: int, masked_token_ids: tuple[int, ...] = ()) -> GenerateFn:
+    """GenerateFn of the jit sampler with the run's temperature / top-p / max new tokens.
+
+    masked_token_ids: ids left out of the attention mask wherever they occur, as upstream's
+    `mask = (seq != pad) & (seq != unk)` (spec §5.2): a <pad>/<unk> sampled mid-response is then
+    neither attended to nor scored (the sampler itself still fed it, as HF generate does). EOS ids
+    are never masked."""
     sampling = sampler.SamplingConfig(
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
         eos_token_ids=cfg.eos_token_ids, pad_token_id=pad_token_id)
+    # EOS is never masked (a tokenizer whose pad is its EOS would otherwise lose every end score).
+    masked = tuple(sorted({int(i) for i in masked_token_ids if i is not None} - set(cfg.eos_token_ids)))
 
     def generate(params, prompt_ids, prompt_mask, rng):
         out = sampler.sample(params, cfg, prompt_ids, prompt_mask, rng, sampling)
-        return out.sequences, out.sequence_mask
+        mask = out.sequence_mask
+        if masked:
+            mask = mask & ~jnp.isin(out.sequences, jnp.asarray(masked, jnp.int32))
+        return out.sequences, mask, out.log_probs
 
     return generate
+
+
+def check_sequence_length(cfg, settings: RLSettings) -> None:
+    """Warns when rl.prompt_length + rl.max_new_tokens exceeds the actor's max_position_embeddings
+    (RoPE then runs past the positions the model was trained on)."""
+    total = settings.prompt_length + settings.max_new_tokens
+    if total > cfg.max_position_embeddings:
+        logging.warning("config.rl.prompt_length + config.rl.max_new_tokens = %d + %d = %d exceeds the actor's "
+                        "max_position_embeddings %d: positions past it were never trained",
+                        settings.prompt_length, settings.max_new_tokens, total, cfg.max_position_embeddings)
 
 
 def param_count(params: Any) -> int:
@@ -130,6 +153,8 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
         score_fns[role] = score_role_fn(placed.module, placed.stats if normalize else None, placed.head.score_type)
         params[role], shardings[role] = placed.params, placed.shardings
         logging.info("%s: %s (%s, %d parameters)", role, path, placed.head.score_type, param_count(placed.params))
-    fns = RoleFns(policy=policy_fn(actor.cfg), generate=sampler_fn(actor.cfg, settings, tokenizer.pad_token_id),
+    check_sequence_length(actor.cfg, settings)
+    masked = (tokenizer.pad_token_id, getattr(tokenizer, "unk_token_id", None))
+    fns = RoleFns(policy=policy_fn(actor.cfg), generate=sampler_fn(actor.cfg, settings, tokenizer.pad_token_id, masked),
                   scores=score_fns)
     return fns, params, shardings, actor.cfg

@@ -1,8 +1,9 @@
 """The RL state and the three compiled steps of an iteration, for any algorithm (rl/algorithms).
 
-    generate   jit: the actor samples responses to a left-padded prompt batch
+    rollout    jit: the actor samples responses to a left-padded prompt batch (with the sampler's log-probs)
     score      jit: actor + reference log-probs, the algorithm's scores, critic values and
-                    per-stream advantages -> Experience
+                    per-stream advantages -> Experience, plus health metrics (sampler vs trainer
+                    log-prob gap, non-finite counts)
     train      jit: PPO-clip actor update on the algorithm's advantage plus PTX (one AdamW update
                     on 0.5*(g_RL + ptx_coeff*g_PTX)), then a clipped value update of every critic
 """
@@ -109,9 +110,36 @@ def value_loss(score_fn, settings: RLSettings, params: Any, exp: Experience, old
 # ------------------------------------------------------------------------------------ steps
 
 
+def health_metrics(exp: Experience, scores: dict, sample_log_probs: jax.Array | None) -> dict:
+    """Per-iteration health of a rollout. -> {name: []}.
+
+    logprob_gap_max / logprob_gap_mean: the largest and mean |sampler log-prob - trainer's recomputed
+    old log-prob| over the response tokens (sample_log_probs [B,R] as SampleOutput.log_probs; a gap
+    far from 0 means sampling and training see different models: dtype, cache, positions, masks).
+    nonfinite/<name>: how many entries of each score, log-prob, value and advantage are NaN/inf.
+    """
+    mask = exp.response_mask
+    metrics = {}
+    arrays = dict(scores, old_log_probs=jnp.where(mask, exp.old_log_probs, 0.0))
+    arrays.update({f"{stream}_advantage": a for stream, a in exp.advantages.items()})
+    arrays.update({f"{stream}_value": v for stream, v in exp.values.items()})
+    if sample_log_probs is not None:
+        arrays["sampler_log_probs"] = jnp.where(mask, sample_log_probs, 0.0)
+        gap = jnp.where(mask, jnp.abs(sample_log_probs - exp.old_log_probs), 0.0)
+        # A non-finite gap is counted above and reported as 0 here, so the count names the culprit.
+        gap = jnp.where(jnp.isfinite(gap), gap, 0.0)
+        metrics["logprob_gap_max"] = jnp.max(gap)
+        metrics["logprob_gap_mean"] = jnp.sum(gap) / jnp.maximum(jnp.sum(mask), 1)
+    for name, value in arrays.items():
+        metrics[f"nonfinite/{name}"] = jnp.sum(~jnp.isfinite(value)).astype(jnp.float32)
+    return metrics
+
+
 def score_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, frozen: dict, state: RLState,
-               input_ids: jax.Array, attention_mask: jax.Array) -> tuple[Experience, dict, dict]:
-    """Experience of a rollout batch. -> (experience, sequence scores {scorer: [B]}, batch means {name: []})."""
+               input_ids: jax.Array, attention_mask: jax.Array,
+               sample_log_probs: jax.Array | None = None) -> tuple[Experience, dict, dict]:
+    """Experience of a rollout batch. -> (experience, sequence scores {scorer: [B]}, batch means {name: []}
+    with the health metrics). sample_log_probs [B,R]: the sampler's log-probs (None: no gap metrics)."""
     params = dict(frozen, actor=state.actor.params)
     params.update({f"{stream}_critic": critic.params for stream, critic in state.critics.items()})
     exp, stats = score_experience(fns, algorithm, settings, params, state.kl_coeff, input_ids, attention_mask)
@@ -119,7 +147,9 @@ def score_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, frozen:
     means["mean_generated_length"] = means.pop("generated_length")
     means["max_generated_length"] = jnp.max(stats["generated_length"])
     means["max_length_fraction"] = jnp.mean(stats["generated_length"] >= settings.max_new_tokens)
-    return exp, {name: stats[name] for name in algorithm.scorers}, means
+    scores = {name: stats[name] for name in algorithm.scorers}
+    means.update(health_metrics(exp, scores, sample_log_probs))
+    return exp, scores, means
 
 
 def train_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, optimizers: Optimizers, state: RLState,
@@ -161,8 +191,9 @@ def minibatch(exp: Experience, index: int, num_minibatches: int) -> Experience:
 class RLProgram:
     """The jitted steps of one configuration, with explicit shardings."""
 
-    generate: Callable
-    score: Callable
+    rollout: Callable  # (actor params, prompt_ids, prompt_mask, rng) -> (input_ids, attention_mask, log_probs)
+    generate: Callable  # the same without the log-probs
+    score: Callable  # (frozen, state, input_ids, attention_mask[, sampler log_probs]) -> (exp, scores, means)
     train: Callable
     take_minibatch: Callable
     state_shardings: Any
@@ -201,16 +232,23 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
     exp_sh = Experience(input_ids=batch2, attention_mask=batch2, response_mask=batch2, old_log_probs=batch2,
                         advantages=dict.fromkeys(algorithm.streams, batch2),
                         values=dict.fromkeys(algorithm.critics, batch2), returns=dict.fromkeys(algorithm.critics, batch2))
-    generate = jax.jit(
+    rollout = jax.jit(
         fns.generate,
         in_shardings=(param_shardings["actor"], batch2, batch2, rep),
-        out_shardings=(batch2, batch2),
-    )
-    score = jax.jit(
-        lambda frozen, state, ids, mask: score_step(fns, algorithm, settings, frozen, state, ids, mask),
-        in_shardings=(frozen_shardings, state_sh, batch2, batch2),
+        out_shardings=(batch2, batch2, batch2),
+    ) if fns.generate is not None else None
+    score_jit = jax.jit(
+        lambda frozen, state, ids, mask, log_probs: score_step(fns, algorithm, settings, frozen, state, ids, mask,
+                                                               log_probs),
+        in_shardings=(frozen_shardings, state_sh, batch2, batch2, batch2),
         out_shardings=(exp_sh, batch1, rep),
     )
+
+    def generate(params, prompt_ids, prompt_mask, rng):
+        return rollout(params, prompt_ids, prompt_mask, rng)[:2]
+
+    def score(frozen, state, ids, mask, log_probs=None):
+        return score_jit(frozen, state, ids, mask, log_probs)
     train = jax.jit(
         lambda state, exp, multiplier, ptx: train_step(fns, algorithm, settings, optimizers, state, exp, multiplier,
                                                        ptx),
@@ -224,6 +262,6 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
         in_shardings=(exp_sh,),
         out_shardings=exp_sh,
     )
-    return RLProgram(generate=generate, score=score, train=train, take_minibatch=take_minibatch,
+    return RLProgram(rollout=rollout, generate=generate, score=score, train=train, take_minibatch=take_minibatch,
                      state_shardings=state_sh, frozen_shardings=frozen_shardings, batch_sharding=batch2,
                      ptx_shardings=ptx_shardings)
