@@ -155,3 +155,53 @@ def test_cost_metrics_and_unknown_loss_type():
     batch = dict(safer_sign=safer_sign, unsafer_sign=unsafer_sign)
     with pytest.raises(ValueError, match="loss_type"):
         preference.cost_loss(jnp.zeros((8, 3)), jnp.zeros(8), batch, "pairwise")
+
+
+def test_token_wise_loss_scores_right_padding_like_upstream():
+    """The token-wise window reaches into the shorter side's right-padding; upstream scores those
+    pad positions with HF's default position ids arange(L) (spec §4.2, §5.2). The score stage's loss
+    equals the token-wise loss on the per-token scores of transformers' LlamaModel + a linear head
+    (what upstream's LlamaForScore computes), and differs from scoring pads at the last real
+    position (what the model's mask-derived positions alone give)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import jax
+    import flax.linen as nn
+
+    from jaxalign.models import hf, llama, score
+
+    tiny = dict(vocab_size=7, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+    cfg = llama.LlamaConfig.from_hf_config(tiny, scan_layers=False)
+    module = score.ScoreModel(cfg)
+    shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))["params"])
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: (0.3 * rng.normal(size=x.shape)).astype(np.float32), shapes)
+    ids_a, ids_b, mask_a, mask_b, _, _ = _pairs(3)
+    batch = {"better_input_ids": ids_a, "worse_input_ids": ids_b, "better_attention_mask": mask_a,
+             "worse_attention_mask": mask_b}
+    head = score.ScoreHead(score_type="reward")
+    loss_fn = preference.make_score_loss_fn(module, head, "preference", "token-wise", 0.01)
+    extra = {"normalizer": score.init_normalizer(1)}
+    loss, _ = loss_fn(params, batch, None, extra)
+
+    torch_model = transformers.LlamaModel(transformers.LlamaConfig(**tiny)).eval()
+    tensors = hf.backbone_to_hf_tensors(cfg, params["model"], prefix="")
+    torch_model.load_state_dict({k: torch.tensor(v) for k, v in tensors.items()}, strict=False)
+    ids = np.concatenate([ids_a, ids_b])
+    mask = np.concatenate([mask_a, mask_b])
+    with torch.no_grad():
+        hidden = torch_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long))
+    kernel, bias = params["score_head"]["kernel"], params["score_head"]["bias"]
+    upstream = hidden.last_hidden_state.numpy() @ kernel + bias  # [2B, L, 1]
+    better, worse = np.split(upstream[..., 0], 2)
+    window = preference.divergence_window(ids_a, ids_b, mask_a, mask_b)
+    expected = preference.reward_token_loss(better, worse, window, 0.01)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-4)
+
+    # Pads at the last real position (no position ids): a different loss, so the window does read pads.
+    plain = module.apply({"params": params}, ids, attention_mask=mask).scores[..., 0]
+    plain_loss = preference.reward_token_loss(*np.split(np.asarray(plain), 2), window, 0.01)
+    assert abs(float(plain_loss) - float(expected)) > 1e-3
+    np.testing.assert_array_equal(preference.upstream_positions(jnp.asarray(mask_a)),
+                                  np.broadcast_to(np.arange(mask_a.shape[1]), mask_a.shape))

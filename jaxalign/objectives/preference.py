@@ -3,7 +3,9 @@
 Every function is a pure function of arrays. Scores come from one forward pass of the
 score model over `concat([better, worse])` (2B rows), split back into the two halves.
 The token-wise losses replace upstream's per-sample Python loop with a window mask
-t in [d, max(end_w, end_l)], d = first index where the two token sequences differ.
+t in [d, max(end_w, end_l)], d = first index where the two token sequences differ; the window
+reaches into the shorter side's right-padding, which is scored at upstream's positions
+(`upstream_positions`: arange(L) for right-padded rows).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models import score
-from jaxalign.models.llama import last_true_index
+from jaxalign.models.llama import last_true_index, positions_from_mask
 from jaxalign.objectives.common import masked_mean
 
 LOSS_TYPES = ("sequence-wise", "token-wise")
@@ -32,6 +34,16 @@ def divergence_window(
     end = jnp.maximum(last_true_index(mask_a), last_true_index(mask_b))  # [B]
     t = jnp.arange(ids_a.shape[-1])[None, :]
     return (t >= diverge[:, None]) & (t <= end[:, None])
+
+
+def upstream_positions(mask: jax.Array) -> jax.Array:
+    """Position ids as upstream's score models see them (HF's default arange(L), spec §5.2): the
+    real tokens keep cumsum(mask) - 1 and right-padding continues counting past the last real token
+    (a right-padded row gets exactly arange(L)), instead of repeating the last real position.
+    Only the pad positions' scores change, which the token-wise losses read. mask [B, T] -> [B, T]."""
+    t = jnp.arange(mask.shape[-1])[None, :]
+    past_end = jnp.maximum(t - last_true_index(mask)[:, None], 0)
+    return positions_from_mask(mask) + past_end
 
 
 def _regularization(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -236,7 +248,7 @@ def make_score_loss_fn(module, head, kind: str, loss_type: str, regularization: 
     def loss_fn(params, batch, rng, extra):
         del rng  # no dropout
         ids, mask = concat_pair(batch, kind)
-        out = module.apply({"params": params}, ids, attention_mask=mask)
+        out = module.apply({"params": params}, ids, attention_mask=mask, positions=upstream_positions(mask))
         stats = score.update_normalizer(
             extra["normalizer"], jax.lax.stop_gradient(out.end_scores), head.normalizer_type, head.momentum
         )
