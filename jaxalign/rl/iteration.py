@@ -65,8 +65,11 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
     times = {}
     t0 = time.perf_counter()
     rng, sample_rng = jax.random.split(state.rng)
-    prompt_ids, prompt_mask = jax.device_put((batch["prompt"]["input_ids"], batch["prompt"]["attention_mask"]),
-                                             program.batch_sharding)
+    prompt_ids, prompt_mask = batch["prompt"]["input_ids"], batch["prompt"]["attention_mask"]
+    if settings.num_return_sequences > 1:  # k responses per prompt: rows b*k .. b*k+k-1 are prompt b's group
+        prompt_ids, prompt_mask = (jnp.repeat(x, settings.num_return_sequences, axis=0)
+                                   for x in (prompt_ids, prompt_mask))
+    prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), program.batch_sharding)
     input_ids, attention_mask, sample_log_probs = program.rollout(state.actor.params, prompt_ids, prompt_mask,
                                                                   sample_rng)
     jax.block_until_ready(attention_mask)

@@ -39,6 +39,7 @@ class RLSettings:
     kl_horizon: float
     ppo_epochs: int  # upstream update_iters
     num_minibatches: int
+    num_return_sequences: int  # responses sampled per prompt (safe_grpo's group size); 1 upstream
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -53,6 +54,8 @@ class RLSettings:
             raise ValueError("config.rl.ppo_epochs and config.rl.num_minibatches must be >= 1")
         if self.prompt_length < 1 or self.max_new_tokens < 1:
             raise ValueError("config.rl.prompt_length and config.rl.max_new_tokens must be >= 1")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"config.rl.num_return_sequences must be >= 1, got {self.num_return_sequences}")
         if self.episode_cost_window_size < 1:
             raise ValueError("config.rl.episode_cost_window_size must be >= 1")
 
