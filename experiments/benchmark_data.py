@@ -25,7 +25,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxalign.data import mini, pipeline, pku_saferlhf, views  # noqa: E402
+from jaxalign.data import mini, pipeline, views  # noqa: E402
+
+from jaxalign.data import prepared as prepared_lib
 from jaxalign.models import tokenizer as tk  # noqa: E402
 
 
@@ -78,12 +80,12 @@ def main(argv=None) -> int:
 
     _, t = _timed(lambda: mini.write_mini(work / "release", rows=args.rows, seed=0))
     stages["generate_rows_per_s"] = args.rows / t
-    prepared, t = _timed(lambda: pku_saferlhf.prepare(work / "release", work / "tfds", "default"))
+    prepared, t = _timed(lambda: prepared_lib.prepare(work / "release", work / "tfds", "default"))
     n_prepared = sum(prepared["splits"].values())
     stages["prepare_rows_per_s"] = n_prepared / t
     stages["prepare_seconds"] = t
 
-    source = pku_saferlhf.load_prepared(work / "tfds", "default", "train")
+    source = prepared_lib.load_prepared(work / "tfds", "default", "train")
     rows, t = _timed(lambda: list(source))  # batched reads of 1024 rows
     stages["batched_read_rows_per_s"] = len(rows) / t
     picks = np.random.default_rng(0).integers(0, len(source), size=min(5000, len(source)))

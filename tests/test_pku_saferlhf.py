@@ -8,6 +8,7 @@ import pytest
 
 from jaxalign import cli
 from jaxalign.data import commands, mini, pku_saferlhf as pku
+from jaxalign.data import prepared as prepared_lib
 
 
 def _write(path: pathlib.Path, rows: list, raw_lines: list[bytes] | None = None) -> pathlib.Path:
@@ -45,29 +46,29 @@ def test_real_rows(shared_head_dir, tmp_path):
     for r in rows:  # every sha256 of the release matches
         for i in (0, 1):
             assert r[f"response_{i}_sha256"] == pku.response_sha256(r["prompt"], r[f"response_{i}"])
-    result = pku.prepare(shared_head_dir, tmp_path, "alpaca-7b")
+    result = prepared_lib.prepare(shared_head_dir, tmp_path, "alpaca-7b")
     assert result["splits"] == {"test": 141}
-    prepared = pku.load_prepared(tmp_path, "alpaca-7b", "test")
+    prepared = prepared_lib.load_prepared(tmp_path, "alpaca-7b", "test")
     assert len(prepared) == 141
     assert prepared[0] == rows[0] and prepared[140] == rows[140] and prepared[3:6] == rows[3:6]
 
 
 def test_builder_on_generated_files(mini_dir, tmp_path):
-    result = pku.prepare(mini_dir, tmp_path, "default")
+    result = prepared_lib.prepare(mini_dir, tmp_path, "default")
     assert result["splits"] == {"train": 108, "test": 12}
     assert (pathlib.Path(result["path"]) / "validation_report.json").exists()
     train, _ = pku.read_release(mini_dir, "default", "train")
-    prepared = pku.load_prepared(tmp_path, "default", "train")
+    prepared = prepared_lib.load_prepared(tmp_path, "default", "train")
     assert [prepared[i] for i in range(len(prepared))] == train  # file order kept
     assert list(prepared) == train
     assert list(prepared.examples[0]["response_0_harm_category"].shape) == [19]
     assert pku.example_to_row(prepared.examples[7]) == train[7]  # TFDS decoding agrees with the fast parse
     assert prepared.read([5, 2]) == [train[5], train[2]]
-    sub = pku.prepare(mini_dir, tmp_path, "alpaca2-7b")
+    sub = prepared_lib.prepare(mini_dir, tmp_path, "alpaca2-7b")
     assert sub["splits"] == {"train": 36, "test": 4}
-    assert pku.load_prepared(tmp_path, "alpaca2-7b", "test")[0]["response_0_source"] == "Alpaca2-7B"
+    assert prepared_lib.load_prepared(tmp_path, "alpaca2-7b", "test")[0]["response_0_source"] == "Alpaca2-7B"
     with pytest.raises(FileNotFoundError, match="not prepared"):
-        pku.load_prepared(tmp_path, "alpaca3-8b", "test")
+        prepared_lib.load_prepared(tmp_path, "alpaca3-8b", "test")
 
 
 def test_single_dimension_and_v0(good_rows, tmp_path):
@@ -80,9 +81,9 @@ def test_single_dimension_and_v0(good_rows, tmp_path):
     _write(tmp_path / "v0" / "train.jsonl", v0)
     _write(tmp_path / "v0" / "test.jsonl", v0[:2])
     assert pku.detect_kind(tmp_path / "v0") == "v0"
-    result = pku.prepare(tmp_path / "v0", tmp_path / "cache", "v0")
+    result = prepared_lib.prepare(tmp_path / "v0", tmp_path / "cache", "v0")
     assert result["kind"] == "v0" and result["splits"] == {"train": 6, "test": 2}
-    assert pku.load_prepared(tmp_path / "cache", "v0", "test")[1] == v0[1]
+    assert prepared_lib.load_prepared(tmp_path / "cache", "v0", "test")[1] == v0[1]
     with pytest.raises(pku.DataError, match="missing_field|missing"):
         pku.read_release(tmp_path / "v0", "default", "train")  # v0 rows are not dual rows
 
@@ -203,19 +204,19 @@ def test_cli(mini_dir, tmp_path, capsys):
 
 
 def _prepared_rows(data_dir, config="default", split="train"):
-    return list(pku.load_prepared(data_dir, config, split))
+    return list(prepared_lib.load_prepared(data_dir, config, split))
 
 
 def test_prepare_never_serves_a_stale_cache(tmp_path, capsys):
     source, cache = tmp_path / "src", tmp_path / "cache"
     mini.write_mini(source, rows=60, seed=0)
-    assert pku.prepare(source, cache, "default")["cache"] == "new"
-    assert pku.prepare(source, cache, "default")["cache"] == "reused"  # same files: reused
+    assert prepared_lib.prepare(source, cache, "default")["cache"] == "new"
+    assert prepared_lib.prepare(source, cache, "default")["cache"] == "reused"  # same files: reused
     mini.write_mini(source, rows=60, seed=1)  # the same files with other rows
     new_rows, _ = pku.read_release(source, "default", "train")
     assert _prepared_rows(cache) != new_rows
     with pytest.raises(ValueError) as info:
-        pku.prepare(source, cache, "default")
+        prepared_lib.prepare(source, cache, "default")
     message = str(info.value)
     assert "pku_saferlhf/default/1.0.0" in message and "other source files" in message and "--overwrite" in message
     capsys.readouterr()
@@ -228,12 +229,12 @@ def test_prepare_never_serves_a_stale_cache(tmp_path, capsys):
     assert _prepared_rows(cache) == new_rows
     # other validation options are another cache; a cache without a fingerprint is unknown
     with pytest.raises(ValueError, match="check_sha256=True, now check_sha256=False"):
-        pku.prepare(source, cache, "default", check_sha256=False)
-    next(pathlib.Path(cache).rglob(pku.FINGERPRINT_FILE)).unlink()
+        prepared_lib.prepare(source, cache, "default", check_sha256=False)
+    next(pathlib.Path(cache).rglob(prepared_lib.FINGERPRINT_FILE)).unlink()
     with pytest.raises(ValueError, match="has no source_fingerprint.json.*--overwrite"):
-        pku.prepare(source, cache, "default")
-    assert pku.prepare(source, cache, "default", overwrite=True)["cache"] == "rebuilt"
-    assert pku.prepare(source, cache, "default")["cache"] == "reused"
+        prepared_lib.prepare(source, cache, "default")
+    assert prepared_lib.prepare(source, cache, "default", overwrite=True)["cache"] == "rebuilt"
+    assert prepared_lib.prepare(source, cache, "default")["cache"] == "reused"
 
 
 def test_mixed_formats_in_one_folder_is_an_error(good_rows, tmp_path):

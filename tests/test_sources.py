@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from jaxalign.data import mini, pipeline, sources, views, pku_saferlhf as pku
+
+from jaxalign.data import prepared as prepared_lib
 from jaxalign.models import tokenizer as tk
 
 IDENTICAL = (3, 17, 40)  # rows of Alpaca-7B/train made identical pairs
@@ -41,8 +43,8 @@ def release(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def prepared(release, tmp_path_factory) -> pathlib.Path:
     data_dir = tmp_path_factory.mktemp("prepared")
-    pku.prepare(release, data_dir, "default")
-    pku.prepare(release, data_dir, "alpaca3-8b")
+    prepared_lib.prepare(release, data_dir, "default")
+    prepared_lib.prepare(release, data_dir, "alpaca3-8b")
     return data_dir
 
 
@@ -79,7 +81,7 @@ def test_rows_and_report_identical(release, prepared):
     for name, split in [("default", "train"), ("default", "test"), ("alpaca3-8b", "train")]:
         want, want_report = sources.read_split(str(release), name, split)
         got, got_report = sources.read_split(str(release), name, split, prepared_dir=str(prepared))
-        assert isinstance(got, pku.PreparedSplit) and len(got) == len(want)
+        assert isinstance(got, prepared_lib.PreparedSplit) and len(got) == len(want)
         assert list(got) == want and got[7] == want[7] and got[-1] == want[-1] and got[2:5] == want[2:5]
         assert all(type(got[0][k]) is type(want[0][k]) for k in want[0])  # str/int/bool/dict as in the files
         assert got_report.to_dict() == want_report.to_dict()
@@ -136,7 +138,7 @@ class _Counting:
 
 
 def test_a_process_reads_only_its_rows(prepared, tok):
-    rows = pku.load_prepared(prepared, "default", "train")
+    rows = prepared_lib.load_prepared(prepared, "default", "train")
     counter = rows._records = _Counting(rows._records)
     examples = views.preference_examples(rows)
     assert len(counter.read) <= 1  # the field check; the filters use the stored summary
@@ -210,7 +212,7 @@ def test_release_path_needs_a_source():
 
 
 def test_real_rows_same_examples(shared_head_dir, tmp_path):
-    pku.prepare(shared_head_dir, tmp_path, "alpaca-7b")
+    prepared_lib.prepare(shared_head_dir, tmp_path, "alpaca-7b")
     rows, report = sources.read_split(str(shared_head_dir), "alpaca-7b", "test")
     lazy, lazy_report = sources.read_split(str(shared_head_dir), "alpaca-7b", "test", prepared_dir=str(tmp_path))
     assert list(lazy) == rows and lazy_report.to_dict() == report.to_dict()

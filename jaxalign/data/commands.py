@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 from jaxalign.data import pku_saferlhf as pku
 
+from jaxalign.data import prepared as prepared_lib
+
 
 def pair_stats(rows: Iterable[dict], kind: str = "dual") -> dict[str, Any]:
     """Label statistics of release rows.
@@ -193,7 +195,7 @@ def run(args) -> int:
             kind = pku.detect_kind(args.source)
             configs = args.config or [{"dual": "default", "single": "single-default", "v0": "v0"}[kind]]
             for config in configs:
-                result = pku.prepare(args.source, args.data_dir, config, strict=not args.lenient,
+                result = prepared_lib.prepare(args.source, args.data_dir, config, strict=not args.lenient,
                                      check_sha256=not args.no_sha256, overwrite=args.overwrite)
                 print(json.dumps(result, indent=1))
             return 0

@@ -10,7 +10,7 @@ prepared_dir == "" (config.data.prepared_dir unset): `rows` is a list of release
 validated from the files under `source` (`pku_saferlhf.read_release`, strict, sha256 checked),
 `report` what was read.
 
-prepared_dir set: `rows` is a `pku_saferlhf.PreparedSplit` over the ArrayRecord files that
+prepared_dir set: `rows` is a `prepared_lib.PreparedSplit` over the ArrayRecord files that
 `jaxalign data prepare --source SRC --data-dir PREPARED_DIR` wrote for config `name`: a lazy
 random-access Sequence whose row i is the same dict (same fields, same Python types) as row i
 of the release list; `report` is the validation report stored at prepare time (the rows were
@@ -38,6 +38,8 @@ from typing import Sequence
 
 from jaxalign.data import pku_saferlhf as pku
 
+from jaxalign.data import prepared as prepared_lib
+
 
 def read_split(
     source: str, name: str, split: str, *, prepared_dir: str = ""
@@ -58,7 +60,7 @@ def read_split(
     if not os.path.isdir(prepared_dir):
         raise FileNotFoundError(f"{prepared_dir}: prepared data dir does not exist "
                                 f"(write it with `jaxalign data prepare --source DIR --data-dir {prepared_dir}`)")
-    rows = pku.load_prepared(prepared_dir, name, split)
+    rows = prepared_lib.load_prepared(prepared_dir, name, split)
     if source and os.path.isdir(source):
         rows.check_source(source)
     return rows, rows.report()

@@ -31,7 +31,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jaxalign.data.pku_saferlhf import HARM_CATEGORIES, PreparedSplit
+from jaxalign.data.pku_saferlhf import HARM_CATEGORIES
+from jaxalign.data.prepared import PreparedSplit
 
 PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
 INCONSISTENT_POLICIES = ("error", "skip", "keep")
