@@ -385,7 +385,7 @@ def test_jaxalign_train_runs_the_ppo_lag_stage(tmp_path):
     from jaxalign.models import tokenizer as tokenizer_lib
 
     mini.write_mini(tmp_path / "data", rows=150, seed=0)
-    tok = tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), 300, tmp_path / "tok")
+    tok = tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), vocab, tmp_path / "tok")
     cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -419,12 +419,12 @@ def test_jaxalign_train_runs_the_ppo_lag_stage(tmp_path):
     assert (workdir / "export" / "model.safetensors").stat().st_mtime_ns == exported_at
 
 
-def _mini_tokenizer(tmp_path, rows=150):
+def _mini_tokenizer(tmp_path, rows=150, vocab=300):
     from jaxalign.data import mini
     from jaxalign.models import tokenizer as tokenizer_lib
 
     mini.write_mini(tmp_path / "data", rows=rows, seed=0)
-    return tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), 300, tmp_path / "tok")
+    return tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), vocab, tmp_path / "tok")
 
 
 def test_ptx_batches_imitate_only_safe_answers(tmp_path):
@@ -436,13 +436,13 @@ def test_ptx_batches_imitate_only_safe_answers(tmp_path):
     from jaxalign.models import tokenizer as tokenizer_lib
     from jaxalign.stages import rl as rl_stage
 
-    _mini_tokenizer(tmp_path)
+    _mini_tokenizer(tmp_path, rows=300, vocab=1024)
     tok = tokenizer_lib.load_tokenizer(tmp_path / "tok", padding_side="left")
     config = ppo_lag_tiny.get_config()
     config.data.source = str(tmp_path / "data")
     config.data.batch_size = 16
     assert config.rl.ptx_response == "safe_only" and config.rl.ptx_coeff > 0
-    settings = dataclasses.replace(RLSettings.from_group(config.rl), prompt_length=40, max_new_tokens=40)
+    settings = dataclasses.replace(RLSettings.from_group(config.rl), prompt_length=48, max_new_tokens=48)
     batches, _ = rl_stage.load_batches(config, settings, tok, mesh_lib.make_mesh(MESH_CONFIG))
     labels = []
     for _ in range(6):

@@ -10,15 +10,17 @@ roles ride along, never donated nor checkpointed) -> WORKDIR/export (the actor a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 
 import jax
 
 from jaxalign.data import pipeline, views
+from jaxalign.evaluate import judge
 from jaxalign.models import loading
 from jaxalign.parallel import mesh as mesh_lib
-from jaxalign.rl import algorithms, iteration, roles, steps
+from jaxalign.rl import algorithms, evaluation, iteration, roles, steps
 from jaxalign.rl.settings import RLSettings
 from jaxalign.stages import common
 from jaxalign.train import loop, optim
@@ -44,6 +46,24 @@ def make_optimizers(config, num_updates: int) -> steps.Optimizers:
     )
 
 
+PTX_RESPONSES = ("safe_only", "safer", "better", "both")
+
+
+def ptx_sft_examples(rows, template, response: str) -> views.Examples:
+    """The PTX SFT examples of config.rl.ptx_response: safe_only = every response labelled safe
+    (views.qa_examples filtered on is_safe), else views.sft_examples(response=safer|better|both)."""
+    if response not in PTX_RESPONSES:
+        raise ValueError(f"config.rl.ptx_response: expected one of {PTX_RESPONSES}, got {response!r}")
+    if response != "safe_only":
+        return views.sft_examples(rows, template=template, response=response)
+    qa = views.qa_examples(rows, template=template)
+    out = views.Examples("sft", ({"prompt": e["prompt"], "response": e["response"]} for e in qa if e["is_safe"]))
+    out.counts.update(kept=len(out), skipped_unsafe=len(qa) - len(out))
+    if not out:
+        raise ValueError("config.rl.ptx_response='safe_only': the PTX data has no response labelled safe")
+    return out
+
+
 def load_batches(config, settings: RLSettings, tokenizer, mesh) -> tuple[iteration.RLBatches, int]:
     """Prompt batches (+ PTX batches when ptx_coeff > 0) and the number of prompts per epoch."""
     template = common.prompt_template(config, tokenizer)
@@ -57,7 +77,8 @@ def load_batches(config, settings: RLSettings, tokenizer, mesh) -> tuple[iterati
     if settings.ptx_coeff > 0:
         source = config.rl.ptx_source or config.data.source
         ptx_rows, _ = common.read_rows(config, config.data.train_split, source=source, name=config.rl.ptx_name)
-        ptx_examples = views.sft_examples(ptx_rows, template=template)
+        ptx_examples = ptx_sft_examples(ptx_rows, template, config.rl.ptx_response)
+        log.info("PTX (%s): %s", config.rl.ptx_response, dict(ptx_examples.counts))
         ptx_iter = pipeline.make_batches(
             "sft", ptx_examples, tokenizer, batch_size=batch_size // settings.num_minibatches,
             max_length=settings.sequence_length, mesh=mesh, seed=config.seed + 1, shuffle=bool(config.data.shuffle),
@@ -65,6 +86,31 @@ def load_batches(config, settings: RLSettings, tokenizer, mesh) -> tuple[iterati
     log.info("%d prompts (%s), PTX %s", len(prompts), dict(prompts.counts), "off" if ptx_iter is None else "on")
     ptx_per_iteration = settings.ppo_epochs * settings.num_minibatches
     return iteration.RLBatches(prompt_iter, ptx_iter, ptx_per_iteration), len(prompts)
+
+
+def make_eval_fn(config, settings: RLSettings, program: steps.RLProgram, fns: roles.RoleFns, tokenizer, mesh, rules):
+    """The in-loop evaluation on config.data.eval_split's first config.rl.eval_prompts distinct
+    prompts (rl/evaluation.py; the exact judge when they are mini prompts); None when
+    config.rl.eval_every is 0."""
+    every = int(config.rl.eval_every)
+    if every < 0:
+        raise ValueError(f"config.rl.eval_every must be >= 0 (0 = off), got {every}")
+    if every == 0:
+        return None
+    if not config.data.eval_split:
+        raise ValueError("config.rl.eval_every > 0 needs held-out prompts: set config.data.eval_split")
+    rows, _ = common.read_rows(config, config.data.eval_split)
+    prompts = judge.unique_prompts(rows)
+    if int(config.rl.eval_prompts) >= 0:
+        prompts = prompts[: int(config.rl.eval_prompts)]
+    use_judge = evaluation.mini_prompts(prompts)
+    log.info("RL evaluation every %d iterations on %d %s prompts%s", every, len(prompts), config.data.eval_split,
+             " (+ the exact judge)" if use_judge else "")
+    eval_settings = evaluation.EvalSettings(batch_size=int(config.data.batch_size),
+                                            prompt_length=settings.prompt_length, use_judge=use_judge,
+                                            seed=int(config.seed))
+    return evaluation.make_eval_fn(program.generate, fns.scores, prompts, tokenizer, eval_settings, mesh, rules,
+                                   common.prompt_template(config, tokenizer))
 
 
 def run(config, workdir) -> loop.LoopResult:
@@ -95,13 +141,16 @@ def run(config, workdir) -> loop.LoopResult:
                                     {name: shardings[name] for name in frozen}, ptx_shardings)
     log.info("%s: %d iterations of %d prompts, %d new tokens", algorithm.name, num_iterations, batch_size,
              settings.max_new_tokens)
+    eval_fn = make_eval_fn(config, settings, program, fns, tokenizer, mesh, rules)
+    loop_settings = dataclasses.replace(common.loop_settings(config, num_iterations, algorithm.name),
+                                        eval_every=int(config.rl.eval_every))
     result = loop.run(
-        settings=common.loop_settings(config, num_iterations, algorithm.name),
+        settings=loop_settings,
         workdir=workdir, mesh=mesh, rules=rules,
         step_fn=iteration.iteration_step(program, algorithm, settings),
         abstract_state=mesh_lib.with_shardings(abstract, program.state_shardings),
         init_state=lambda: steps.init_rl_state(algorithm, settings, trained, optimizers, rng),
-        batches=batches, frozen=frozen,
+        batches=batches, frozen=frozen, eval_fn=eval_fn,
     )
     common.export_once(result, workdir,
                        lambda out: loading.export_policy(out, actor_cfg, result.state.actor.params, tokenizer))
