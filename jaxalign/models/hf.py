@@ -19,11 +19,13 @@ on both sides, so q/k need no permutation.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 import jax
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -67,12 +69,14 @@ class SafetensorsReader(Mapping):
         self._path = path
         self._handles = {}
         self._where = {}
+        self._layout: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # name -> (dtype, shape, begin, end)
         for file in files:
             if not (path / file).is_file():
                 raise CheckpointError(f"shard {file} listed in {index} is missing")
             try:
-                handle = safe_open(str(path / file), framework="numpy")
+                handle = safe_open(str(path / file), framework="numpy")  # validates header and offsets
                 names = list(handle.keys())
+                self._layout.update(_data_layout(path / file))
             except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
                 raise CheckpointError(f"malformed safetensors file {path / file}: {e}") from e
             self._handles[file] = handle
@@ -95,7 +99,25 @@ class SafetensorsReader(Mapping):
             raise CheckpointError(f"cannot read tensor {name} from {self._path / file}: {e}") from e
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._read(name, lambda handle: handle.get_tensor(name))
+        """The tensor, read with pread into a fresh buffer: no memory-mapped page of the file stays
+        resident (mmap pages count in the process's RSS until the file is closed)."""
+        dtype, shape, begin, end = self._layout.get(name, (None, None, 0, 0))
+        if dtype not in _NUMPY_DTYPES:  # exotic dtypes: safetensors' own reader
+            return self._read(name, lambda handle: handle.get_tensor(name))
+
+        def read(_):
+            buffer = np.empty(math.prod(shape), _NUMPY_DTYPES[dtype])
+            view = memoryview(buffer.view(np.uint8).reshape(-1))
+            with open(self._path / self._where[name], "rb", buffering=0) as f:
+                done = 0
+                while done < end - begin:
+                    got = os.preadv(f.fileno(), [view[done:]], begin + done)
+                    if got <= 0:
+                        raise OSError(f"unexpected end of file at byte {begin + done}")
+                    done += got
+            return buffer.reshape(shape)
+
+        return self._read(name, read)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -105,6 +127,25 @@ class SafetensorsReader(Mapping):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._read(name, lambda handle: handle.get_slice(name).get_shape()))
+
+
+_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                 "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _data_layout(file: pathlib.Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, first byte, end byte) of every tensor in a safetensors file, from its
+    header (8-byte little-endian length + JSON); offsets are absolute in the file."""
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    layout = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        layout[name] = (info["dtype"], tuple(int(d) for d in info["shape"]), 8 + length + begin, 8 + length + end)
+    return layout
 
 
 def _read_weight_map(index: pathlib.Path) -> dict[str, str]:
@@ -326,6 +367,91 @@ def _checked(tensors: Mapping, name: str, shape: tuple[int, ...]) -> np.ndarray:
     if tuple(array.shape) != tuple(shape):
         raise CheckpointError(f"tensor {name}: expected shape {tuple(shape)}, got {tuple(array.shape)}")
     return array
+
+
+# ----------------------------------------------------------------------------- streaming plans
+#
+# A plan is the params tree with a `Streamed` leaf per parameter: its final shape and dtype and
+# zero-argument readers that each read and convert ONE checkpoint tensor. loading.place_streamed
+# puts the leaves on the mesh one tensor at a time, so a load never holds the whole model on the
+# host (and a stacked [L, ...] scan parameter is assembled on the devices layer by layer).
+
+
+class Streamed(NamedTuple):
+    """One parameter, read lazily. shape/dtype: the parameter's (ours, stacked [L, ...] when
+    stacked); parts: the readers, one per layer when stacked, else a single one for the whole
+    parameter; each returns an np.ndarray in our layout (a layer's shape when stacked)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    parts: tuple[Callable[[], np.ndarray], ...]
+    stacked: bool = False
+
+    def read(self) -> np.ndarray:
+        """The whole parameter on the host (tests and small models)."""
+        arrays = [part() for part in self.parts]
+        return np.stack(arrays) if self.stacked else arrays[0]
+
+
+def _converted_shape(convert: Callable, shape: tuple[int, ...], dtype) -> tuple[int, ...]:
+    """The shape `convert` (a reshape/transpose) gives a tensor of `shape`, without data."""
+    return tuple(jax.eval_shape(convert, jax.ShapeDtypeStruct(shape, dtype)).shape)
+
+
+def backbone_plan(cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndarray], prefix: str = "model.",
+                  dtype=None) -> dict:
+    """The streaming twin of backbone_from_hf_tensors: the same tree (stacked when cfg.scan_layers)
+    with a Streamed leaf per parameter; names and shapes are checked from the headers only."""
+    dtype = np.dtype(cfg.weight_dtype if dtype is None else dtype)
+    expected = backbone_hf_shapes(cfg, prefix)
+    missing = {n: s for n, s in expected.items() if n not in tensors}
+    if missing:
+        check_tensors({}, missing, where="checkpoint")
+    shape_of = tensors.shape if hasattr(tensors, "shape") else (lambda n: tuple(tensors[n].shape))
+    for name, shape in expected.items():
+        if tuple(shape_of(name)) != tuple(shape):
+            raise CheckpointError(f"tensor {name}: expected shape {tuple(shape)}, got {tuple(shape_of(name))}")
+
+    def reader(name, convert=lambda x: x):
+        return lambda: convert(np.asarray(tensors[name]).astype(dtype))
+
+    def leaf(name, convert=lambda x: x):
+        return Streamed(_converted_shape(convert, expected[name], dtype), dtype, (reader(name, convert),))
+
+    backbone: dict = {"embed_tokens": {"embedding": leaf(f"{prefix}embed_tokens.weight")},
+                      "norm": {"scale": leaf(f"{prefix}norm.weight")}}
+    spec = _layer_spec(cfg)
+    layer_name = lambda i, suffix: f"{prefix}layers.{i}.{suffix}"  # noqa: E731
+    if cfg.scan_layers:
+        stacked: dict = {}
+        for suffix, path, _, from_hf, _ in spec:
+            shape = _converted_shape(from_hf, expected[layer_name(0, suffix)], dtype)
+            parts = tuple(reader(layer_name(i, suffix), from_hf) for i in range(cfg.num_hidden_layers))
+            _set(stacked, path, Streamed((cfg.num_hidden_layers,) + shape, dtype, parts, stacked=True))
+        backbone["layers"] = stacked
+    else:
+        for i in range(cfg.num_hidden_layers):
+            layer: dict = {}
+            for suffix, path, _, from_hf, _ in spec:
+                _set(layer, path, leaf(layer_name(i, suffix), from_hf))
+            backbone[f"layers_{i}"] = layer
+    return backbone
+
+
+def lm_params_plan(cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndarray], dtype=None) -> dict:
+    """The streaming twin of params_from_hf_tensors (same checks, Streamed leaves)."""
+    dtype = np.dtype(cfg.weight_dtype if dtype is None else dtype)
+    tied_extra = lambda n: cfg.tie_word_embeddings and n == "lm_head.weight"  # noqa: E731
+    check_tensors(tensors, lm_hf_shapes(cfg), ignore=tied_extra)
+    plan = {"model": backbone_plan(cfg, tensors, dtype=dtype)}
+    if not cfg.tie_word_embeddings:
+        read = lambda: np.asarray(tensors["lm_head.weight"]).T.astype(dtype)  # noqa: E731
+        plan["lm_head"] = {"kernel": Streamed((cfg.hidden_size, cfg.vocab_size), dtype, (read,))}
+    return plan
+
+
+def is_streamed(x) -> bool:
+    return isinstance(x, Streamed)
 
 
 # ----------------------------------------------------------------------------- causal LM

@@ -8,8 +8,11 @@
     export_policy(out_dir, policy.cfg, params, tokenizer)
 
 Every parameter is created in its final sharding: a random init runs under jit with
-out_shardings; an HF checkpoint is read on the host tensor by tensor and each array is put on the
-devices already sharded (`mesh.put_sharded`), so no device holds a full copy. Shardings come from
+out_shardings; an HF checkpoint is streamed tensor by tensor (`hf.lm_params_plan` +
+`place_streamed`): each tensor is read with pread, converted, cast and put on the devices already
+sharded (`mesh.put_sharded`), and a stacked [L, ...] scan parameter is assembled on the devices
+layer by layer, so neither the host nor a device ever holds a full copy of the model beyond its
+own shards (peak host memory: experiments/benchmark_load.py, README). Shardings come from
 the modules' logical axis names through `jax.eval_shape` (no FLOPs, nothing allocated).
 
 A new vocabulary (a tokenizer that adds <pad>) resizes the embeddings on the host; new rows are
@@ -112,6 +115,63 @@ def place(host_tree: Any, shardings: Any, dtype=None) -> Any:
     return jax.tree.map(lambda x, s: mesh_lib.put_sharded(cast(x), s), host_tree, shardings)
 
 
+def _layer_update(sharding):
+    """jit (stacked [L, ...], layer [...], l) -> stacked with layer l replaced, in place (donated)."""
+    return jax.jit(lambda stacked, layer, index: jax.lax.dynamic_update_index_in_dim(stacked, layer, index, 0),
+                   out_shardings=sharding, donate_argnums=0)
+
+
+def place_streamed(plan: Any, shardings: Any, dtype=None) -> Any:
+    """A plan of hf.Streamed leaves -> global arrays in `shardings`, one checkpoint tensor at a time.
+
+    A plain leaf is read, cast and put (each device receives only its slice); a stacked [L, ...]
+    leaf starts as zeros on the devices and each layer is read, put in the layer's sharding and
+    written into it in place, so the host never holds more than one tensor of the checkpoint
+    (plus its converted copy) and never a whole stacked parameter.
+    """
+    def put(leaf: hf.Streamed, sharding):
+        target = np.dtype(leaf.dtype if dtype is None else dtype)
+        if not leaf.stacked:
+            return mesh_lib.put_sharded(np.asarray(leaf.parts[0](), target), sharding)
+        spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+        layer_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+        stacked = jax.jit(lambda: jnp.zeros(leaf.shape, target), out_shardings=sharding)()
+        update = _layer_update(sharding)
+        for index, part in enumerate(leaf.parts):
+            layer = mesh_lib.put_sharded(np.asarray(part(), target), layer_sharding)
+            stacked = update(stacked, layer, np.int32(index))
+            del layer
+        return stacked
+
+    return jax.tree.map(put, plan, shardings, is_leaf=hf.is_streamed)
+
+
+def _resized_plan(cfg, plan: dict, vocab_size: int) -> dict:
+    """Streams the embeddings (and untied LM head) through _resized_host when the vocabulary grows
+    or shrinks; every other leaf is untouched."""
+    if vocab_size == cfg.vocab_size:
+        return plan
+
+    def resized(leaf: hf.Streamed, key: str) -> hf.Streamed:
+        def read():
+            table = leaf.parts[0]()
+            if key == "embedding":
+                return _resized_host(cfg, {"model": {"embed_tokens": {"embedding": table}}}, vocab_size)["model"][
+                    "embed_tokens"]["embedding"]
+            dummy = {"model": {"embed_tokens": {"embedding": np.zeros((cfg.vocab_size, 1), table.dtype)}},
+                     "lm_head": {"kernel": table}}
+            return _resized_host(cfg, dummy, vocab_size)["lm_head"]["kernel"]
+
+        shape = (vocab_size,) + leaf.shape[1:] if key == "embedding" else leaf.shape[:1] + (vocab_size,)
+        return leaf._replace(shape=shape, parts=(read,))
+
+    plan = dict(plan, model=dict(plan["model"]))
+    plan["model"]["embed_tokens"] = {"embedding": resized(plan["model"]["embed_tokens"]["embedding"], "embedding")}
+    if "lm_head" in plan:
+        plan["lm_head"] = {"kernel": resized(plan["lm_head"]["kernel"], "kernel")}
+    return plan
+
+
 def _resized_host(cfg, params: dict, vocab_size: int) -> dict:
     """Resizes the token embeddings (and LM head) on the host CPU; new rows = mean of the old."""
     if vocab_size == cfg.vocab_size:
@@ -131,9 +191,9 @@ def load_policy(settings: ModelSettings, mesh, rules, *, vocab_size: int, specia
     shardings = param_shardings(module, mesh, rules)
     if settings.init_path:
         stored = hf.load_config(settings.init_path, **settings.runtime())
-        host = hf.params_from_hf_tensors(stored, hf.read_safetensors_dir(settings.init_path))
-        host = _resized_host(stored, host, vocab_size)
-        params = place(host, shardings, np.dtype(jnp.dtype(cfg.param_dtype)))
+        plan = hf.lm_params_plan(stored, hf.read_safetensors_dir(settings.init_path))
+        plan = _resized_plan(stored, plan, vocab_size)
+        params = place_streamed(plan, shardings, np.dtype(jnp.dtype(cfg.param_dtype)))
     else:
         params, _ = mesh_lib.init_sharded(init_fn(module), rng, mesh, rules)
     return Placed(cfg=cfg, module=module, params=params, shardings=shardings)
@@ -149,11 +209,13 @@ def load_backbone_with_head(settings: ModelSettings, head: score.ScoreHead, mesh
     shardings = param_shardings(module, mesh, rules)
     if settings.init_path:
         stored = hf.load_config(settings.init_path, **settings.runtime())
-        backbone = hf.backbone_from_hf_tensors(stored, hf.read_safetensors_dir(settings.init_path))
-        backbone = _resized_host(stored, {"model": backbone}, vocab_size)["model"]
+        backbone = hf.backbone_plan(stored, hf.read_safetensors_dir(settings.init_path))
+        backbone = _resized_plan(stored, {"model": backbone}, vocab_size)["model"]
         with jax.default_device(jax.devices("cpu")[0]):
-            host = score.init_params_from_llama(backbone, cfg, rng, head.score_dim, head.score_bias)
-        params = place(jax.tree.map(np.asarray, host), shardings, np.dtype(jnp.dtype(cfg.param_dtype)))
+            fresh = score.init_params_from_llama(None, cfg, rng, head.score_dim, head.score_bias)["score_head"]
+        dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+        params = {"model": place_streamed(backbone, shardings["model"], dtype),
+                  "score_head": place(jax.tree.map(np.asarray, fresh), shardings["score_head"], dtype)}
         log.info("score model: backbone of %s + a fresh %s head", settings.init_path, head.score_type)
     else:
         params, _ = mesh_lib.init_sharded(init_fn(module), rng, mesh, rules)
