@@ -25,6 +25,7 @@ _COMMANDS = {
     "tokenizer": ("jaxalign.models.commands", "build the small BPE tokenizer from a corpus"),
     "init-model": ("jaxalign.models.commands", "write a randomly initialised causal LM as an HF checkpoint"),
     "sample": ("jaxalign.generate.commands", "sample a completion from a model directory"),
+    "chat": ("jaxalign.generate.commands", "multi-turn chat with one or more models side by side"),
     "train": ("jaxalign.stages.commands", "run a training stage from a config file"),
     "evaluate": ("jaxalign.evaluate.commands", "evaluate reward/cost models and RL runs"),
     "arena": ("jaxalign.evaluate.commands", "policies answer the same prompts; reward, cost and judge compare them"),

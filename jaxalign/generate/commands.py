@@ -1,4 +1,4 @@
-"""`jaxalign sample`: print a completion of one prompt from a model directory.
+"""`jaxalign sample`: print a completion of one prompt; `jaxalign chat`: multi-turn chat with models.
 
     jaxalign sample --model DIR --prompt "How do I ..." [--max-new-tokens 64 --temperature 1.0
                     --top-p 1.0 --top-k 0 --seed 0] [--raw]
@@ -72,4 +72,84 @@ def run(args) -> int:
     return 0
 
 
-COMMANDS = {"sample": (add_arguments, run)}
+CHAT_HELP = """commands: /reset (or /clear) starts a new conversation, /regenerate answers the last turn
+again, /help shows this, /quit (or /exit, or end of input) leaves."""
+
+
+def add_chat_arguments(parser) -> None:
+    parser.add_argument("--model", nargs="+", required=True, help="one or more HF causal-LM dirs; each answers "
+                        "every turn, side by side")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the first --model)")
+    parser.add_argument("--template", default="upstream", choices=["upstream", "chat"],
+                        help="upstream: the Safe RLHF template; chat: the tokenizer's chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+
+
+def run_chat(args) -> int:
+    import pathlib
+    import sys
+
+    from jaxalign.generate import chat
+    from jaxalign.models import loading
+    from jaxalign.models.tokenizer import load_tokenizer
+    from jaxalign.parallel import mesh as mesh_lib
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model[0], padding_side="left")
+    settings = mesh_lib.MeshSettings()
+    mesh, rules = mesh_lib.make_mesh(settings), mesh_lib.axis_rules(settings)
+    speakers, eos = [], {tokenizer.eos_token_id} - {None}
+    for index, path in enumerate(args.model):
+        policy = loading.load_policy(loading.ModelSettings(init_path=path, dtype=args.dtype), mesh, rules,
+                                     vocab_size=max(len(tokenizer), hf.load_config(path).vocab_size),
+                                     rng=jax.random.PRNGKey(args.seed))
+        eos |= set(policy.cfg.eos_token_ids)
+        name = pathlib.Path(path).name if len(args.model) == 1 else f"{index + 1}:{pathlib.Path(path).parent.name}"
+        speakers.append(chat.Speaker(name, policy))
+    sampling = sampler.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, eos_token_ids=tuple(sorted(eos)),
+                                      pad_token_id=tokenizer.pad_token_id)
+    dialogue = chat.chat_template_dialogue(tokenizer) if args.template == "chat" else None
+    session = chat.Chat(speakers, tokenizer, sampling, seed=args.seed, dialogue=dialogue)
+    print(f"chatting with {', '.join(s.name for s in speakers)}; {CHAT_HELP}", flush=True)
+    with mesh_lib.sharding_context(mesh, rules):
+        while True:
+            print(">>> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:  # end of input
+                print()
+                return 0
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit"):
+                return 0
+            if text == "/help":
+                print(CHAT_HELP, flush=True)
+                continue
+            if text in ("/reset", "/clear"):
+                session.reset()
+                print("(new conversation)", flush=True)
+                continue
+            if text == "/regenerate":
+                if session.last_user is None:
+                    print("(nothing to regenerate yet)", flush=True)
+                    continue
+                turns = session.regenerate()
+            elif text.startswith("/"):
+                print(f"(unknown command {text}; {CHAT_HELP})", flush=True)
+                continue
+            else:
+                turns = session.respond(text)
+            for name, pieces in turns:
+                print(f"[{name}] ", end="", flush=True)
+                for piece in pieces:
+                    print(piece, end="", flush=True)
+                print(flush=True)
+
+
+COMMANDS = {"sample": (add_arguments, run), "chat": (add_chat_arguments, run_chat)}
