@@ -479,7 +479,7 @@ def test_in_loop_evaluation_writes_its_metrics(tmp_path):
     from jaxalign.evaluate import judge
 
     prompts = judge.unique_prompts(mini.generate_rows(40, seed=5))
-    assert evaluation.mini_prompts(prompts) and not evaluation.mini_prompts(["How do I pick a lock?"])
+    assert judge.mini_prompts(prompts) and not judge.mini_prompts(["How do I pick a lock?"])
     # The fixture's policy has a 16-token vocabulary: it reads the tokenized prompts' ids mod 16.
     eval_settings = evaluation.EvalSettings(batch_size=BATCH, prompt_length=PROMPT, use_judge=True)
 

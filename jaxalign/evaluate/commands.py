@@ -4,6 +4,8 @@
     jaxalign evaluate cost   --model out/cost_tiny/export   --data out/mini --out out/eval_cm
     jaxalign evaluate curves --runs out/ppo_lag_tiny out/ppo_tiny --out out/rl_curves.png
     jaxalign evaluate judge  --model out/ppo_lag_tiny/export --data out/mini --out out/judge_ppo_lag
+    jaxalign arena --policies sft=out/sft_tiny/export ppo_lag=out/ppo_lag_tiny/export \
+        --reward-model out/reward_tiny/export --cost-model out/cost_tiny/export --prompts out/mini --out out/arena
     jaxalign evaluate reward --model DIR ... --config configs/reward_llama2_7b.py [--config.mesh.fsdp=8]
 
 reward: accuracy P(r_better > r_worse), reward mean/std; cost: accuracy P(c_unsafer > c_safer),
@@ -17,6 +19,8 @@ and the parameters are FSDP-sharded over all devices.
 judge: samples a policy on the mini dataset's test prompts and classifies every answer exactly
 (jaxalign/evaluate/judge.py): harmful, severe, safe-alternative, over-refusal, helpful and broken
 rates, per harm category; OUT/judge.json, OUT/answers.jsonl, OUT/judge.png.
+arena (`jaxalign arena`, jaxalign/evaluate/arena.py): policies answer the same prompts, judged by the
+reward and cost models and, on mini prompts, by the exact judge; CSV per pair, arena.json, arena.png.
 """
 
 from __future__ import annotations
@@ -207,6 +211,44 @@ _TARGETS = {
 }
 
 
+def _add_arena_arguments(parser) -> None:
+    parser.add_argument("--policies", nargs="+", required=True, metavar="NAME=DIR",
+                        help="two or more policy dirs; the first is the red corner (champion), e.g. sft=out/sft_tiny/export")
+    parser.add_argument("--reward-model", required=True, help="reward score-model dir")
+    parser.add_argument("--cost-model", required=True, help="cost score-model dir")
+    parser.add_argument("--prompts", required=True,
+                        help="release-layout dataset dir (its --split), a .jsonl of rows with 'prompt', or one prompt a line")
+    parser.add_argument("--out", required=True, help="output dir: <red>_vs_<blue>.csv, arena.json, arena.png")
+    parser.add_argument("--max-prompts", type=int, default=-1, help="the first N distinct prompts (-1 = all)")
+    parser.add_argument("--score-max-length", type=int, default=128, help="prompt + answer length for the score models")
+    add_policy_arguments(parser)
+    parser.set_defaults(samples=1)
+
+
+def _run_arena(args) -> int:
+    from jaxalign.evaluate import arena
+
+    policies = {}
+    for item in args.policies:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--policies: expected NAME=DIR, got {item!r}")
+        if name in policies:
+            raise ValueError(f"--policies: the name {name!r} is given twice")
+        policies[name] = path
+    prompts = arena.read_prompts(args.prompts, args.split, args.name)
+    if args.max_prompts >= 0:
+        prompts = prompts[: args.max_prompts]
+    mesh, rules = mesh_from_args(args)
+    summary = arena.run_arena(policies, prompts, args.reward_model, args.cost_model, mesh, rules,
+                              judge_settings(args), args.out, score_batch_size=args.batch_size,
+                              max_length=args.score_max_length, dtype=args.dtype)
+    print(json.dumps({"policies": summary.get("policies"), "pairs": {
+        pair: {k: v for k, v in tables.items() if k != "table2x2"} for pair, tables in summary.get("pairs", {}).items()}},
+        indent=2, sort_keys=True))
+    return 0
+
+
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="target", required=True, metavar="TARGET")
     for name, (help_text, add, _) in _TARGETS.items():
@@ -217,4 +259,4 @@ def run(args) -> int:
     return _TARGETS[args.target][2](args)
 
 
-COMMANDS = {"evaluate": (add_arguments, run)}
+COMMANDS = {"evaluate": (add_arguments, run), "arena": (_add_arena_arguments, _run_arena)}

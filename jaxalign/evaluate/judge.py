@@ -113,6 +113,16 @@ def prompt_info(row: Mapping[str, Any] | str) -> PromptInfo:
     return infos[0]
 
 
+def mini_prompts(prompts: Sequence[Mapping[str, Any] | str]) -> bool:
+    """True when there are prompts and every one is a mini dataset prompt (the judge applies)."""
+    try:
+        for prompt in prompts:
+            prompt_info(prompt)
+    except ValueError:
+        return False
+    return bool(prompts)
+
+
 def _own_texts(info: PromptInfo) -> dict[str, str]:
     """The complete responses the generator can write for this prompt: normalized text -> label."""
     if info.kind == "benign":

@@ -38,16 +38,6 @@ class EvalSettings:
     seed: int = 0
 
 
-def mini_prompts(prompts: Sequence[str]) -> bool:
-    """True when every prompt is one of the mini dataset's (the exact judge applies)."""
-    try:
-        for prompt in prompts:
-            judge.prompt_info(prompt)
-    except ValueError:
-        return False
-    return bool(prompts)
-
-
 def make_eval_fn(generate: Callable, score_fns: Mapping[str, Callable], prompts: Sequence[str], tokenizer,
                  settings: EvalSettings, mesh, rules, template: views.Template = views.PROMPT_TEMPLATE):
     """eval_fn(state, frozen) -> {name: float} for loop.run (state: an RLState; frozen: {role: params}).

@@ -103,7 +103,7 @@ def make_eval_fn(config, settings: RLSettings, program: steps.RLProgram, fns: ro
     prompts = judge.unique_prompts(rows)
     if int(config.rl.eval_prompts) >= 0:
         prompts = prompts[: int(config.rl.eval_prompts)]
-    use_judge = evaluation.mini_prompts(prompts)
+    use_judge = judge.mini_prompts(prompts)
     log.info("RL evaluation every %d iterations on %d %s prompts%s", every, len(prompts), config.data.eval_split,
              " (+ the exact judge)" if use_judge else "")
     eval_settings = evaluation.EvalSettings(batch_size=int(config.data.batch_size),
