@@ -32,6 +32,10 @@ step "6/9 reward and cost distributions on the test split"
 jaxalign evaluate reward --model "$OUT/reward_tiny/export" --data "$OUT/mini" --out "$OUT/eval_reward"
 jaxalign evaluate cost --model "$OUT/cost_tiny/export" --data "$OUT/mini" --out "$OUT/eval_cost"
 
+step "6b/9 severity-sensitive moderation model (unsafe, 19 categories, severity, streaming) + its evaluation"
+jaxalign train --config configs/moderation_tiny.py --workdir "$OUT/moderation_tiny"
+jaxalign evaluate moderation --model "$OUT/moderation_tiny/export" --data "$OUT/mini" --out "$OUT/eval_moderation"
+
 step "7/9 PPO-Lagrangian (Safe RLHF)"
 jaxalign train --config configs/ppo_lag_tiny.py --workdir "$OUT/ppo_lag_tiny"
 
