@@ -59,6 +59,24 @@ def process_local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate([np.asarray(shards[key].data) for key in sorted(shards)])
 
 
+def global_rows(x: jax.Array) -> np.ndarray:
+    """Every row of a batch-sharded [B] array, the same numpy array on every process.
+
+    The algorithm observes the whole rollout on every host, so its state (PPO-Lagrangian's cost
+    window) is identical everywhere: a replicated array that Orbax saves from process 0 and every
+    host restores, and a lambda that does not depend on how the devices are split into processes
+    (1 x 8 devices == 2 x 4). The window is thus global: the last W sequence costs of the run.
+    Upstream keeps one window of W per GPU and averages over the N GPUs, which is the same as a
+    global window of W x N when W is a multiple of the per-GPU rollout batch (upstream: 128 and 16):
+    set rl.episode_cost_window_size = 128 x N to reproduce an N-GPU upstream run.
+    """
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings, frozen: dict, state: RLState,
                  batch: dict) -> tuple[RLState, dict]:
     """One rollout + scoring + PPO epochs over minibatches. -> (state, metrics)."""
@@ -82,7 +100,7 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
 
     t0 = time.perf_counter()
     algorithm_state = algorithm.observe(settings, state.algorithm,
-                                        {name: process_local_rows(value) for name, value in scores.items()})
+                                        {name: global_rows(value) for name, value in scores.items()})
     state = state.replace(algorithm=algorithm_state, rng=rng)
     update_metrics, hook_metrics = [], {}
     ptx_batches = iter(batch["ptx"] or [])

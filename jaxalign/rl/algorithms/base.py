@@ -78,7 +78,8 @@ class Algorithm:
         return {}
 
     def observe(self, settings: RLSettings, state: Any, local_scores: dict[str, np.ndarray]) -> Any:
-        """Sees this process's sequence scores {scorer: [B_local]} of a new rollout."""
+        """Sees the sequence scores {scorer: [B]} of a new rollout: every row, the same on every process
+        (rl/iteration.py global_rows), so the algorithm's state is identical on every host."""
         del settings, local_scores
         return state
 
