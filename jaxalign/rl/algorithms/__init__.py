@@ -10,8 +10,9 @@ from jaxalign.rl.algorithms.base import Algorithm
 from jaxalign.rl.algorithms.ppo import PPO
 from jaxalign.rl.algorithms.ppo_lag import PPOLagrangian
 from jaxalign.rl.algorithms.reward_shaping import RewardShaping
+from jaxalign.rl.algorithms.safe_grpo import SafeGRPO
 
-ALGORITHMS = {cls.name: cls for cls in (PPO, PPOLagrangian, RewardShaping)}
+ALGORITHMS = {cls.name: cls for cls in (PPO, PPOLagrangian, RewardShaping, SafeGRPO)}
 
 
 def make(name: str, has_cost_model: bool) -> Algorithm:
@@ -26,4 +27,4 @@ def make(name: str, has_cost_model: bool) -> Algorithm:
     return algorithm
 
 
-__all__ = ["Algorithm", "ALGORITHMS", "PPO", "PPOLagrangian", "RewardShaping", "make"]
+__all__ = ["Algorithm", "ALGORITHMS", "PPO", "PPOLagrangian", "RewardShaping", "SafeGRPO", "make"]

@@ -1,0 +1,56 @@
+"""Safe GRPO: critic-free PPO-Lagrangian with group-relative advantages (config.stage "safe_grpo").
+
+k = config.rl.num_return_sequences responses are sampled per prompt (rl/iteration.py repeats each
+prompt k times, so rows b*k .. b*k+k-1 form prompt b's group). Per stream (reward, cost):
+
+    s_i   = sequence score with the KL term of PPO-Lagrangian (reward - β·KL, cost + β·KL; spec §5.4, §5.8)
+    A_i   = (s_i - mean_group(s)) / std_group(s)      (0 for a group whose scores are all equal)
+
+broadcast over the response tokens. Reward and cost advantages are normalised SEPARATELY and
+only then combined, A = (A_R - λ·A_C) / (1 + λ), exactly as PPO-Lagrangian combines its GAE
+advantages: normalising the combined score r - λc instead rescales it per group and distorts the
+effective λ (Constrained GRPO, arXiv 2602.05863). λ, its cost window and its update are
+PPO-Lagrangian's (ppo_lag.py). No critics: the RL state holds the actor only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign.rl.algorithms.base import KL_SHAPING
+from jaxalign.rl.algorithms.ppo_lag import PPOLagrangian
+
+STD_FLOOR = 1e-6  # a group whose scores spread less than this has advantage 0
+
+
+def group_normalize(scores: jax.Array, group_size: int) -> jax.Array:
+    """(s - group mean) / group std (population std) within consecutive groups of `group_size`.
+
+    scores: [B] with B a multiple of group_size -> [B]. A group of equal scores gives exactly 0
+    (never NaN); group_size 1 gives 0 everywhere.
+    """
+    groups = scores.reshape(-1, group_size).astype(jnp.float32)
+    centered = groups - jnp.mean(groups, axis=1, keepdims=True)
+    var = jnp.mean(jnp.square(centered), axis=1, keepdims=True)
+    spread = var > STD_FLOOR ** 2
+    normalized = jnp.where(spread, centered * jax.lax.rsqrt(jnp.where(spread, var, 1.0)), 0.0)  # no sqrt(0)
+    return normalized.reshape(scores.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class SafeGRPO(PPOLagrangian):
+    name: ClassVar[str] = "safe_grpo"
+    critics: ClassVar[tuple[str, ...]] = ()
+
+    def stream_advantages(self, settings, stream, sequence_score, kl, end_index, kl_coeff, values, response_mask):
+        del values  # critic-free
+        if settings.num_return_sequences < 2:
+            raise ValueError("safe_grpo needs groups: set config.rl.num_return_sequences >= 2 (responses per prompt)")
+        shaped = KL_SHAPING[stream](sequence_score, kl, end_index, kl_coeff, settings.clip_range_score)
+        total = jnp.sum(jnp.where(response_mask, shaped, 0.0), axis=-1)  # [B] sequence score with KL
+        advantages = group_normalize(total, settings.num_return_sequences)
+        return shaped, jnp.where(response_mask, advantages[:, None], 0.0), None
