@@ -88,3 +88,26 @@ def test_a_full_disk_is_one_line(mini_run, tmp_path, capsys, monkeypatch, where)
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and "No space left on device" in lines[0], err
     assert "Traceback" not in err
+
+
+def test_python_dash_m_is_the_same_command():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "jaxalign", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "train" in result.stdout and "evaluate" in result.stdout
+
+
+def test_config_overrides_need_a_command_that_takes_a_config(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["data", "stats", str(tmp_path), "--config.train.num_steps=3"])
+    assert "unrecognized arguments: --config.train.num_steps=3" in capsys.readouterr().err
+
+
+def test_a_bad_override_of_train_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("JAXALIGN_DEBUG", raising=False)
+    argv = ["train", "--config", "configs/sft_tiny.py", "--workdir", str(tmp_path / "run"), "--config.train.nmu_steps=3"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jaxalign train: error:") and "nmu_steps" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "config.json").exists()
