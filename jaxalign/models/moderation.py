@@ -250,3 +250,33 @@ def load_moderation_model(path: str | os.PathLike, dtype: str = "float32", on_ho
     if not on_host:
         params = jax.tree_util.tree_map(jnp.asarray, params)
     return cfg, head, params
+
+
+# ---------------------------------------------------------------------------------------
+# Moderation as an RL cost signal
+
+COST_SIGNALS = ("unsafe", "expected_severity", "severity3")
+
+
+def cost_signal(out: ModerationOutput, signal: str = "unsafe") -> jax.Array:
+    """A per-token cost [B, T] fp32 from the streaming heads (read at the end token it is the
+    sequence cost): "unsafe" = P(unsafe), "expected_severity" = sum_k k P(severity k),
+    "severity3" = P(severity 3), "category:<index>" = P(category index)."""
+    if signal == "unsafe":
+        return jax.nn.sigmoid(out.unsafe_logits)
+    probs = jax.nn.softmax(out.severity_logits, axis=-1)
+    if signal == "expected_severity":
+        return jnp.sum(probs * jnp.arange(probs.shape[-1], dtype=jnp.float32), axis=-1)
+    if signal == "severity3":
+        return probs[..., -1]
+    if signal.startswith("category:") and signal[len("category:"):].isdigit():
+        return jax.nn.sigmoid(out.category_logits[..., int(signal[len("category:"):])])
+    raise ValueError(f"unknown moderation cost signal {signal!r}; expected one of {COST_SIGNALS} or 'category:<index>'")
+
+
+def is_moderation_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a moderation model (config.json with the head fields)."""
+    file = pathlib.Path(path) / hf.CONFIG_NAME
+    if not file.is_file():
+        return False
+    return is_moderation_config(hf.read_config(path))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxalign import models
 from jaxalign.generate import sampler
-from jaxalign.models import loading, score
+from jaxalign.models import loading, moderation, score
 from jaxalign.rl.settings import RLSettings
 
 TRAINED = ("actor",)  # plus every "<stream>_critic" role
@@ -129,6 +129,25 @@ def param_count(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
+def moderation_role(role: str, path: str, model: loading.ModelSettings, tokenizer, mesh, rules,
+                    rng: jax.Array) -> tuple[ScoreFn, Any, Any]:
+    """A moderation model (models/moderation.py) in a score role -> (fn, params, shardings): a scorer
+    reads P(unsafe) at every token (at the end token: the sequence cost, in [0, 1]); a critic is its
+    backbone + a fresh critic head."""
+    settings = dataclasses.replace(model, init_path=path)
+    if role.endswith("_critic"):
+        placed = loading.load_backbone_with_head(settings, score.ScoreHead(score_type="critic"), mesh, rules,
+                                                 vocab_size=len(tokenizer), special=loading.special_ids(tokenizer),
+                                                 rng=rng)
+        return score_role_fn(placed.module), placed.params, placed.shardings
+    placed = loading.load_moderation_model(settings, mesh, rules, min_vocab_size=len(tokenizer))
+
+    def apply(params, input_ids, attention_mask):
+        return moderation.cost_signal(placed.module.apply({"params": params}, input_ids, attention_mask=attention_mask))
+
+    return apply, placed.params, placed.shardings
+
+
 def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths: RolePaths, settings: RLSettings,
                tokenizer, mesh, rules, rng: jax.Array) -> tuple[RoleFns, dict, dict, Any]:
     """Every role in `role_names`, placed on the mesh. -> (fns, params, shardings, actor cfg),
@@ -146,6 +165,11 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
         path = paths.path(role)
         if not path:
             raise ValueError(f"the {role} role needs a model: set config.rl.{role}_model_path")
+        if moderation.is_moderation_dir(path):  # issue 10: a moderation model as the cost (P(unsafe))
+            score_fns[role], params[role], shardings[role] = moderation_role(role, path, model, tokenizer, mesh, rules,
+                                                                             jax.random.fold_in(rng, 10))
+            logging.info("%s: %s (moderation model, %d parameters)", role, path, param_count(params[role]))
+            continue
         is_critic = role.endswith("_critic")
         placed = loading.load_score_model(path, mesh, rules, model, score_type="critic" if is_critic else role,
                                           min_vocab_size=len(tokenizer))
