@@ -2,9 +2,11 @@
 P(unsafe), and the vector Lagrange update of several constraints against a numpy loop."""
 
 import json
+import math
 
 import jax
 import numpy as np
+import pytest
 
 from jaxalign import cli
 from jaxalign.data import mini
@@ -48,3 +50,58 @@ def test_ppo_lag_with_a_moderation_cost(tmp_path):
     # P(unsafe) of the batch is far above the 5% threshold: lambda grows from lambda_init = 1
     assert records[-1]["lambda"] > 1.0
     assert json.loads((workdir / "config.json").read_text())["rl"]["cost_model_path"].endswith("moderation")
+
+
+def _settings(lambda_max=5.0):
+    from jaxalign import config as config_lib
+    from jaxalign.rl.settings import RLSettings
+
+    rl = config_lib.load_config("configs/ppo_lag_tiny.py", [f"--config.rl.lambda_max={lambda_max}"]).rl
+    return RLSettings.from_group(rl)
+
+
+def test_vector_lambda_update_against_a_numpy_loop():
+    """Two constraints with their own thresholds, windows and rates: P(severity 3) <= 1% holds (its
+    lambda decays), P(unsafe) <= 5% binds (its lambda grows); every step against a numpy loop."""
+    from jaxalign.rl.algorithms.multi_lag import Constraint, MultiLagrangian
+
+    constraints = (Constraint("severity3", threshold=0.01, lambda_init=0.5, lambda_lr=0.5, window_size=6),
+                   Constraint("unsafe", threshold=0.05, lambda_init=1.0, lambda_lr=0.2, window_size=10))
+    algorithm = MultiLagrangian(constraints=constraints)
+    assert algorithm.roles == ("actor", "reference", "reward", "severity3", "unsafe", "reward_critic",
+                               "severity3_critic", "unsafe_critic")
+    settings = _settings(lambda_max=3.0)
+    state = algorithm.init_state(settings)
+    rng = np.random.default_rng(0)
+    windows = {c.name: [] for c in constraints}
+    log_lambda = {c.name: math.log(c.lambda_init) for c in constraints}
+    for step in range(12):
+        batch = {"severity3": rng.uniform(0, 0.01, 4), "unsafe": rng.uniform(0.1, 0.3, 4)}
+        state = algorithm.observe(settings, state, batch)
+        state, metrics = algorithm.before_update(settings, state, step)
+        for c in constraints:
+            windows[c.name] = (windows[c.name] + list(batch[c.name]))[-c.window_size:]
+            j = float(np.mean(windows[c.name]))
+            log_lambda[c.name] += c.lambda_lr * (j - c.threshold) * math.exp(log_lambda[c.name])
+            log_lambda[c.name] = min(log_lambda[c.name], math.log(3.0))
+            assert metrics[f"episode_cost/{c.name}"] == pytest.approx(j, abs=1e-6)
+        np.testing.assert_allclose(algorithm.multiplier(settings, state),
+                                   [math.exp(log_lambda[c.name]) for c in constraints], rtol=1e-5)
+    lam = np.asarray(algorithm.multiplier(settings, state))
+    assert lam[0] < 0.5 and lam[1] > 1.0  # severity-3 holds, the looser unsafe constraint binds
+
+
+def test_combined_advantage_against_a_numpy_loop():
+    from jaxalign.rl.algorithms.multi_lag import Constraint, MultiLagrangian
+
+    algorithm = MultiLagrangian(constraints=(Constraint("a", 0.1), Constraint("b", 0.2), Constraint("c", 0.3)))
+    rng = np.random.default_rng(1)
+    advantages = {name: rng.normal(size=(2, 5)).astype(np.float32) for name in ("reward", "a", "b", "c")}
+    lambdas = np.array([0.5, 2.0, 0.1], np.float32)
+    got = np.asarray(algorithm.actor_advantages(_settings(), advantages, lambdas))
+    for b in range(2):
+        for t in range(5):
+            numerator = advantages["reward"][b, t] - sum(lam * advantages[n][b, t] for lam, n in zip(lambdas, "abc"))
+            assert got[b, t] == pytest.approx(numerator / (1 + lambdas.sum()), abs=1e-5)
+    with pytest.raises(ValueError, match="distinct names"):
+        MultiLagrangian(constraints=(Constraint("a", 0.1), Constraint("a", 0.2)))
