@@ -1,0 +1,17 @@
+"""Tiny Safe GRPO on CPU: ppo_lag_tiny without critics, 4 responses per prompt, reward and cost
+advantages normalised within each prompt's group and combined with PPO-Lagrangian's λ.
+
+    jaxalign train --config configs/safe_grpo_tiny.py --workdir out/safe_grpo_tiny
+"""
+
+import ml_collections
+
+from configs import ppo_lag_tiny
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ppo_lag_tiny.get_config()  # roles, threshold -3, λ settings, PTX 1.0
+    config.stage = "safe_grpo"
+    config.data.batch_size = 8  # prompts per rollout: 8 x 4 = ppo_lag_tiny's 32 sequences
+    config.rl.num_return_sequences = 4  # the group of each prompt
+    return config
