@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.stage = "ppo_lag"
     config.model.init_path = "out/sft_tiny/export"  # actor + reference
     config.tokenizer = ""  # the tokenizer exported with the SFT model
-    config.data.eval_split = ""
+    config.data.eval_split = "test"  # held-out prompts of the in-loop evaluation (rl.eval_every)
     config.data.batch_size = 32  # prompts per rollout
     config.train.num_steps = 120  # rollouts (iterations); -1 = one pass over the prompts
     config.train.learning_rate = 1e-4  # a tiny model needs a larger lr than upstream's 1e-5
@@ -26,10 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
     rl = config.rl  # base holds the upstream ppo-lag.sh values; the tiny run changes:
     rl.reward_model_path = "out/reward_tiny/export"
     rl.cost_model_path = "out/cost_tiny/export"
-    rl.prompt_length = 48  # mini prompts are ~10-30 tokens
-    rl.max_new_tokens = 32
+    rl.prompt_length = 32  # mini prompts are <= 25 tokens of the 2048-token BPE
+    rl.max_new_tokens = 32  # the longest mini response is 31 tokens + EOS
     rl.critic.learning_rate = 1e-4
-    rl.ptx_coeff = 1.0  # the tiny SFT model is weak: keep PTX light so the RL signal shows
+    rl.ptx_coeff = 1.0  # keep PTX light so the RL signal shows
+    rl.ptx_response = "safe_only"  # base default: PTX imitates the safe answers only (issue 9)
+    rl.eval_every = 40  # eval/reward, eval/cost and the exact judge's rates on 64 test prompts
+    rl.eval_prompts = 64
     rl.episode_cost_window_size = 32
     # The tiny SFT policy already averages cost < 0 on mini, so the upstream threshold 0 never binds;
     # -3 (the paper's Beaver-v2/v3 threshold, spec §6.4) makes the constraint active from the start.

@@ -17,15 +17,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.init_path = "out/sft_tiny/export"  # the tiny SFT model; "" = random init below
     hf = config.model.hf_config
     hf.vocab_size = 1024  # replaced by len(tokenizer)
-    hf.hidden_size = 64  # sft_tiny shape (used only for random init)
-    hf.intermediate_size = 128  # sft_tiny shape
-    hf.num_hidden_layers = 2  # sft_tiny shape
+    hf.hidden_size = 96  # sft_tiny shape (used only for random init)
+    hf.intermediate_size = 192  # sft_tiny shape
+    hf.num_hidden_layers = 3  # sft_tiny shape
     hf.num_attention_heads = 4  # sft_tiny shape
     hf.num_key_value_heads = 2  # sft_tiny shape
     hf.max_position_embeddings = 256  # sft_tiny shape
     config.tokenizer = "out/mini_tokenizer"  # `jaxalign tokenizer --data out/mini --out out/mini_tokenizer`
     config.data.source = "out/mini"  # `jaxalign data mini --out out/mini`
-    config.data.max_length = 96  # mini texts are tens of tokens
+    config.data.max_length = 64  # sft_tiny: mini prompt + response + EOS fit
     config.data.batch_size = 16  # 16 pairs = 32 sequences per forward
     config.data.eval_batch_size = 32  # 32 pairs per eval forward
     config.mesh.fsdp = -1  # all local devices (1 on a plain CPU run)

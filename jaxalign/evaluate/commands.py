@@ -211,6 +211,26 @@ _TARGETS = {
 }
 
 
+def _add_report_arguments(parser) -> None:
+    parser.add_argument("--out", required=True, help="run dir of the quickstart (judge_*/, arena/, RL workdirs)")
+    parser.add_argument("--wall-seconds", type=float, default=None, help="the run's wall time, shown in the report")
+
+
+def _run_report(args) -> int:
+    from jaxalign.evaluate import report
+
+    if not pathlib.Path(args.out).is_dir():
+        raise FileNotFoundError(f"--out {args.out}: no such run dir")
+    data = report.write_report(args.out, args.wall_seconds)
+    print((pathlib.Path(args.out) / "report.md").read_text())
+    log.info("wrote %s/report.md and report.json (%d policies judged)", args.out, len(data["judge"]))
+    return 0
+
+
+_TARGETS["report"] = ("a quickstart run dir: report.md + report.json + PNGs from the judge, arena and RL runs",
+                      _add_report_arguments, _run_report)
+
+
 def _add_arena_arguments(parser) -> None:
     parser.add_argument("--policies", nargs="+", required=True, metavar="NAME=DIR",
                         help="two or more policy dirs; the first is the red corner (champion), e.g. sft=out/sft_tiny/export")
