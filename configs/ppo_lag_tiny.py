@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     rl = config.rl  # base holds the upstream ppo-lag.sh values; the tiny run changes:
     rl.reward_model_path = "out/reward_tiny/export"
     rl.cost_model_path = "out/cost_tiny/export"
-    rl.prompt_length = 32  # mini prompts are <= 25 tokens of the 2048-token BPE
+    rl.prompt_length = 48  # mini prompts are <= 25 tokens of the 2048-token BPE (27 with a 1024-token one)
     rl.max_new_tokens = 32  # the longest mini response is 31 tokens + EOS
     rl.critic.learning_rate = 1e-4
     rl.ptx_coeff = 1.0  # keep PTX light so the RL signal shows

@@ -385,7 +385,7 @@ def test_jaxalign_train_runs_the_ppo_lag_stage(tmp_path):
     from jaxalign.models import tokenizer as tokenizer_lib
 
     mini.write_mini(tmp_path / "data", rows=150, seed=0)
-    tok = tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), vocab, tmp_path / "tok")
+    tok = tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), 300, tmp_path / "tok")
     cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
