@@ -181,7 +181,8 @@ class Checkpointer:
         from jax.experimental import multihost_utils
 
         # All hosts must agree, or the collective save below would hang.
-        return bool(multihost_utils.process_allgather(jax.numpy.asarray(local)).any())
+        # numpy: process-local data (a jax array made under the mesh context would be a global one).
+        return bool(np.asarray(multihost_utils.process_allgather(np.asarray(local))).any())
 
     @property
     def signal_number(self) -> int | None:
