@@ -193,4 +193,6 @@ def get_config() -> ml_collections.ConfigDict:
     # The unsafe threshold (max F1) is chosen on this split; "" = hold out validation_fraction of the train rows.
     moderation.validation_split = ""
     moderation.validation_fraction = 0.05  # rows held out of the train split when validation_split is ""
+    # Also choose each category's flagging threshold (max F1) on the validation data; False = category_threshold.
+    moderation.tune_category_thresholds = True
     return config

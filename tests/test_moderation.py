@@ -28,7 +28,7 @@ def _cfg(**extra):
 @pytest.fixture(scope="module")
 def model():
     cfg = _cfg()
-    head = mm.ModerationHead(threshold=0.3)
+    head = mm.ModerationHead(threshold=0.3, category_thresholds=np.linspace(0.1, 0.9, 19).tolist())
     module = head.model(cfg)
     params = nn.meta.unbox(jax.jit(loading.init_fn(module))(jax.random.PRNGKey(0)))
     for name in mm.HEAD_NAMES:  # non-zero biases, so the round trips check them too
@@ -284,6 +284,14 @@ def test_decide_rule():
     np.testing.assert_array_equal(is_unsafe, [False, True, True])
     np.testing.assert_array_equal(flagged, [[False, False], [False, True], [True, True]])  # safe: none; >=1 if unsafe
     np.testing.assert_array_equal(level, [0, 2, 1])  # unsafe: 1 + argmax over levels 1..3
+    # per-category thresholds
+    _, flagged, _ = ev.decide(unsafe, categories, severity, threshold=0.5, category_threshold=np.array([0.7, 0.25]))
+    np.testing.assert_array_equal(flagged, [[False, False], [False, True], [False, True]])
+    head = mm.ModerationHead(category_thresholds=[0.1] * 19)
+    np.testing.assert_allclose(head.category_cutoffs(), 0.1)
+    np.testing.assert_allclose(mm.ModerationHead(category_threshold=0.3).category_cutoffs(), [0.3] * 19)
+    with pytest.raises(ValueError, match="category_thresholds must be 19 values"):
+        mm.ModerationHead(category_thresholds=[0.1, 0.2])
 
 
 def test_scorer_first_flag_and_report(model):

@@ -61,6 +61,7 @@ def test_stage_learns_and_exports(trained):
     cfg, head, _ = mm.load_moderation_model(root / "run" / "export")
     assert 0.0 < head.threshold < 1.0 and head.threshold != 0.5  # chosen on the held-out rows
     assert head.max_length == 48 and "{input}" in head.prompt_template
+    assert len(head.category_thresholds) == 19  # each chosen on the held-out rows
     # a finished run re-runs as a no-op and keeps its export
     assert commands.train(config, root / "run").trained_steps == 0
 

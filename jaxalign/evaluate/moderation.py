@@ -7,8 +7,9 @@
 
 Unsafe is the positive class (the guard-model convention). The decision rule (`decide`, shared
 with `jaxalign moderate`): unsafe iff P(unsafe) >= threshold; a safe verdict has severity 0 and no
-category; an unsafe one has severity 1 + argmax P(severity 1..3) and the categories with
-P >= category_threshold (at least the most probable one). Metrics:
+category; an unsafe one has severity 1 + argmax P(severity 1..3) and the categories whose P reaches
+their threshold (the head's category_thresholds, chosen on validation data, else its
+category_threshold), at least the most probable one. Metrics:
 
   * unsafe: precision, recall, F1, accuracy at the threshold; AUROC and average precision
     (sum_k (R_k - R_k-1) P_k over the distinct scores, high to low); ECE of P(unsafe): 10 equal-width
@@ -99,9 +100,10 @@ def make_scorer(module, mesh: jax.sharding.Mesh, rules):
 
 
 def decide(unsafe: np.ndarray, categories: np.ndarray, severity: np.ndarray, threshold: float,
-           category_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           category_threshold: float | np.ndarray = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The decision rule (module docstring): unsafe [N], categories [N, C], severity [N, S]
-    probabilities -> (is_unsafe [N] bool, flagged [N, C] bool, severity [N] int)."""
+    probabilities, category_threshold [] or [C] -> (is_unsafe [N] bool, flagged [N, C] bool,
+    severity [N] int)."""
     is_unsafe = np.asarray(unsafe) >= threshold
     categories = np.asarray(categories)
     flagged = (categories >= category_threshold) & is_unsafe[:, None]
@@ -237,14 +239,14 @@ def moderation_report(scores: dict[str, np.ndarray], arrays: dict[str, np.ndarra
     n = len(scores["unsafe"])
     unsafe_labels = ~np.asarray(arrays["is_safe"][:n], bool)
     is_unsafe, flagged, level = decide(scores["unsafe"], scores["categories"], scores["severity"], head.threshold,
-                                       head.category_threshold)
+                                       head.category_cutoffs())
     _, _, auroc = roc_curve(unsafe_labels, scores["unsafe"])
     _, _, average_precision = pr_curve(unsafe_labels, scores["unsafe"])
     unsafe = binary_metrics(unsafe_labels, is_unsafe)
     unsafe.update(auroc=auroc, average_precision=average_precision,
                   ece=expected_calibration_error(unsafe_labels, scores["unsafe"]), positives=int(unsafe_labels.sum()))
     report = {
-        "examples": n, "threshold": float(head.threshold), "category_threshold": float(head.category_threshold),
+        "examples": n, "threshold": float(head.threshold), "category_thresholds": head.category_cutoffs().tolist(),
         "unsafe": unsafe,
         "categories": category_metrics(arrays["categories"][:n], flagged, head.category_names),
         "severity": severity_metrics(arrays["severity"][:n], level, head.num_severities),

@@ -24,8 +24,8 @@ and the severity confusion matrix.
 
 A saved moderation model is an HF-style directory like a score model (score.save_score_model):
 config.json = the family's config + the ModerationHead fields (num_categories, num_severities,
-category_names, threshold chosen on validation data, category_threshold, prompt_template,
-max_length), architectures "LlamaForModeration" / "Qwen2ForModeration" ...; model.safetensors =
+category_names, threshold and category_thresholds chosen on validation data, category_threshold,
+prompt_template, max_length), architectures "LlamaForModeration" / "Qwen2ForModeration" ...; model.safetensors =
 the backbone under its HF names + unsafe_head.{weight [1, D], bias [1]},
 category_head.{weight [C, D], bias [C]}, severity_head.{weight [S, D], bias [S]}.
 """
@@ -62,7 +62,8 @@ class ModerationHead:
     num_severities: int = NUM_SEVERITIES
     category_names: tuple[str, ...] = HARM_CATEGORIES
     threshold: float = 0.5  # unsafe iff P(unsafe) >= threshold (the stage picks it on validation data)
-    category_threshold: float = 0.5  # a category is flagged iff its probability >= this
+    category_threshold: float = 0.5  # a category is flagged iff its probability >= this ...
+    category_thresholds: tuple[float, ...] = ()  # ... or >= its own threshold (chosen on validation data)
     prompt_template: str = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"  # or "chat"
     max_length: int = 512  # the training length; `jaxalign moderate` cuts inputs to it
 
@@ -78,6 +79,10 @@ class ModerationHead:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
             object.__setattr__(self, name, value)
+        cutoffs = tuple(float(v) for v in self.category_thresholds)
+        object.__setattr__(self, "category_thresholds", cutoffs)
+        if cutoffs and (len(cutoffs) != self.num_categories or not all(0.0 <= v <= 1.0 for v in cutoffs)):
+            raise ValueError(f"category_thresholds must be {self.num_categories} values in [0, 1], got {list(cutoffs)}")
         if self.prompt_template != "chat" and "{input}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{input}} or be 'chat', got {self.prompt_template!r}")
 
@@ -85,10 +90,15 @@ class ModerationHead:
         """The ModerationModel module for this head on the backbone `cfg`."""
         return ModerationModel(cfg, self.num_categories, self.num_severities)
 
+    def category_cutoffs(self) -> np.ndarray:
+        """The flagging threshold of every category [C]: category_thresholds, else category_threshold."""
+        return np.asarray(self.category_thresholds or (self.category_threshold,) * self.num_categories, np.float64)
+
     def to_config(self) -> dict:
         """The config.json fields of this head."""
         fields = dataclasses.asdict(self)
         fields["category_names"] = list(self.category_names)
+        fields["category_thresholds"] = list(self.category_thresholds)
         return fields
 
 

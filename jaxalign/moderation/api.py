@@ -84,7 +84,7 @@ class Moderator:
         scores = self.scorer(self.model.params, arrays, batch_size=self.batch_size)
         head = self.head
         is_unsafe, flagged, severity = evaluate_lib.decide(scores["unsafe"], scores["categories"], scores["severity"],
-                                                           head.threshold, head.category_threshold)
+                                                           head.threshold, head.category_cutoffs())
         names = head.category_names
         return [{
             "is_safe": not bool(is_unsafe[i]),

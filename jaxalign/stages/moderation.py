@@ -12,8 +12,9 @@ moderation model of PKU-SafeRLHF on the QA view.
   * the one loop (exact resume, checkpoints, NaN stop); eval every config.train.eval_every
     updates on config.data.eval_split (evaluate/moderation.py's headline metrics at threshold 0.5);
   * the unsafe threshold maximising F1 on validation data (config.moderation.validation_split, or
-    validation_fraction of the train rows held out, never trained on) is saved in the export's
-    config.json: WORKDIR/export is a moderation-model dir + the tokenizer.
+    validation_fraction of the train rows held out, never trained on), and per-category
+    thresholds likewise (tune_category_thresholds), are saved in the export's config.json:
+    WORKDIR/export is a moderation-model dir + the tokenizer.
 """
 
 from __future__ import annotations
@@ -128,13 +129,23 @@ def make_eval_fn(config, module, head, arrays, mesh, rules):
     return eval_fn
 
 
-def choose_threshold(config, module, params, head, arrays, mesh, rules) -> moderation_model.ModerationHead:
-    """The head with the unsafe threshold that maximises F1 on the validation arrays."""
+def choose_thresholds(config, module, params, head, arrays, mesh, rules) -> moderation_model.ModerationHead:
+    """The head with the unsafe threshold that maximises F1 on the validation arrays and, when
+    config.moderation.tune_category_thresholds, each category's threshold maximising its F1 (the
+    default category_threshold for a category without a validation positive)."""
     scorer = evaluate_lib.make_scorer(module, mesh, rules)
     scores = scorer(params, arrays, batch_size=int(config.data.eval_batch_size))
     threshold, f1 = evaluate_lib.best_threshold(~arrays["is_safe"], scores["unsafe"])
     log.info("unsafe threshold %.4f (validation F1 %.4f on %d answers)", threshold, f1, len(scores["unsafe"]))
-    return dataclasses.replace(head, threshold=threshold)
+    if not config.moderation.tune_category_thresholds:
+        return dataclasses.replace(head, threshold=threshold)
+    cutoffs = []
+    for c in range(head.num_categories):
+        labels = arrays["categories"][:, c]
+        cutoffs.append(evaluate_lib.best_threshold(labels, scores["categories"][:, c])[0] if labels.any()
+                       else head.category_threshold)
+    log.info("category thresholds: %s", ", ".join(f"{n}: {t:.3f}" for n, t in zip(head.category_names, cutoffs)))
+    return dataclasses.replace(head, threshold=threshold, category_thresholds=tuple(cutoffs))
 
 
 def run(config, workdir) -> loop.LoopResult:
@@ -186,7 +197,7 @@ def run(config, workdir) -> loop.LoopResult:
 
     def export(out):
         arrays, _ = pipeline.tokenize_examples("qa", validation_examples, tokenizer, max_length=max_length)
-        tuned = choose_threshold(config, module, result.state.params, head, arrays, mesh, rules)
+        tuned = choose_thresholds(config, module, result.state.params, head, arrays, mesh, rules)
         loading.export_moderation_model(out, cfg, result.state.params, tuned, tokenizer)
 
     common.export_once(result, workdir, export)
