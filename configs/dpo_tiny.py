@@ -11,7 +11,7 @@ from configs import sft_tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = sft_tiny.get_config()  # tiny model shape, mini data, max_length 96
+    config = sft_tiny.get_config()  # tiny model shape, mini data, max_length
     config.stage = "dpo"
     config.model.init_path = "out/sft_tiny/export"  # policy + frozen reference
     config.tokenizer = ""  # the tokenizer exported with the SFT model

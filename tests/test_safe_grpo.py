@@ -137,3 +137,41 @@ def test_the_state_holds_no_critic():
     assert dataclasses.replace(settings, num_return_sequences=1).num_return_sequences == 1
     with pytest.raises(ValueError, match="config.rl.num_return_sequences must be >= 1"):
         grpo_settings(num_return_sequences=0)
+
+
+def test_jaxalign_train_runs_the_safe_grpo_stage(tmp_path):
+    """`jaxalign train --config configs/safe_grpo_tiny.py` on 150 mini rows: 8 prompts x 4 responses per
+    iteration, random actor and score models in the SFT / score-stage export formats."""
+    import json
+
+    from jaxalign import cli
+    from jaxalign.data import mini
+    from jaxalign.models import hf, llama, score
+    from jaxalign.models import tokenizer as tokenizer_lib
+
+    mini.write_mini(tmp_path / "data", rows=150, seed=0)
+    tok = tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), 300, tmp_path / "tok")
+    cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    hf.save_pretrained(tmp_path / "sft", cfg, params)
+    tok.save_pretrained(str(tmp_path / "sft"))
+    for seed, kind in enumerate(("reward", "cost")):
+        head_params = score.init_params_from_llama(params["model"], cfg, jax.random.PRNGKey(seed + 1))
+        score.save_score_model(tmp_path / kind, cfg, head_params, score.ScoreHead(score_type=kind))
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", "configs/safe_grpo_tiny.py", "--workdir", str(workdir),
+            f"--config.model.init_path={tmp_path / 'sft'}", f"--config.data.source={tmp_path / 'data'}",
+            f"--config.rl.reward_model_path={tmp_path / 'reward'}", f"--config.rl.cost_model_path={tmp_path / 'cost'}",
+            "--config.rl.prompt_length=40", "--config.rl.max_new_tokens=8", "--config.data.batch_size=8",
+            "--config.train.num_steps=2", "--config.checkpoint.save_every=1"]
+    assert cli.main(argv) == 0
+    records = [m for m in metrics_lib.read_metrics(workdir) if "actor_loss" in m]  # (eval/ records apart)
+    assert [m["step"] for m in records] == [1, 2]
+    for key in ("reward", "cost", "lambda", "episode_cost", "actor_loss", "ptx_loss", "reward_advantage"):
+        assert np.isfinite(records[-1][key]), key
+    assert "reward_critic_loss" not in records[-1]
+    assert json.loads((workdir / "config.json").read_text())["rl"]["num_return_sequences"] == 4
+    _, exported = hf.from_pretrained(workdir / "export")
+    assert not np.allclose(exported["lm_head"]["kernel"], params["lm_head"]["kernel"])
