@@ -3,17 +3,23 @@
 Every loss is a pure function of per-pair sequence log-probabilities; `pair_log_probs` computes
 them from one policy (or reference) forward pass over concat([first; second]) (2B rows).
 
-    DPO       loss_b = -logσ(β·[(ℓ_w - ℓ_w^ref) - (ℓ_l - ℓ_l^ref)])         (Rafailov et al. 2023, Eq. 7;
-                                                                           safe-rlhf algorithms/dpo)
-    SafeDPO   helpfulness pairs with safety indicators h (1 = unsafe); the safety-aware transform
-              swaps a pair whose preferred answer is unsafe and other safe, then
-              loss_b = -logσ(β·[Δℓ_w - Δℓ_l] - (h_l - h_w)·Δ)              (Kim et al., SafeDPO, ICLR 2026,
-                                                                           arXiv 2505.20065, §4, Eqs. 9-12)
-    C-DPO     DPO under the preference model of r_λ = r - λc:
-              p_λ = σ(r_λ(y_1) - r_λ(y_2)),
-              loss_b = -[p_λ·logσ(β·m) + (1 - p_λ)·logσ(-β·m)]            (Liu, Sun & Zheng, C-DPO,
-                                                                           arXiv 2403.02475, §4, Eqs. 9-11)
-              with λ updated by dual ascent on J_C - threshold (lagrange.py, as PPO-Lagrangian).
+    DPO       loss_b = -logσ(β·[(ℓ_w - ℓ_w^ref) - (ℓ_l - ℓ_l^ref)])
+              (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7; safe-rlhf algorithms/dpo, spec §4.4)
+    SafeDPO   helpfulness pairs with safety indicators h (1 = unsafe). The safety-aware transform
+              swaps a pair whose preferred answer is unsafe and the other safe; then
+              loss_b = -logσ(β·[Δℓ_w - Δℓ_l] - (h_l - h_w)·Δ), Δ >= 0 the one extra hyper-parameter
+              (Kim et al., SafeDPO, ICLR 2026, arXiv 2505.20065, §4; the closed form and the
+              tractable objective are its Eqs. 9-12 per the ICLR reviews; numbering not re-checked
+              against the PDF, which was not reachable from here)
+    C-DPO     DPO under the Bradley-Terry preference p*_λ of r_λ = r - λc:
+              p_λ = σ(r_λ(y_1) - r_λ(y_2)),  loss_b = -[p_λ·logσ(m) + (1 - p_λ)·logσ(-m)]
+              with λ by dual ascent, λ <- λ + η·(J_C - threshold) (Liu, Sun & Zheng, "Enhancing LLM
+              Safety via Constrained Direct Preference Optimization", arXiv 2403.02475, §4 and its
+              dual-gradient algorithm; equation numbers not re-checked). Deviation: the paper
+              estimates J_C = E_{y~π_θ}[c] from fresh samples of the policy; here J_C is estimated
+              without sampling, as the cost of the answer the policy's implicit preference picks
+              from each training pair (σ(m)·c_1 + σ(-m)·c_2), averaged over a window of batches.
+              λ lives in log space and steps with PPO-Lagrangian's code (lagrange.py).
 
 Window of the sequence log-probability ℓ (spec §4.4): the tokens from the first index d where
 the two sequences differ up to each sequence's last real token, i.e. shifted slots
