@@ -31,12 +31,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.batch_size = 32  # QA answers per update
     config.data.eval_batch_size = 32
     config.mesh.fsdp = -1  # all local devices (1 on a plain CPU run)
-    config.train.epochs = 1  # ~160 updates on the mini train split (5% of its rows held out for the threshold)
+    config.train.epochs = 3  # ~480 updates on the mini train split (5% of its rows held out for the thresholds);
+    # one epoch already separates safe/unsafe and severity, the 19 categories need three (README)
     config.train.learning_rate = 1e-3  # a tiny model needs a much larger lr than 2e-5
     config.train.warmup_ratio = 0.03
     config.train.weight_decay = 0.0
     config.train.log_every = 10
-    config.train.eval_every = 50  # a few evals per run
+    config.train.eval_every = 160  # once per epoch
     config.train.eval_batches = -1  # the whole mini test split (~600 answers)
     config.checkpoint.save_every = 100
     config.checkpoint.keep = 2

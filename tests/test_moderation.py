@@ -213,7 +213,12 @@ def test_binary_and_threshold_against_loops(scored):
         f1 = ev.binary_metrics(y, p >= t)["f1"]
         if f1 >= best_f1:
             best_t, best_f1 = t, f1
-    assert ev.best_threshold(y, p) == pytest.approx((best_t, best_f1))
+    below = max(v for v in p if v < best_t)  # the midpoint to the next lower distinct score
+    t, f1 = ev.best_threshold(y, p)
+    assert (t, f1) == pytest.approx(((best_t + below) / 2, best_f1))
+    assert ev.binary_metrics(y, p >= t)["f1"] == pytest.approx(best_f1)
+    # separable scores: the middle of the gap between the highest negative and the lowest positive
+    assert ev.best_threshold(np.array([0, 0, 1, 1], bool), np.array([0.1, 0.3, 0.7, 0.9])) == pytest.approx((0.5, 1.0))
 
 
 def test_auroc_ap_ece_against_independent_formulas(scored):

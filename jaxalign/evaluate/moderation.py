@@ -142,15 +142,20 @@ def _ranked(labels: np.ndarray, scores: np.ndarray):
 
 
 def best_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """The threshold t (predict unsafe iff score >= t) with the highest F1 -> (t, F1); among ties
-    the highest t. No positive or no row: (0.5, 0.0)."""
+    """The threshold t (predict positive iff score >= t) with the highest F1 -> (t, F1).
+
+    Among the distinct scores s_k giving the highest F1 the highest wins; t is then the midpoint
+    between it and the next lower distinct score (the same predictions on these rows, F1 unchanged,
+    but the widest margin on both sides: on separable data the middle of the gap between the
+    lowest positive and the highest negative). No positive or no row: (0.5, 0.0)."""
     y = np.asarray(labels, bool)
     if len(y) == 0 or not y.any():
         return 0.5, 0.0
     thresholds, tp, fp = _ranked(y, scores)
     f1 = 2 * tp / (2 * tp + fp + (y.sum() - tp))
     best = int(np.argmax(f1))  # thresholds run high to low: argmax picks the highest among ties
-    return float(thresholds[best]), float(f1[best])
+    t = thresholds[best] if best + 1 == len(thresholds) else (thresholds[best] + thresholds[best + 1]) / 2
+    return float(t), float(f1[best])
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
