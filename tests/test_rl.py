@@ -441,7 +441,7 @@ def test_ptx_batches_imitate_only_safe_answers(tmp_path):
     config = ppo_lag_tiny.get_config()
     config.data.source = str(tmp_path / "data")
     config.data.batch_size = 16
-    assert config.rl.ptx_response == "safe_only" and config.rl.ptx_coeff > 0
+    assert config.rl.ptx_response in ("safe_only", "safe_better") and config.rl.ptx_coeff > 0
     settings = dataclasses.replace(RLSettings.from_group(config.rl), prompt_length=48, max_new_tokens=48)
     batches, _ = rl_stage.load_batches(config, settings, tok, mesh_lib.make_mesh(MESH_CONFIG))
     labels = []
@@ -458,6 +458,13 @@ def test_ptx_batches_imitate_only_safe_answers(tmp_path):
     rows, _ = sources.read_split(str(tmp_path / "data"), "default", "train")
     safe = rl_stage.ptx_sft_examples(rows, views.PROMPT_TEMPLATE, "safe_only")
     assert safe.counts["skipped_unsafe"] > 0 and len(safe) + safe.counts["skipped_unsafe"] == 2 * len(rows)
+    best = rl_stage.ptx_sft_examples(rows, views.PROMPT_TEMPLATE, "safe_better")  # one safe answer per row
+    assert best.counts["skipped_no_safe"] > 0 and len(best) + best.counts["skipped_no_safe"] == len(rows)
+    by_prompt = {}
+    for row in rows:
+        for i in (0, 1):
+            by_prompt.setdefault((views.format_prompt(row["prompt"]), row[f"response_{i}"]), row[f"is_response_{i}_safe"])
+    assert all(by_prompt[(e["prompt"], e["response"])] for e in list(safe) + list(best))
     both = rl_stage.ptx_sft_examples(rows, views.PROMPT_TEMPLATE, "both")  # the old behaviour imitates harm
     assert any(e["response"].startswith("Sure. ") for e in both)
     with pytest.raises(ValueError, match="config.rl.ptx_response: expected one of"):

@@ -46,14 +46,28 @@ def make_optimizers(config, num_updates: int) -> steps.Optimizers:
     )
 
 
-PTX_RESPONSES = ("safe_only", "safer", "better", "both")
+PTX_RESPONSES = ("safe_only", "safe_better", "safer", "better", "both")
 
 
 def ptx_sft_examples(rows, template, response: str) -> views.Examples:
     """The PTX SFT examples of config.rl.ptx_response: safe_only = every response labelled safe
-    (views.qa_examples filtered on is_safe), else views.sft_examples(response=safer|better|both)."""
+    (views.qa_examples filtered on is_safe); safe_better = per row the more helpful of its responses
+    labelled safe (rows without one are skipped); else views.sft_examples(response=safer|better|both)."""
     if response not in PTX_RESPONSES:
         raise ValueError(f"config.rl.ptx_response: expected one of {PTX_RESPONSES}, got {response!r}")
+    if response == "safe_better":
+        out = views.Examples("sft")
+        for row in rows:
+            b = int(row["better_response_id"])
+            safe = [i for i in (b, 1 - b) if row[f"is_response_{i}_safe"]]
+            if safe:
+                out.append({"prompt": views.format_prompt(row["prompt"], template), "response": row[f"response_{safe[0]}"]})
+            else:
+                out.counts["skipped_no_safe"] += 1
+        out.counts["kept"] = len(out)
+        if not out:
+            raise ValueError("config.rl.ptx_response='safe_better': the PTX data has no response labelled safe")
+        return out
     if response != "safe_only":
         return views.sft_examples(rows, template=template, response=response)
     qa = views.qa_examples(rows, template=template)
