@@ -20,8 +20,8 @@ C, S = 19, 4
 
 
 def _cfg(**extra):
-    return llama.LlamaConfig.from_hf_config(dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=2,
+    return llama.LlamaConfig.from_hf_config(dict(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                  max_position_embeddings=64, **extra))
 
 
@@ -79,7 +79,8 @@ def test_save_load_round_trip_and_loader(model, tmp_path):
     lm_params = models.init_params(cfg, jax.random.PRNGKey(3))
     hf.save_pretrained(tmp_path / "lm", cfg, lm_params)
     fresh = loading.load_moderation_model(loading.ModelSettings(init_path=str(tmp_path / "lm")), mesh, rules,
-                                          head=mm.ModerationHead(), vocab_size=cfg.vocab_size, rng=jax.random.PRNGKey(4))
+                                          head=mm.ModerationHead(), vocab_size=cfg.vocab_size,
+                                          rng=jax.random.PRNGKey(4))
     jax.tree.map(np.testing.assert_allclose, jax.device_get(fresh.params["model"]), jax.device_get(lm_params["model"]))
     np.testing.assert_array_equal(fresh.params["severity_head"]["bias"], np.zeros(S))
     with pytest.raises(ValueError, match="not a moderation model"):

@@ -324,7 +324,8 @@ def add_arguments(parser) -> None:
     """Arguments of `jaxalign evaluate moderation`."""
     parser.add_argument("--model", required=True, help="moderation model dir (WORKDIR/export of a moderation run)")
     parser.add_argument("--data", required=True, help="release-layout dataset dir (data/<Model>/{train,test}.jsonl)")
-    parser.add_argument("--out", required=True, help="output dir: metrics.json, scores.npz, roc_curve.png, pr_curve.png")
+    parser.add_argument("--out", required=True,
+                        help="output dir: metrics.json, scores.npz, roc_curve.png, pr_curve.png")
     parser.add_argument("--split", default="test", help="dataset split (default: test)")
     parser.add_argument("--name", default="default", help="dataset config: default, alpaca-7b, ... (default: default)")
     parser.add_argument("--tokenizer", default="", help="tokenizer dir (default: the model dir)")

@@ -141,7 +141,10 @@ class ModerationModel(nn.Module):
         categories = head(self.num_categories, "category_head")
         severity = head(self.num_severities, "severity_head")
         end_index = llama.last_true_index(attention_mask)
-        take = lambda x: jnp.take_along_axis(x, end_index.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]  # noqa: E731
+
+        def take(x):  # x [B, T, ...] -> [B, ...] at end_index
+            return jnp.take_along_axis(x, end_index.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
+
         return ModerationOutput(
             unsafe_logits=unsafe, category_logits=categories, severity_logits=severity,
             end_unsafe_logits=take(unsafe), end_category_logits=take(categories),

@@ -43,7 +43,8 @@ def _pair(item: Pair, index: int) -> tuple[str, str]:
     elif isinstance(item, (tuple, list)) and len(item) == 2:
         prompt, response = item
     else:
-        raise ValueError(f"pair {index}: expected (prompt, response) or a dict with prompt/response, got {type(item).__name__}")
+        raise ValueError(f"pair {index}: expected (prompt, response) or a dict with prompt/response, "
+                         f"got {type(item).__name__}")
     if not isinstance(prompt, str) or not isinstance(response, str):
         raise ValueError(f"pair {index}: prompt and response must be strings")
     return prompt, response

@@ -37,11 +37,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--on-error", default="skip", choices=("skip", "stop"),
                         help="a malformed input line: skip and count it (default) or stop")
     parser.add_argument("--batch-size", type=int, default=16, help="answers per forward")
-    parser.add_argument("--max-length", type=int, default=0, help="cut texts to this many tokens (0: the training length)")
+    parser.add_argument("--max-length", type=int, default=0,
+                        help="cut texts to this many tokens (0: the training length)")
     parser.add_argument("--tokenizer", default="", help="tokenizer dir (default: the model dir)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"), help="parameter dtype")
-    parser.add_argument("--config", default="", help="config file whose config.mesh places the model (default: all devices)")
+    parser.add_argument("--config", default="",
+                        help="config file whose config.mesh places the model (default: all devices)")
 
 
 def parse_line(text: str) -> tuple[dict | None, list[tuple[dict, int | None, str]], str]:
@@ -96,7 +98,8 @@ def output_row(row: dict, index: int | None, response: str, result: dict) -> dic
 
 def run(args) -> int:
     path = pathlib.Path(args.input)
-    output = pathlib.Path(args.output) if args.output else path.with_name(path.name.removesuffix(".jsonl") + ".moderated.jsonl")
+    default = path.with_name(path.name.removesuffix(".jsonl") + ".moderated.jsonl")
+    output = pathlib.Path(args.output) if args.output else default
     answers, malformed = read_input(path, args.on_error)
     mesh, rules = mesh_from_args(args)
     moderator = api.load_moderator(args.model, batch_size=args.batch_size, max_length=args.max_length or None,

@@ -192,7 +192,8 @@ def run(config, workdir) -> loop.LoopResult:
     result = loop.train(
         settings=common.loop_settings(config, num_steps, "moderation"), workdir=workdir, mesh=mesh, rules=rules,
         tx=tx, loss_fn=objective.make_loss_fn(module, loss_settings(config, pos_weight)), abstract_state=abstract,
-        init_state=init_state, train_iter=train_iter, eval_fn=eval_fn, schedule=optim.make_schedule(optimizer, num_steps),
+        init_state=init_state, train_iter=train_iter, eval_fn=eval_fn,
+        schedule=optim.make_schedule(optimizer, num_steps),
     )
 
     def export(out):
