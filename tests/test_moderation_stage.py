@@ -4,7 +4,9 @@ moderate` (generated files, release rows, ../shared/data/pku_saferlhf_head, malf
 
 import json
 import pathlib
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -160,3 +162,29 @@ def test_moderate_real_release_rows(trained, shared_head_dir, capsys):
     assert summary["rows"] == 2 * n and summary["malformed_lines"] == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 * n and all(0.0 <= r["unsafe_probability"] <= 1.0 for r in rows)
+
+
+def test_stage_resumes_exactly(trained, tmp_path):
+    """A run cut back to its step-4 checkpoint and re-run logs the same losses bitwise and exports
+    the same model and thresholds."""
+    root, config, _ = trained
+    config = config_lib.load_config(REPO / "configs" / "moderation_tiny.py", [
+        f"--config.model.init_path={root / 'sft'}", f"--config.tokenizer={root / 'tok'}",
+        f"--config.data.source={root / 'mini'}", "--config.data.max_length=32", "--config.data.batch_size=8",
+        "--config.data.eval_split=", "--config.train.num_steps=6", "--config.train.log_every=1",
+        "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False"])
+    full = tmp_path / "full"
+    commands.train(config, full)
+    losses = [(r["step"], r["loss"]) for r in _records(full) if "loss" in r]
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for path in (resumed / "export", resumed / "checkpoints" / "6"):
+        shutil.rmtree(path)
+    assert commands.train(config, resumed).trained_steps == 2
+    assert [(r["step"], r["loss"]) for r in _records(resumed) if "loss" in r] == losses
+    _, head_a, params_a = mm.load_moderation_model(full / "export")
+    _, head_b, params_b = mm.load_moderation_model(resumed / "export")
+    assert head_a == head_b
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+        np.testing.assert_array_equal(a, b)
