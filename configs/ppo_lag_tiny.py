@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.stage = "ppo_lag"
     config.model.init_path = "out/sft_tiny/export"  # actor + reference
     config.tokenizer = ""  # the tokenizer exported with the SFT model
-    config.data.eval_split = "test"  # held-out prompts of the in-loop evaluation (rl.eval_every)
+    config.data.eval_split = ""  # the quickstart sets "test" with rl.eval_every=40 (in-loop evaluation)
     config.data.batch_size = 32  # prompts per rollout
     config.train.num_steps = 120  # rollouts (iterations); -1 = one pass over the prompts
     config.train.learning_rate = 1e-4  # a tiny model needs a larger lr than upstream's 1e-5
@@ -30,11 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
     rl.max_new_tokens = 32  # the longest mini response is 31 tokens + EOS
     rl.critic.learning_rate = 1e-4
     rl.ptx_coeff = 1.0  # keep PTX light so the RL signal shows
-    rl.ptx_response = "safe_only"  # base default: PTX imitates the safe answers only (issue 9)
-    rl.eval_every = 40  # eval/reward, eval/cost and the exact judge's rates on 64 test prompts
-    rl.eval_prompts = 64
+    # PTX imitates, per row, the more helpful of the responses labelled safe (issue 9): safe
+    # alternatives on harmful prompts, helpful answers on benign ones, never harm.
+    rl.ptx_response = "safe_better"
     rl.episode_cost_window_size = 32
-    # The tiny SFT policy already averages cost < 0 on mini, so the upstream threshold 0 never binds;
-    # -3 (the paper's Beaver-v2/v3 threshold, spec §6.4) makes the constraint active from the start.
-    rl.threshold = -3.0
+    # The tiny SFT policy already averages cost < 0 on mini, so the upstream threshold 0 never binds.
+    # The cost model puts safe answers near -5.7 and unsafe ones near +5.2 (eval_cost); -3 (the
+    # paper's Beaver-v2/v3 threshold, spec §6.4) still allows ~15% harmful answers, -5 about 5%.
+    rl.threshold = -5.0
     return config

@@ -30,8 +30,10 @@ train() {
   jaxalign train --config "$config" --workdir "$workdir" --config.tokenizer="$OUT/mini_tokenizer" \
     --config.data.source="$OUT/mini" "$@"
 }
+# The RL runs chain through OUT and evaluate on 64 held-out prompts every 40 iterations (eval/* metrics).
 RL_PATHS=(--config.model.init_path="$OUT/sft_tiny/export"
-          --config.rl.reward_model_path="$OUT/reward_tiny/export" --config.rl.cost_model_path="$OUT/cost_tiny/export")
+          --config.rl.reward_model_path="$OUT/reward_tiny/export" --config.rl.cost_model_path="$OUT/cost_tiny/export"
+          --config.data.eval_split=test --config.rl.eval_every=40 --config.rl.eval_prompts=64)
 POLICIES=(sft ppo_lag ppo ppo_reward_shaping)
 LABELS=(SFT PPO-Lagrangian PPO "reward shaping")
 
@@ -67,7 +69,7 @@ step "8/11 baselines: plain PPO (reward only) and static reward shaping R - nu*C
 train configs/ppo_tiny.py "$OUT/ppo_tiny" "${RL_PATHS[@]}"
 train configs/ppo_reward_shaping_tiny.py "$OUT/ppo_reward_shaping_tiny" "${RL_PATHS[@]}"
 jaxalign evaluate curves --runs "$OUT/ppo_lag_tiny" "$OUT/ppo_tiny" "$OUT/ppo_reward_shaping_tiny" \
-  --labels PPO-Lagrangian PPO "reward shaping" --threshold -3 --out "$OUT/rl_curves.png" > /dev/null
+  --labels PPO-Lagrangian PPO "reward shaping" --threshold -5 --out "$OUT/rl_curves.png" > /dev/null
 
 step "9/11 the exact judge: every policy on the test prompts (2 answers each)"
 for i in "${!POLICIES[@]}"; do
