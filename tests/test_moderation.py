@@ -328,3 +328,19 @@ def test_scorer_first_flag_and_report(model):
     report = ev.moderation_report(scores, arrays, head)
     assert report["examples"] == n and set(report) >= {"unsafe", "categories", "severity", "streaming"}
     json.dumps(report)
+
+
+def test_cost_signals_against_numpy(model):
+    """The RL cost signals per token: P(unsafe), expected severity, P(severity 3), P(category)."""
+    cfg, _, module, params = model
+    ids = np.arange(1, 13, dtype=np.int32).reshape(2, 6)
+    out = module.apply({"params": params}, ids)
+    sigmoid = lambda x: 1 / (1 + np.exp(-np.asarray(x, np.float64)))  # noqa: E731
+    logits = np.asarray(out.severity_logits, np.float64)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(mm.cost_signal(out, "unsafe"), sigmoid(out.unsafe_logits), rtol=1e-5)
+    np.testing.assert_allclose(mm.cost_signal(out, "expected_severity"), probs @ np.arange(4), rtol=1e-5)
+    np.testing.assert_allclose(mm.cost_signal(out, "severity3"), probs[..., 3], rtol=1e-5)
+    np.testing.assert_allclose(mm.cost_signal(out, "category:5"), sigmoid(out.category_logits[..., 5]), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown moderation cost signal"):
+        mm.cost_signal(out, "bogus")

@@ -152,20 +152,9 @@ class ModerationModel(nn.Module):
         )
 
 
-def probabilities(out: ModerationOutput) -> dict[str, jax.Array]:
-    """End-token probabilities: unsafe [B] (sigmoid), categories [B, C] (sigmoid each),
-    severity [B, S] (softmax), and the per-token unsafe probability stream [B, T]."""
-    return {
-        "unsafe": jax.nn.sigmoid(out.end_unsafe_logits),
-        "categories": jax.nn.sigmoid(out.end_category_logits),
-        "severity": jax.nn.softmax(out.end_severity_logits, axis=-1),
-        "stream": jax.nn.sigmoid(out.unsafe_logits),
-    }
-
-
 def init_heads(cfg: llama.LlamaConfig, rng: jax.Array, head: ModerationHead) -> dict:
     """Fresh head params: kernels ~ N(0, initializer_range) [D, K], biases 0 [K]."""
-    sizes = {"unsafe_head": 1, "category_head": head.num_categories, "severity_head": head.num_severities}
+    sizes = head_sizes(cfg, head)
     out = {}
     for (name, size), key in zip(sizes.items(), jax.random.split(rng, len(sizes))):
         kernel = cfg.initializer_range * jax.random.normal(key, (cfg.hidden_size, size), jnp.float32)
