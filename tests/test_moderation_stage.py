@@ -130,13 +130,15 @@ def test_moderate_malformed_lines(trained, capsys):
     lines = [good, "{not json", "[1, 2]", json.dumps({"prompt": "only a prompt"}), "",
              json.dumps({"prompt": 3, "response": "x"}), json.dumps({"prompt": "p", "response_0": "a"}), good]
     source = _write_lines(root / "bad.jsonl", lines)
+    source.write_bytes(source.read_bytes() + b'{"prompt": "\xff", "response": "x"}\n')  # line 9: not UTF-8
     out = root / "bad_out.jsonl"
     assert cli.main(["moderate", "--model", str(export), "--input", str(source), "--output", str(out)]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
-    assert summary["rows"] == 2 and summary["malformed_lines"] == 5
+    assert summary["rows"] == 2 and summary["malformed_lines"] == 6
     assert len(out.read_text().splitlines()) == 2
-    for number in (2, 3, 4, 6, 7):  # each skipped line is logged with its number
+    assert "bad.jsonl:9: not UTF-8" in captured.err
+    for number in (2, 3, 4, 6, 7, 9):  # each skipped line is logged with its number
         assert f"bad.jsonl:{number}:" in captured.err
     out.unlink()
     assert cli.main(["moderate", "--model", str(export), "--input", str(source), "--output", str(out),

@@ -6,7 +6,7 @@ answer, with "response_index" 0/1 and "response" set). Every output row keeps th
 and adds is_safe, unsafe_probability, categories (the 19 names -> probability),
 flagged_categories and severity (jaxalign/moderation/api.py).
 
-A malformed line (not JSON, not an object, no string prompt, neither response nor
+A malformed line (not UTF-8, not JSON, not an object, no string prompt, neither response nor
 response_0/response_1 strings) is reported with FILE:LINE; --on-error skip (default) skips and
 counts it (each one logged, the count in the summary), --on-error stop fails with that line before
 any model is loaded. Blank lines are ignored. The output (default: INPUT with .moderated.jsonl) is
@@ -70,11 +70,16 @@ def read_input(path: pathlib.Path, on_error: str) -> tuple[list[tuple[dict, int 
     if not path.is_file():
         raise FileNotFoundError(f"--input {path} does not exist")
     answers, malformed = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            _, items, error = parse_line(text)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                items, error = [], f"not UTF-8 (byte {e.start + 1})"
+            else:
+                if not text.strip():
+                    continue
+                _, items, error = parse_line(text)
             if error:
                 message = f"{path}:{number}: {error}"
                 if on_error == "stop":
