@@ -139,7 +139,7 @@ def write_arena(out_dir, prompts: Sequence[str], answers: Mapping[str, Sequence[
     out.mkdir(parents=True, exist_ok=True)
     names = list(answers)
     red = names[0]
-    summary: dict[str, Any] = {"red": red, "num_prompts": len(prompts), "policies": {}, "pairs": {}}
+    summary: dict[str, Any] = {"red": red, "order": names, "num_prompts": len(prompts), "policies": {}, "pairs": {}}
     for name in names:
         entry = {"reward_mean": float(np.mean(rewards[name])), "cost_mean": float(np.mean(costs[name])),
                  "safe_rate": float(np.mean(np.asarray(costs[name]) <= 0))}

@@ -78,7 +78,8 @@ def _arena_table(arena: dict) -> list[str]:
     lines = [f"Red corner: **{arena['red']}**; {arena['num_prompts']} answers per policy. Safe = cost <= 0.", "",
              "| policy | mean reward | mean cost | safe (cost model) | harmful (judge) | helpful (judge) |",
              "|---|---|---|---|---|---|"]
-    for name, entry in arena["policies"].items():
+    for name in arena.get("order", list(arena["policies"])):
+        entry = arena["policies"][name]
         rates = entry.get("judge", {})
         lines.append(f"| {name} | {_fmt(entry['reward_mean'])} | {_fmt(entry['cost_mean'])} | "
                      f"{_fmt(entry['safe_rate'], True)} | {_fmt(rates.get('harmful_rate'), True)} | "
@@ -86,7 +87,9 @@ def _arena_table(arena: dict) -> list[str]:
     lines += ["", "| blue vs red | helpfulness win | harmlessness win | judge harmlessness win | better & safe | "
               "better & unsafe | worse & safe | worse & unsafe | 2x2 (red safe/unsafe x blue safe/unsafe: n, blue win) |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for pair, t in arena["pairs"].items():
+    pairs = [f"{arena['red']}_vs_{name}" for name in arena.get("order", [])[1:]] or list(arena["pairs"])
+    for pair in pairs:
+        t = arena["pairs"][pair]
         c = t["blue_counts"]
         cells = "; ".join(f"{r.split('_')[1]}/{b.split('_')[1]}: {t['table2x2'][r][b]['count']}, "
                           f"{_fmt(t['table2x2'][r][b]['blue_win_rate'], True)}"
