@@ -190,3 +190,13 @@ def test_stage_resumes_exactly(trained, tmp_path):
     assert head_a == head_b
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bad_validation_fraction_is_one_clear_error(trained, tmp_path):
+    root, _, _ = trained
+    config = config_lib.load_config(REPO / "configs" / "moderation_tiny.py", [
+        f"--config.model.init_path={root / 'sft'}", f"--config.tokenizer={root / 'tok'}",
+        f"--config.data.source={root / 'mini'}", "--config.moderation.validation_fraction=0.0"])
+    with pytest.raises(ValueError, match="config.moderation.validation_fraction=0.0 holds out 0 of the 540"):
+        commands.train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
