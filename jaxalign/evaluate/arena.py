@@ -221,9 +221,11 @@ def run_arena(policies: Mapping[str, str], prompts: Sequence[str], reward_path: 
     for kind, path, into in (("reward", reward_path, rewards), ("cost", cost_path, costs)):
         model = loading.load_score_model(path, mesh, rules, loading.ModelSettings(dtype=dtype))
         tokenizer = load_tokenizer(path)
-        for name in answers:
-            into[name] = score_answers(model.module, model.params, tokenizer, asked, answers[name], mesh, rules,
-                                       batch_size=score_batch_size, max_length=max_length)
+        every = score_answers(model.module, model.params, tokenizer, asked * len(answers),  # one compile per model
+                              [text for name in answers for text in answers[name]], mesh, rules,
+                              batch_size=score_batch_size, max_length=max_length)
+        for i, name in enumerate(answers):
+            into[name] = every[i * len(asked): (i + 1) * len(asked)]
     labels = rates = None
     if judge.mini_prompts(list(prompts)):
         labels = {name: [judge.classify(t, p) for t, p in zip(texts, asked)] for name, texts in answers.items()}
