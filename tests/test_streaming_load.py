@@ -92,3 +92,34 @@ def test_the_reader_reads_tensors_with_pread(tmp_path):
         got = reader[name]
         assert got.dtype == value.dtype and got.shape == value.shape
         np.testing.assert_array_equal(got.astype(np.float32), value.astype(np.float32))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_streamed_score_model_equals_the_eager_load(tmp_path, scan):
+    """loading.load_score_model streams a score-model dir: the same params, shardings, head and
+    statistics as score.load_score_model's host arrays placed whole."""
+    cfg = models.config_from_hf(dict(TINY, model_type="llama"))
+    module = score.ScoreModel(cfg, score_dim=2)
+    shapes = jax.eval_shape(loading.init_fn(module), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda b: rng.normal(size=b.value.shape).astype(np.float32), shapes,
+                          is_leaf=lambda b: hasattr(b, "value"))
+    head = score.ScoreHead(score_type="cost", score_dim=2, normalizer_type="ExponentialMovingAverage", momentum=0.9)
+    stats = {"mean": np.array([0.5, -1.0]), "var": np.array([2.0, 3.0]), "count": np.array(12)}
+    score.save_score_model(tmp_path / "cost", cfg, params, head, stats, max_shard_size="8KB")
+    mesh, rules = _mesh()
+    settings = loading.ModelSettings(scan_layers=scan)
+    placed = loading.load_score_model(tmp_path / "cost", mesh, rules, settings, score_type="critic")
+    runtime = settings.runtime()
+    eager_cfg, eager_head, host, eager_stats = score.load_score_model(
+        tmp_path / "cost", dtype=runtime.pop("dtype"), score_type="critic", on_host=True, **runtime)
+    assert placed.cfg == eager_cfg and placed.head == eager_head and placed.head.score_type == "critic"
+    for name in ("mean", "var", "count"):
+        np.testing.assert_array_equal(placed.stats[name], eager_stats[name])
+    expected = loading.place(host, placed.shardings)
+    assert jax.tree.structure(placed.params) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(placed.params), jax.tree.leaves(expected)):
+        assert got.sharding == want.sharding and got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(score.ScoreModelError, match="does not exist"):
+        loading.load_score_model(tmp_path / "missing", mesh, rules)

@@ -230,17 +230,34 @@ def load_score_model(path: str | pathlib.Path, mesh, rules, settings: ModelSetti
     score_type overrides the stored one ("critic" for a critic initialised from a reward model);
     min_vocab_size: the vocabulary it must cover (RL: the actor's tokenizer, spec §3.3).
     """
-    runtime = settings.runtime()
-    cfg, head, host, stats = score.load_score_model(path, dtype=runtime.pop("dtype"), score_type=score_type,
-                                                    on_host=True, **runtime)
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise score.ScoreModelError(f"score model directory {path} does not exist")
+    config, where = hf.read_config(path), str(path / hf.CONFIG_NAME)
+    head = score.read_score_head(config, where, **({} if score_type is None else {"score_type": score_type}))
+    stats = score.read_normalizer_stats(config, head.score_dim, where)
+    cfg = hf.load_config(path, **settings.runtime())
     if min_vocab_size is not None and cfg.vocab_size < min_vocab_size:
         raise ValueError(f"score model {path} has a vocabulary of {cfg.vocab_size} < the tokenizer's "
                          f"{min_vocab_size}; train it with the same tokenizer")
     module = head.model(cfg)
     shardings = param_shardings(module, mesh, rules)
-    params = place(host, shardings)
+    params = place_streamed(_score_plan(cfg, hf.read_safetensors_dir(path), head), shardings)
     return Placed(cfg=cfg, module=module, params=params, shardings=shardings, head=head,
                   stats=jax.device_get(stats))
+
+
+def _score_plan(cfg, tensors, head: score.ScoreHead) -> dict:
+    """The streaming twin of score.score_params_from_hf_tensors (same checks, hf.Streamed leaves)."""
+    hf.check_tensors(tensors, score.score_head_hf_shapes(cfg, head), where="score model checkpoint")
+    dtype = np.dtype(cfg.weight_dtype)
+    kernel = lambda: np.asarray(tensors["score_head.weight"]).T.astype(dtype)  # noqa: E731
+    plan = {"model": hf.backbone_plan(cfg, tensors, dtype=dtype),
+            "score_head": {"kernel": hf.Streamed((cfg.hidden_size, head.score_dim), dtype, (kernel,))}}
+    if head.score_bias:
+        bias = lambda: np.asarray(tensors["score_head.bias"]).astype(dtype)  # noqa: E731
+        plan["score_head"]["bias"] = hf.Streamed((head.score_dim,), dtype, (bias,))
+    return plan
 
 
 def _gather_to_host(tree: Any) -> Any:
