@@ -158,6 +158,8 @@ def get_config() -> ml_collections.ConfigDict:
     rl.lambda_lr = 0.1
     rl.lambda_max = 5.0  # <= 0: no cap
     rl.lambda_update_delay_steps = 0
+    # J_C = mean of the last N sequence costs of the whole run (every host's rows). Upstream keeps 128
+    # per GPU and averages the GPUs: 128 x (number of upstream GPUs) reproduces it (rl/iteration.py).
     rl.episode_cost_window_size = 128
     # Beyond upstream, off by default.
     rl.whiten_advantages = False
