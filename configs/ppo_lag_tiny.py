@@ -29,7 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     rl.prompt_length = 48  # mini prompts are <= 25 tokens of the 2048-token BPE (27 with a 1024-token one)
     rl.max_new_tokens = 32  # the longest mini response is 31 tokens + EOS
     rl.critic.learning_rate = 1e-4
-    rl.ptx_coeff = 1.0  # keep PTX light so the RL signal shows
+    # PTX on the most helpful safe answers (below); 4 keeps benign helpfulness better than 1 (judge:
+    # helpful 17.5% vs 12.3%, harmful 9.9% vs 9.0%); upstream uses 16 on Alpaca.
+    rl.ptx_coeff = 4.0
     # PTX imitates, per row, the more helpful of the responses labelled safe (issue 9): safe
     # alternatives on harmful prompts, helpful answers on benign ones, never harm.
     rl.ptx_response = "safe_better"
