@@ -187,11 +187,12 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
     ptx = {"input_ids": array((batch, length), jnp.int32), "attention_mask": array((batch, length), jnp.bool_),
            "loss_mask": array((batch, length), jnp.bool_)}
     steps = {
-        "rollout (actor sampler)": (program.generate, (params["actor"], array((batch, prompt), jnp.int32),
+        "rollout (actor sampler)": (program.rollout, (params["actor"], array((batch, prompt), jnp.int32),
                                                        array((batch, prompt), jnp.bool_),
                                                        jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))),
-        "scoring (6 roles, GAE)": (program.score, (frozen, state, array((batch, length), jnp.int32),
-                                                   array((batch, length), jnp.bool_))),
+        "scoring (6 roles, GAE)": (program.score_jit, (frozen, state, array((batch, length), jnp.int32),
+                                                       array((batch, length), jnp.bool_),
+                                                       array((batch, response), jnp.float32))),
         "update (actor+PTX, 2 critics)": (program.train, (state, exp, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
                                                           ptx)),
     }

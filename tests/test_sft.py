@@ -92,7 +92,8 @@ def test_sft_stage_trains_exports_and_resumes_exactly(mini_data, tmp_path):
     cfg, params = hf.from_pretrained(full / "export")
     assert (full / "export" / "tokenizer.json").exists()
     assert cfg.vocab_size == len(tokenizer_lib.load_tokenizer(full / "export"))
-    assert cfg.num_hidden_layers == 2 and cfg.hidden_size == 64
+    tiny = config_lib.load_config(REPO / "configs" / "sft_tiny.py").model.hf_config
+    assert (cfg.num_hidden_layers, cfg.hidden_size) == (tiny.num_hidden_layers, tiny.hidden_size)
 
     # the export loads back onto the 8-device mesh tensor by tensor; an added token's row = mean row
     mesh = mesh_lib.make_mesh(config_lib.load_config(REPO / "configs" / "sft_tiny.py").mesh)

@@ -194,6 +194,7 @@ class RLProgram:
     rollout: Callable  # (actor params, prompt_ids, prompt_mask, rng) -> (input_ids, attention_mask, log_probs)
     generate: Callable  # the same without the log-probs
     score: Callable  # (frozen, state, input_ids, attention_mask[, sampler log_probs]) -> (exp, scores, means)
+    score_jit: Callable  # the jitted score step (sampler log_probs required): for AOT lowering
     train: Callable
     take_minibatch: Callable
     state_shardings: Any
@@ -262,6 +263,7 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
         in_shardings=(exp_sh,),
         out_shardings=exp_sh,
     )
-    return RLProgram(rollout=rollout, generate=generate, score=score, train=train, take_minibatch=take_minibatch,
+    return RLProgram(rollout=rollout, generate=generate, score=score, score_jit=score_jit, train=train,
+                     take_minibatch=take_minibatch,
                      state_shardings=state_sh, frozen_shardings=frozen_shardings, batch_sharding=batch2,
                      ptx_shardings=ptx_shardings)
