@@ -199,6 +199,21 @@ def load_policy(settings: ModelSettings, mesh, rules, *, vocab_size: int, specia
     return Placed(cfg=cfg, module=module, params=params, shardings=shardings)
 
 
+def _backbone_with_fresh_heads(settings: ModelSettings, cfg, shardings: dict, vocab_size: int,
+                               fresh_heads: Callable[[], dict]) -> dict:
+    """Params of settings.init_path's backbone (streamed, vocabulary resized) + fresh_heads()
+    ({name: host params} for every top-level entry besides "model"), each in `shardings`."""
+    stored = hf.load_config(settings.init_path, **settings.runtime())
+    backbone = hf.backbone_plan(stored, hf.read_safetensors_dir(settings.init_path))
+    backbone = _resized_plan(stored, {"model": backbone}, vocab_size)["model"]
+    with jax.default_device(jax.devices("cpu")[0]):
+        heads = jax.tree.map(np.asarray, fresh_heads())
+    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    params = {"model": place_streamed(backbone, shardings["model"], dtype)}
+    params.update({name: place(tree, shardings[name], dtype) for name, tree in heads.items()})
+    return params
+
+
 def load_backbone_with_head(settings: ModelSettings, head: score.ScoreHead, mesh, rules, *, vocab_size: int,
                             special: Mapping | None = None, rng: jax.Array) -> Placed:
     """A score model on the mesh: the backbone of the causal LM in settings.init_path (vocabulary
@@ -208,14 +223,9 @@ def load_backbone_with_head(settings: ModelSettings, head: score.ScoreHead, mesh
     module = head.model(cfg)
     shardings = param_shardings(module, mesh, rules)
     if settings.init_path:
-        stored = hf.load_config(settings.init_path, **settings.runtime())
-        backbone = hf.backbone_plan(stored, hf.read_safetensors_dir(settings.init_path))
-        backbone = _resized_plan(stored, {"model": backbone}, vocab_size)["model"]
-        with jax.default_device(jax.devices("cpu")[0]):
-            fresh = score.init_params_from_llama(None, cfg, rng, head.score_dim, head.score_bias)["score_head"]
-        dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-        params = {"model": place_streamed(backbone, shardings["model"], dtype),
-                  "score_head": place(jax.tree.map(np.asarray, fresh), shardings["score_head"], dtype)}
+        fresh = lambda: {"score_head": score.init_params_from_llama(  # noqa: E731
+            None, cfg, rng, head.score_dim, head.score_bias)["score_head"]}
+        params = _backbone_with_fresh_heads(settings, cfg, shardings, vocab_size, fresh)
         log.info("score model: backbone of %s + a fresh %s head", settings.init_path, head.score_type)
     else:
         params, _ = mesh_lib.init_sharded(init_fn(module), rng, mesh, rules)
@@ -320,12 +330,8 @@ def load_moderation_model(settings: ModelSettings, mesh, rules, *, head=None, vo
     module = head.model(cfg)
     shardings = param_shardings(module, mesh, rules)
     if settings.init_path:
-        stored = hf.load_config(settings.init_path, **settings.runtime())
-        backbone = hf.backbone_from_hf_tensors(stored, hf.read_safetensors_dir(settings.init_path))
-        backbone = _resized_host(stored, {"model": backbone}, vocab_size)["model"]
-        with jax.default_device(jax.devices("cpu")[0]):
-            host = moderation.init_params_from_backbone(backbone, cfg, rng, head)
-        params = place(jax.tree.map(np.asarray, host), shardings, np.dtype(jnp.dtype(cfg.param_dtype)))
+        params = _backbone_with_fresh_heads(settings, cfg, shardings, vocab_size,
+                                            lambda: moderation.init_heads(cfg, rng, head))
         log.info("moderation model: backbone of %s + fresh heads", settings.init_path)
     else:
         params, _ = mesh_lib.init_sharded(init_fn(module), rng, mesh, rules)
