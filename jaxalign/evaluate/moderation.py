@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from jaxalign.parallel import mesh as mesh_lib
 
@@ -82,7 +83,8 @@ def make_scorer(module, mesh: jax.sharding.Mesh, rules):
         stream = "response_mask" in arrays
         parts: dict[str, list] = {}
         with mesh_lib.sharding_context(mesh, rules):
-            for i in range(num_batches):
+            for i in tqdm.trange(num_batches, desc="moderation scores", unit="batch", leave=False,
+                                 disable=jax.process_index() != 0):
                 rows = np.minimum(np.arange(i * batch_size, (i + 1) * batch_size), total - 1)
                 put = lambda x: mesh_lib.put_sharded(np.asarray(x[rows]), in_sharding)  # noqa: E731
                 response = arrays["response_mask"] if stream else np.zeros_like(arrays["attention_mask"])

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from jaxalign.objectives.preference import concat_pair, pair_sides
 from jaxalign.parallel import mesh as mesh_lib
@@ -44,7 +45,8 @@ def make_pair_scorer(module, mesh: jax.sharding.Mesh, rules):
             num_batches = min(num_batches, max_batches)
         first, second = [], []
         with mesh_lib.sharding_context(mesh, rules):
-            for i in range(num_batches):
+            for i in tqdm.trange(num_batches, desc=f"score {kind} pairs", unit="batch", leave=False,
+                                 disable=jax.process_index() != 0):
                 rows = np.minimum(np.arange(i * batch_size, (i + 1) * batch_size), total - 1)
                 ids, mask = concat_pair({k: v[rows] for k, v in arrays.items()}, kind)
                 scores = forward(params, mesh_lib.put_sharded(ids, in_sharding), mesh_lib.put_sharded(mask, in_sharding))
