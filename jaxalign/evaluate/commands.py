@@ -193,7 +193,8 @@ def _run_judge(args) -> int:
     rates = judge.judge_rates(asked, labels)
     rates["model"] = args.model
     if jax.process_index() == 0:
-        judge.write_judge_report(args.out, asked, texts, labels, rates, title=args.label)
+        written = judge.write_judge_report(args.out, asked, texts, labels, rates, title=args.label)
+        log.info("wrote %s", ", ".join(f"{args.out}/{name}" for name in written))
     print(json.dumps({k: v for k, v in rates.items() if k != "per_category"}, indent=2, sort_keys=True))
     return 0
 
@@ -223,7 +224,9 @@ def _run_report(args) -> int:
         raise FileNotFoundError(f"--out {args.out}: no such run dir")
     data = report.write_report(args.out, args.wall_seconds)
     print((pathlib.Path(args.out) / "report.md").read_text())
-    log.info("wrote %s/report.md and report.json (%d policies judged)", args.out, len(data["judge"]))
+    images = [p.name for p in map(pathlib.Path(args.out).joinpath, ("judge_table.png", "rl_eval.png")) if p.exists()]
+    log.info("wrote %s/report.md, report.json and %s (%d policies judged)", args.out, ", ".join(images) or "no PNG",
+             len(data["judge"]))
     return 0
 
 
@@ -263,6 +266,7 @@ def _run_arena(args) -> int:
     summary = arena.run_arena(policies, prompts, args.reward_model, args.cost_model, mesh, rules,
                               judge_settings(args), args.out, score_batch_size=args.batch_size,
                               max_length=args.score_max_length, dtype=args.dtype)
+    log.info("wrote %s/arena.json, %s/arena.png and one CSV per pair", args.out, args.out)
     print(json.dumps({"policies": summary.get("policies"), "pairs": {
         pair: {k: v for k, v in tables.items() if k != "table2x2"} for pair, tables in summary.get("pairs", {}).items()}},
         indent=2, sort_keys=True))
