@@ -13,6 +13,8 @@ import sys
 from collections import Counter
 from typing import Any, Iterable
 
+import tqdm
+
 from jaxalign.data import pku_saferlhf as pku
 
 from jaxalign.data import prepared as prepared_lib
@@ -73,6 +75,21 @@ def _configs_present(source: str, config: str | None, kind: str) -> list[str]:
     return present or [prefix + "default"]
 
 
+def _count_rows(path: str) -> int:
+    """Rows of one release file, cheaply: parquet metadata, or the newlines of a JSONL file."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with open(path, "rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+
+
+def _progress(rows: Iterable, paths: list[str], desc: str) -> Iterable:
+    """`rows` (read from `paths`) behind a tqdm bar on stderr with rate and ETA."""
+    return tqdm.tqdm(rows, total=sum(_count_rows(p) for p in paths), desc=desc, unit="rows", file=sys.stderr)
+
+
 def dataset_stats(source: str, config: str | None = None, *, strict: bool = True) -> dict[str, Any]:
     """Stats per (config, split) of a release-layout dir: {config: {split: pair_stats}}."""
     kind = pku.detect_kind(source) if config is None else pku.config_subsets(config)[0]
@@ -83,8 +100,8 @@ def dataset_stats(source: str, config: str | None = None, *, strict: bool = True
             paths = pku.find_files(source, name, split)
             if paths:
                 report = pku.ValidationReport()
-                rows = (row for _, _, row in pku.iter_rows(paths, kind, strict=strict, check_sha256=False,
-                                                           report=report))
+                rows = (row for _, _, row in _progress(pku.iter_rows(paths, kind, strict=strict, check_sha256=False,
+                                                                     report=report), paths, f"stats {name}/{split}"))
                 per_split[split] = pair_stats(rows, kind)
                 if report.skipped:
                     per_split[split]["skipped_rows"] = report.to_dict()["skipped_by_reason"]
@@ -216,7 +233,8 @@ def _validate(args) -> int:
             continue
         found += len(paths)
         report = pku.ValidationReport()
-        for _ in pku.iter_rows(paths, kind, strict=not args.lenient, check_sha256=not args.no_sha256, report=report):
+        rows = pku.iter_rows(paths, kind, strict=not args.lenient, check_sha256=not args.no_sha256, report=report)
+        for _ in _progress(rows, paths, f"validate {split}"):
             pass
         print(f"{split}: {len(paths)} file(s), read {report.rows_read}, valid {report.rows_kept}, "
               f"skipped {sum(report.skipped.values())} {dict(report.skipped)}")
