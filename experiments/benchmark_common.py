@@ -30,12 +30,14 @@ def fits(peak_bytes: int) -> dict[str, bool]:
 
 
 def run_child(script: str, part: str, devices: int, extra_args: list[str]) -> list[dict]:
-    """Runs `script --part PART` on `devices` simulated CPU devices; returns its RESULT lines as dicts."""
+    """Runs `script --part PART` on `devices` simulated CPU devices; returns its RESULT lines as dicts.
+    The child's stderr (logs, progress bars) goes straight to ours."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    print(f"{part}: {script} on {devices} simulated CPU device(s)", file=sys.stderr, flush=True)
     process = subprocess.run([sys.executable, script, "--part", part, *extra_args], env=env,
-                             capture_output=True, text=True)
+                             stdout=subprocess.PIPE, text=True)
     if process.returncode:
-        raise RuntimeError(f"{part} benchmark failed:\n{process.stderr[-4000:]}")
+        raise RuntimeError(f"{part} benchmark failed (exit {process.returncode}; its stderr is above)")
     return [json.loads(line[len("RESULT "):]) for line in process.stdout.splitlines() if line.startswith("RESULT ")]
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import tqdm  # noqa: E402
 
 from jaxalign.data import mini, pipeline, views  # noqa: E402
 
@@ -44,7 +45,7 @@ def _iterate(kind, examples, tok, args, mesh):
     jax.block_until_ready(first)
     real = 0
     start = time.perf_counter()
-    for _ in range(args.batches):
+    for _ in tqdm.trange(args.batches, desc=f"{kind} batches", unit="batch", leave=False):
         batch = next(batches)
         jax.block_until_ready(batch)
         real += sum(int(np.asarray(v).sum()) for k, v in batch.items() if k.endswith("attention_mask"))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 
 from jaxalign.generate import sampler
 from jaxalign.models import llama
@@ -47,7 +48,7 @@ def timed_pair(fns: dict, reps: int, warmup: int = 1) -> dict:
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(reps):
+    for _ in tqdm.trange(reps, desc=" vs ".join(fns), unit="rep", leave=False):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()

@@ -24,6 +24,8 @@ import pathlib
 import sys
 import time
 
+import tqdm
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -134,7 +136,7 @@ def cpu_iterations(iterations: int) -> dict:
     batches = iteration.RLBatches(Batches(prompt), Batches(prompt + new, sft=True), 1)
     records = []
     with mesh_lib.sharding_context(mesh, rules):
-        for _ in range(iterations + 1):
+        for _ in tqdm.trange(iterations + 1, desc="RL iterations", unit="it", file=sys.stderr):
             state, metrics = iteration.rl_iteration(program, algorithm, settings, frozen, state, next(batches))
             records.append(metrics)
     first, rest = records[0], records[1:]

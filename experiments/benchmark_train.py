@@ -25,6 +25,8 @@ import pathlib
 import sys
 import time
 
+import tqdm
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -128,7 +130,7 @@ def throughput(steps: int, batch_size: int = 4, seq_len: int = 512) -> dict:
         state, metrics = step(state, [batch])  # warm-up
         jax.block_until_ready(metrics)
         times = []
-        for _ in range(steps):
+        for _ in tqdm.trange(steps, desc="train steps", unit="step", file=sys.stderr):
             start = time.perf_counter()
             state, metrics = step(state, [batch])
             jax.block_until_ready(metrics)

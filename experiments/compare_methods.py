@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     (directory / "comparison.json").write_text(json.dumps(rows, indent=1))
     write_plot(rows, directory / "comparison.png")
     print((directory / "comparison.md").read_text())
+    print(f"wrote {directory}/comparison.md, comparison.json and comparison.png", file=sys.stderr)
     return 0
 
 
