@@ -68,7 +68,8 @@ def score_answers(module, params, tokenizer, prompts: Sequence[str], answers: Se
                       out_shardings=mesh_lib.replicated(mesh))
     total, out = len(examples), []
     with mesh_lib.sharding_context(mesh, rules):
-        for start in range(0, total, batch_size):
+        for start in tqdm.trange(0, total, batch_size, desc="score answers", unit="batch", leave=False,
+                                 disable=jax.process_index() != 0):
             rows = np.minimum(np.arange(start, start + batch_size), total - 1)
             ids = mesh_lib.put_sharded(arrays["input_ids"][rows], in_sharding)
             mask = mesh_lib.put_sharded(arrays["attention_mask"][rows], in_sharding)
