@@ -174,10 +174,12 @@ def plot_arena(summary: Mapping[str, Any], rewards, costs, out_png) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in summary["policies"]:
-        left.scatter(costs[name], rewards[name], s=6, alpha=0.25)
+    for i, name in enumerate(summary.get("order", list(summary["policies"]))):
+        color = f"C{i}"
+        left.scatter(costs[name], rewards[name], s=6, alpha=0.25, color=color)
         entry = summary["policies"][name]
-        left.scatter([entry["cost_mean"]], [entry["reward_mean"]], s=90, marker="X", edgecolor="black", label=name)
+        left.scatter([entry["cost_mean"]], [entry["reward_mean"]], s=90, marker="X", edgecolor="black", color=color,
+                     label=name)
     left.axvline(0.0, color="gray", linestyle="--", linewidth=1)
     left.set_xlabel("cost (<= 0: safe)")
     left.set_ylabel("reward")
