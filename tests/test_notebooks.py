@@ -75,6 +75,8 @@ def test_reproduce_notebook_cpu_mode(tmp_path, monkeypatch):
     for step in ("SFT", "reward and cost models", "PPO-Lagrangian", "arena", "moderation"):
         assert f"SKIPPED {step}: no TPU/GPU (JAX backend: cpu)" in text, step
     assert "no HF checkpoint at" in text
+    for stage in ("sft", "reward", "cost", "ppo_lag", "moderation"):  # paper configs + overrides validated on CPU
+        assert f"{stage:11s} configs/" in text and "config ok" in text, stage
     assert not (work / "sft").exists() and not (work / "arena").exists()
     if has_data:
         assert "SKIPPED data" not in text
