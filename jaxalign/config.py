@@ -362,7 +362,9 @@ def check_config_change(
             continue
         change = f"{key}: {before!r} -> {after!r}"
         changes.append(change)
-        if not _is_safe_change(key):
+        # A field the saved run did not have yet (a newer configs/base.py) is logged, not refused:
+        # refusing it would stop every resume after an upgrade.
+        if not _is_safe_change(key) and before is not _ABSENT:
             refused.append(change)
     for change in changes:
         if change not in refused:

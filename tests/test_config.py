@@ -230,3 +230,19 @@ def test_unreadable_saved_config_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"seed": 4')
     with pytest.raises(config_lib.ConfigError, match=r"config\.json is not valid JSON"):
         config_lib.check_config_change(tmp_path / "config.json", config_lib.load_config(BASE), allow=False)
+
+
+def test_a_field_added_to_base_since_the_run_does_not_block_its_resume(tmp_path):
+    """A workdir saved before configs/base.py gained a field resumes (the new field is listed as a
+    change); a changed existing field is still refused."""
+    import json
+
+    config_lib.save_config(config_lib.load_config(BASE), tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["rl"]["eval_every"]  # as written by a jaxalign without that field
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    changes = config_lib.check_config_change(tmp_path / "config.json", config_lib.load_config(BASE), allow=False)
+    assert changes == [f"rl.eval_every: '<absent>' -> {config_lib.load_config(BASE).rl.eval_every!r}"]
+    with pytest.raises(config_lib.ConfigError, match=r"seed: 42 -> 7"):
+        config_lib.check_config_change(tmp_path / "config.json", config_lib.load_config(BASE, ["--config.seed=7"]),
+                                       allow=False)
