@@ -100,7 +100,7 @@ def evaluate_score_model(args, kind: str) -> dict:
         else:
             signs = arrays["safer_sign"], arrays["unsafer_sign"]
             written = scores_lib.write_cost_outputs(args.out, first, second, *signs, metrics)
-        log.info("wrote %s", ", ".join(str(path) for path in written))
+        log.info("wrote %s", ", ".join(str(pathlib.Path(args.out) / path) for path in written))
     return metrics
 
 
