@@ -62,6 +62,12 @@ done_or_clear "$OUT/eval_reward" || \
 done_or_clear "$OUT/eval_cost" || \
   jaxalign evaluate cost --model "$OUT/cost_tiny/export" --data "$OUT/mini" --out "$OUT/eval_cost" --max-length 64
 
+step "6b/11 severity-sensitive moderation model (unsafe, 19 categories, severity, streaming) + its evaluation"
+train configs/moderation_tiny.py "$OUT/moderation_tiny" --config.model.init_path="$OUT/sft_tiny/export" \
+  --config.data.max_length=64
+done_or_clear "$OUT/eval_moderation" || \
+  jaxalign evaluate moderation --model "$OUT/moderation_tiny/export" --data "$OUT/mini" --out "$OUT/eval_moderation"
+
 step "7/11 PPO-Lagrangian (Safe RLHF), evaluated on held-out prompts inside the loop"
 train configs/ppo_lag_tiny.py "$OUT/ppo_lag_tiny" "${RL_PATHS[@]}"
 

@@ -4,7 +4,6 @@ Losses against independent numpy loops on padded ragged pairs; behaviour on a bi
 where the right answer is known; exact resume through the one loop; the stage end to end.
 """
 
-import dataclasses
 import json
 
 import jax
@@ -14,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import conftest
 from jaxalign.objectives import dpo as dpo_lib
 from jaxalign.objectives import lagrange as lagrange_lib
 from jaxalign.parallel import mesh as mesh_lib
@@ -316,21 +316,9 @@ def test_jaxalign_train_runs_each_preference_stage(tmp_path):
     """dpo, safe_dpo and c_dpo end to end on 120 mini rows from a random 'SFT' export; re-running a
     finished run trains nothing."""
     from jaxalign import cli
-    from jaxalign.data import mini
-    from jaxalign.models import hf, llama, score
-    from jaxalign.models import tokenizer as tokenizer_lib
+    from jaxalign.models import hf
 
-    mini.write_mini(tmp_path / "data", rows=120, seed=0)
-    tok = tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), 300, tmp_path / "tok")
-    cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    params = llama.init_params(cfg, jax.random.PRNGKey(0))
-    hf.save_pretrained(tmp_path / "sft", cfg, params)
-    tok.save_pretrained(str(tmp_path / "sft"))
-    for seed, kind in enumerate(("reward", "cost")):
-        head_params = score.init_params_from_llama(params["model"], cfg, jax.random.PRNGKey(seed + 1))
-        score.save_score_model(tmp_path / kind, cfg, head_params, score.ScoreHead(score_type=kind))
+    tok, cfg, params = conftest.tiny_rl_inputs(tmp_path, rows=120, policy_dir="sft")
     for stage in ("dpo", "safe_dpo", "c_dpo"):
         workdir = tmp_path / stage
         argv = ["train", "--config", f"configs/{stage}_tiny.py", "--workdir", str(workdir),

@@ -28,8 +28,9 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from jaxalign import cli
-from jaxalign.models import hf, llama, score
+from jaxalign.models import hf
 from jaxalign.train import metrics as metrics_lib
 
 pytestmark = pytest.mark.slow
@@ -51,6 +52,8 @@ from jaxalign import cli
 from jaxalign.data import pipeline
 from jaxalign.objectives import lagrange
 from jaxalign.rl.algorithms import ppo_lag
+
+import conftest
 
 record = {"reads": [], "observed": [], "means": []}
 take, observe, cross_process_mean = pipeline._take, ppo_lag.PPOLagrangian.observe, lagrange.cross_process_mean
@@ -120,21 +123,8 @@ def _two_processes(argv_list: list[list[str]], out: pathlib.Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Mini data, a BPE tokenizer, a random tiny actor (with the tokenizer) and reward/cost models."""
-    from jaxalign.data import mini
-    from jaxalign.models import tokenizer as tokenizer_lib
-
     root = tmp_path_factory.mktemp("multihost")
-    mini.write_mini(root / "data", rows=150, seed=0)
-    tok = tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(root / "data"), 300, root / "tok")
-    cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    params = llama.init_params(cfg, jax.random.PRNGKey(0))
-    hf.save_pretrained(root / "actor", cfg, params)
-    tok.save_pretrained(str(root / "actor"))
-    for seed, kind in enumerate(("reward", "cost")):
-        head_params = score.init_params_from_llama(params["model"], cfg, jax.random.PRNGKey(seed + 1))
-        score.save_score_model(root / kind, cfg, head_params, score.ScoreHead(score_type=kind))
+    conftest.tiny_rl_inputs(root, rows=150, policy_dir="actor")
     return root
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from jaxalign.rl import algorithms, iteration, steps
 from jaxalign.rl.algorithms.safe_grpo import group_normalize
 from jaxalign.rl.rollout import score_experience
@@ -145,21 +146,9 @@ def test_jaxalign_train_runs_the_safe_grpo_stage(tmp_path):
     import json
 
     from jaxalign import cli
-    from jaxalign.data import mini
-    from jaxalign.models import hf, llama, score
-    from jaxalign.models import tokenizer as tokenizer_lib
+    from jaxalign.models import hf
 
-    mini.write_mini(tmp_path / "data", rows=150, seed=0)
-    tok = tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), 300, tmp_path / "tok")
-    cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    params = llama.init_params(cfg, jax.random.PRNGKey(0))
-    hf.save_pretrained(tmp_path / "sft", cfg, params)
-    tok.save_pretrained(str(tmp_path / "sft"))
-    for seed, kind in enumerate(("reward", "cost")):
-        head_params = score.init_params_from_llama(params["model"], cfg, jax.random.PRNGKey(seed + 1))
-        score.save_score_model(tmp_path / kind, cfg, head_params, score.ScoreHead(score_type=kind))
+    tok, cfg, params = conftest.tiny_rl_inputs(tmp_path, rows=150, policy_dir="sft")
     workdir = tmp_path / "run"
     argv = ["train", "--config", "configs/safe_grpo_tiny.py", "--workdir", str(workdir),
             f"--config.model.init_path={tmp_path / 'sft'}", f"--config.data.source={tmp_path / 'data'}",
