@@ -56,17 +56,31 @@ class RoleFns:
 
 @dataclasses.dataclass(frozen=True)
 class RolePaths:
-    """Score-model dirs of config.rl (critics default to the reward / cost model)."""
+    """Score-model dirs of config.rl (critics default to the reward / cost model).
+
+    cost_signal: the moderation signal (models/moderation.cost_signal) the "cost" role reads when the
+    cost model is a moderation export; constraints: (role, signal) pairs of multi_lag's extra cost
+    roles, each reading the moderation model at `cost` with its own signal (its critic: the
+    moderation backbone + a fresh head)."""
 
     reward: str = ""
     cost: str = ""
     reward_critic: str = ""
     cost_critic: str = ""
+    cost_signal: str = "unsafe"
+    constraints: tuple[tuple[str, str], ...] = ()
 
     def path(self, role: str) -> str:
+        base = role[: -len("_critic")] if role.endswith("_critic") else role
+        if base in dict(self.constraints):
+            return self.cost
         if role.endswith("_critic"):
-            return getattr(self, role) or getattr(self, role[: -len("_critic")])
+            return getattr(self, role) or getattr(self, base)
         return getattr(self, role)
+
+    def signal(self, role: str) -> str:
+        """The moderation signal a (non-critic) role reads from a moderation model."""
+        return dict(self.constraints).get(role, self.cost_signal)
 
 
 def policy_fn(cfg) -> PolicyFn:
@@ -130,10 +144,11 @@ def param_count(params: Any) -> int:
 
 
 def moderation_role(role: str, path: str, model: loading.ModelSettings, tokenizer, mesh, rules,
-                    rng: jax.Array) -> tuple[ScoreFn, Any, Any]:
+                    rng: jax.Array, signal: str = "unsafe") -> tuple[ScoreFn, Any, Any]:
     """A moderation model (models/moderation.py) in a score role -> (fn, params, shardings): a scorer
-    reads P(unsafe) at every token (at the end token: the sequence cost, in [0, 1]); a critic is its
-    backbone + a fresh critic head."""
+    reads `signal` (moderation.cost_signal; default P(unsafe)) at every token (at the end token: the
+    sequence cost, in [0, 1] or [0, 3]); a critic is its backbone + a fresh critic head."""
+
     settings = dataclasses.replace(model, init_path=path)
     if role.endswith("_critic"):
         placed = loading.load_backbone_with_head(settings, score.ScoreHead(score_type="critic"), mesh, rules,
@@ -143,7 +158,8 @@ def moderation_role(role: str, path: str, model: loading.ModelSettings, tokenize
     placed = loading.load_moderation_model(settings, mesh, rules, min_vocab_size=len(tokenizer))
 
     def apply(params, input_ids, attention_mask):
-        return moderation.cost_signal(placed.module.apply({"params": params}, input_ids, attention_mask=attention_mask))
+        out = placed.module.apply({"params": params}, input_ids, attention_mask=attention_mask)
+        return moderation.cost_signal(out, signal)
 
     return apply, placed.params, placed.shardings
 
@@ -167,8 +183,10 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
             raise ValueError(f"the {role} role needs a model: set config.rl.{role}_model_path")
         if moderation.is_moderation_dir(path):  # issue 10: a moderation model as the cost (P(unsafe))
             score_fns[role], params[role], shardings[role] = moderation_role(role, path, model, tokenizer, mesh, rules,
-                                                                             jax.random.fold_in(rng, 10))
-            logging.info("%s: %s (moderation model, %d parameters)", role, path, param_count(params[role]))
+                                                                             jax.random.fold_in(rng, 10),
+                                                                             signal=paths.signal(role))
+            logging.info("%s: %s (moderation model%s, %d parameters)", role, path,
+                         "" if role.endswith("_critic") else f", signal {paths.signal(role)}", param_count(params[role]))
             continue
         is_critic = role.endswith("_critic")
         placed = loading.load_score_model(path, mesh, rules, model, score_type="critic" if is_critic else role,
