@@ -92,3 +92,31 @@ def test_chat_history_grows_and_reset_clears(two_models):
     assert session.speakers[0].history == [] and session.last_user is None
     with pytest.raises(ValueError, match="nothing to regenerate"):
         session.regenerate()
+
+
+@pytest.mark.parametrize("unsafe_bias", [10.0, -10.0])
+def test_chat_with_moderation_verdicts_and_stop_at_the_first_unsafe_token(two_models, tmp_path, monkeypatch, capsys,
+                                                                         unsafe_bias):
+    """A moderation model that calls everything unsafe (bias +10) stops every answer before its first
+    token; one that calls everything safe (bias -10) lets the whole answer through. Each answer's
+    verdict is printed."""
+    from jaxalign.models import moderation as mm
+
+    root, cfg, tokenizer = two_models
+    _, params = hf.from_pretrained(root / "model0")
+    head = mm.ModerationHead(max_length=64)
+    moderation = mm.init_params_from_backbone(params["model"], cfg, jax.random.PRNGKey(3), head)
+    moderation["unsafe_head"]["bias"] = np.full_like(np.asarray(moderation["unsafe_head"]["bias"]), unsafe_bias)
+    mm.save_moderation_model(tmp_path / "moderation", cfg, moderation, head)
+    tokenizer.save_pretrained(str(tmp_path / "moderation"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n"))
+    argv = ["chat", "--model", str(root / "model0"), "--temperature", "0", "--max-new-tokens", "6",
+            "--moderation", str(tmp_path / "moderation"), "--stop-unsafe"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    answer = next(line for line in out.splitlines() if line.startswith(">>> [model0]") or line.startswith("[model0]"))
+    verdict = next(line for line in out.splitlines() if line.strip().startswith("moderation:"))
+    if unsafe_bias > 0:
+        assert answer.rstrip().endswith("]") and "UNSAFE" in verdict and "stopped at the first unsafe token" in verdict
+    else:
+        assert len(answer.split("] ", 1)[-1]) > 0 and "safe, P(unsafe) 0.00" in verdict

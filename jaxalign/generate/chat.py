@@ -111,38 +111,57 @@ def stream_text(tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
 
 @dataclasses.dataclass
 class Speaker:
-    """One model in the chat: its name, placed policy and own dialogue history."""
+    """One model in the chat: its name, placed policy, own dialogue history and the moderation
+    verdict of each of its answers (when the chat has a moderator)."""
 
     name: str
     policy: object  # jaxalign.models.loading.Placed
     history: list = dataclasses.field(default_factory=list)
+    verdicts: list = dataclasses.field(default_factory=list)
 
 
 class Chat:
     """Side-by-side multi-turn chat; every speaker answers each user turn."""
 
     def __init__(self, speakers: Sequence[Speaker], tokenizer, sampling: sampler.SamplingConfig, seed: int = 0,
-                 dialogue: Callable | None = None):
+                 dialogue: Callable | None = None, moderator: Callable | None = None, stop_unsafe: bool = False):
+        """moderator: a jaxalign.moderation.api.Moderator (pairs -> verdicts); every answer gets a
+        verdict, and with stop_unsafe the answer is moderated as it streams (the streaming heads read
+        each prefix) and cut at the first token that makes it unsafe."""
         self.speakers, self.tokenizer, self.sampling = list(speakers), tokenizer, sampling
         self.dialogue = dialogue or upstream_dialogue
+        self.moderator, self.stop_unsafe = moderator, stop_unsafe
+        if stop_unsafe and moderator is None:
+            raise ValueError("stop_unsafe needs a moderation model (--moderation DIR)")
         self.rng = jax.random.PRNGKey(seed)
         self.last_user: str | None = None
 
     def reset(self) -> None:
         for speaker in self.speakers:
             speaker.history.clear()
+            speaker.verdicts.clear()
         self.last_user = None
 
     def _answer(self, speaker: Speaker, user: str) -> Iterator[str]:
         text = self.dialogue(speaker.history, user, self.tokenizer.eos_token or "")
         prompt_ids = self.tokenizer(text)["input_ids"]
         self.rng, rng = jax.random.split(self.rng)
-        pieces = []
+        pieces, verdict = [], None
         tokens = stream_tokens(speaker.policy.params, speaker.policy.cfg, prompt_ids, self.sampling, rng)
         for piece in stream_text(self.tokenizer, tokens):
+            if self.stop_unsafe:
+                verdict = self.moderator([(user, "".join(pieces) + piece)])[0]
+                if not verdict["is_safe"]:
+                    verdict = dict(verdict, stopped=True)
+                    break
             pieces.append(piece)
             yield piece
-        speaker.history.append((user, "".join(pieces)))
+        answer = "".join(pieces)
+        if self.moderator is not None and not (verdict or {}).get("stopped"):
+            verdict = self.moderator([(user, answer)])[0]
+        speaker.history.append((user, answer))
+        if self.moderator is not None:
+            speaker.verdicts.append(verdict)
 
     def respond(self, user: str) -> Iterator[tuple[str, Iterator[str]]]:
         """(speaker name, text pieces) per speaker; consume each piece iterator in turn."""
@@ -157,4 +176,17 @@ class Chat:
         for speaker in self.speakers:
             if speaker.history:
                 speaker.history.pop()
+            if speaker.verdicts:
+                speaker.verdicts.pop()
         return self.respond(self.last_user)
+
+
+def describe_verdict(verdict: dict) -> str:
+    """One line for a moderation verdict: safe / unsafe with P(unsafe), severity and categories."""
+    text = "safe" if verdict["is_safe"] else f"UNSAFE (severity {verdict['severity']})"
+    text += f", P(unsafe) {verdict['unsafe_probability']:.2f}"
+    if verdict["flagged_categories"]:
+        text += ", " + ", ".join(verdict["flagged_categories"])
+    if verdict.get("stopped"):
+        text += "; stopped at the first unsafe token"
+    return text

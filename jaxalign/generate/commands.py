@@ -88,6 +88,9 @@ def add_chat_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument("--moderation", default="", help="a moderation model dir: every answer gets its verdict")
+    parser.add_argument("--stop-unsafe", action="store_true",
+                        help="with --moderation: moderate while streaming and stop at the first unsafe token")
 
 
 def run_chat(args) -> int:
@@ -114,7 +117,13 @@ def run_chat(args) -> int:
                                       top_k=args.top_k, top_p=args.top_p, eos_token_ids=tuple(sorted(eos)),
                                       pad_token_id=tokenizer.pad_token_id)
     dialogue = chat.chat_template_dialogue(tokenizer) if args.template == "chat" else None
-    session = chat.Chat(speakers, tokenizer, sampling, seed=args.seed, dialogue=dialogue)
+    moderator = None
+    if args.moderation:
+        from jaxalign.moderation import api as moderation_api
+
+        moderator = moderation_api.load_moderator(args.moderation, batch_size=1, mesh=mesh, rules=rules)
+    session = chat.Chat(speakers, tokenizer, sampling, seed=args.seed, dialogue=dialogue, moderator=moderator,
+                        stop_unsafe=args.stop_unsafe)
     print(f"chatting with {', '.join(s.name for s in speakers)}; {CHAT_HELP}", flush=True)
     with mesh_lib.sharding_context(mesh, rules):
         while True:
@@ -145,11 +154,13 @@ def run_chat(args) -> int:
                 continue
             else:
                 turns = session.respond(text)
-            for name, pieces in turns:
+            for speaker, (name, pieces) in zip(session.speakers, turns):
                 print(f"[{name}] ", end="", flush=True)
                 for piece in pieces:
                     print(piece, end="", flush=True)
                 print(flush=True)
+                if moderator is not None:
+                    print(f"    moderation: {chat.describe_verdict(speaker.verdicts[-1])}", flush=True)
 
 
 COMMANDS = {"sample": (add_arguments, run), "chat": (add_chat_arguments, run_chat)}
