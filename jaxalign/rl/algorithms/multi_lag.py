@@ -15,9 +15,11 @@ so a constraint that holds lets its lambda_i decay towards 0 while a binding one
 stream is KL-shaped like the cost stream (+beta*KL) and has its own critic ("<name>_critic").
 
 The algorithm state is a tuple of per-constraint LagrangeStates; `multiplier` returns the vector
-lambda [K]. Running it from `jaxalign train` needs three seams beyond this module (not yet there):
-a config group listing the constraints, RolePaths for the "<name>" / "<name>_critic" roles, and a
-vector-valued "lambda" metric in rl/iteration.py.
+lambda [K]. From `jaxalign train`: config.stage = "multi_lag" with config.rl.constraints, e.g.
+"severity3<=0.01,unsafe<=0.05" (parsed by stages/rl.py; each name a moderation signal read from the
+moderation export at config.rl.cost_model_path, or "cost" = the cost model itself; see configs/base.py),
+roles from rl/roles.py RolePaths.constraints; rl/iteration.py logs sum_i lambda_i as "lambda" and
+before_update logs lambda/<name> and episode_cost/<name>.
 """
 
 from __future__ import annotations
