@@ -53,8 +53,6 @@ from jaxalign.data import pipeline
 from jaxalign.objectives import lagrange
 from jaxalign.rl.algorithms import ppo_lag
 
-import conftest
-
 record = {"reads": [], "observed": [], "means": []}
 take, observe, cross_process_mean = pipeline._take, ppo_lag.PPOLagrangian.observe, lagrange.cross_process_mean
 
