@@ -127,7 +127,8 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
     for name in update_metrics[-1]:
         metrics[name] = float(np.mean([m[name] for m in update_metrics]))
     metrics.update({name: float(value) for name, value in hook_metrics.items()})
-    metrics["lambda"] = float(algorithm.multiplier(settings, state.algorithm))
+    # a scalar lambda (ppo_lag), nu or 0; multi_lag: sum_i lambda_i (each one is logged as lambda/<name>)
+    metrics["lambda"] = float(np.sum(algorithm.multiplier(settings, state.algorithm)))
     metrics["kl_coeff"] = kl_coeff
     batch_size, length = input_ids.shape
     total = sum(times.values())

@@ -19,6 +19,7 @@ STAGES = {
     "ppo_lag": "jaxalign.stages.rl",
     "ppo_reward_shaping": "jaxalign.stages.rl",
     "safe_grpo": "jaxalign.stages.rl",
+    "multi_lag": "jaxalign.stages.rl",
     "dpo": "jaxalign.stages.dpo",
     "safe_dpo": "jaxalign.stages.dpo",
     "c_dpo": "jaxalign.stages.dpo",
