@@ -120,6 +120,17 @@ def get_config() -> ml_collections.ConfigDict:
     rl.cost_critic_model_path = ""  # "" = initialise the cost critic from the cost model
     rl.normalize_reward = False  # apply the reward model's stored mean/var
     rl.normalize_cost = False  # apply the cost model's stored var (sign kept)
+    # When cost_model_path is a moderation export (issue 10), the signal read at the answer's end as the
+    # cost: unsafe (P(unsafe)) | expected_severity (sum_k k P(severity k), in [0, 3]) | severity3
+    # (P(severity 3)) | category:<index> (P(harm category index), 0-18).
+    rl.cost_signal = "unsafe"
+    # multi_lag: one Lagrange multiplier per constraint, "name<=threshold" joined by commas, e.g.
+    # "severity3<=0.01,unsafe<=0.05". name: a moderation signal above (category:<i> becomes the stream
+    # category_<i>), each read from the moderation export at cost_model_path with its own critic, or
+    # "cost" (the cost model with cost_signal). Per constraint, optional ";key=value" overrides of
+    # lambda_init, lambda_lr, window_size (defaults: rl.lambda_init, rl.lambda_lr,
+    # rl.episode_cost_window_size), e.g. "severity3<=0.01;lambda_lr=0.5,unsafe<=0.05;lambda_init=0.5".
+    rl.constraints = ""
     # Rollout (spec §5.2): sequences are prompt_length + max_new_tokens long.
     rl.prompt_length = 128  # prompts are left-padded / cut to this many tokens
     rl.max_new_tokens = 384
