@@ -1,4 +1,5 @@
-"""RL stages (config.stage = an algorithm of jaxalign/rl/algorithms: ppo | ppo_lag | ppo_reward_shaping).
+"""RL stages (config.stage = an algorithm of jaxalign/rl/algorithms: ppo | ppo_lag | ppo_reward_shaping |
+safe_grpo | multi_lag).
 
     jaxalign train --config configs/ppo_lag_tiny.py --workdir out/ppo_lag_tiny
 
@@ -18,7 +19,7 @@ import jax
 
 from jaxalign.data import pipeline, views
 from jaxalign.evaluate import judge
-from jaxalign.models import loading
+from jaxalign.models import loading, moderation
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl import algorithms, evaluation, iteration, roles, steps
 from jaxalign.rl.settings import RLSettings
@@ -28,10 +29,73 @@ from jaxalign.train import loop, optim
 log = logging.getLogger(__name__)
 
 
-def role_paths(config) -> roles.RolePaths:
+def check_signal(signal: str, field: str) -> None:
+    """A moderation signal (models/moderation.cost_signal) or ValueError naming `field`."""
+    index = signal[len("category:"):] if signal.startswith("category:") else ""
+    if signal in moderation.COST_SIGNALS or (index.isdigit() and int(index) < len(moderation.HARM_CATEGORIES)):
+        return
+    raise ValueError(f"{field}: unknown moderation signal {signal!r}; expected one of {', '.join(moderation.COST_SIGNALS)} "
+                     f"or category:<index> with index < {len(moderation.HARM_CATEGORIES)}")
+
+
+CONSTRAINT_KEYS = ("lambda_init", "lambda_lr", "window_size")
+
+
+def parse_constraints(config) -> tuple[tuple[algorithms.Constraint, ...], tuple[tuple[str, str], ...]]:
+    """config.rl.constraints ("severity3<=0.01;lambda_lr=0.5,unsafe<=0.05", see configs/base.py) ->
+    (the multi_lag Constraints, their (role, moderation signal) pairs; "cost" has none)."""
+    rl, field = config.rl, "config.rl.constraints"
+    spec = str(rl.constraints).strip()
+    if config.stage != "multi_lag":
+        if spec:
+            raise ValueError(f"{field} is read by stage multi_lag only (config.stage is {config.stage!r}): set it to ''")
+        return (), ()
+    if not spec:
+        raise ValueError(f"{field}: multi_lag needs at least one constraint, e.g. 'severity3<=0.01,unsafe<=0.05'")
+    constraints, signals = [], []
+    for item in spec.split(","):
+        head, *options = [part.strip() for part in item.split(";")]
+        name, sep, threshold = head.partition("<=")
+        name = name.strip()
+        try:
+            if not sep or not name:
+                raise ValueError
+            values = {"threshold": float(threshold), "lambda_init": float(rl.lambda_init),
+                      "lambda_lr": float(rl.lambda_lr), "window_size": int(rl.episode_cost_window_size)}
+            for option in options:
+                key, eq, value = (part.strip() for part in option.partition("="))
+                if not eq or key not in CONSTRAINT_KEYS:
+                    raise ValueError
+                values[key] = int(value) if key == "window_size" else float(value)
+        except ValueError:
+            raise ValueError(f"{field}: bad constraint {item.strip()!r}; expected 'name<=threshold' with optional "
+                             f"';key=value' for key in {', '.join(CONSTRAINT_KEYS)}") from None
+        if name != "cost":
+            check_signal(name, f"{field} ({item.strip()!r})")
+            signals.append((name.replace(":", "_"), name))
+        try:
+            constraints.append(algorithms.Constraint(name.replace(":", "_"), **values))
+        except ValueError as e:
+            raise ValueError(f"{field}: {e}") from None
+    names = [c.name for c in constraints]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field}: each constraint needs its own name, got {names}")
+    if signals and not moderation.is_moderation_dir(rl.cost_model_path):
+        raise ValueError(f"{field}: {', '.join(s for _, s in signals)} read a moderation model but "
+                         f"config.rl.cost_model_path={rl.cost_model_path!r} is not a moderation export")
+    return tuple(constraints), tuple(signals)
+
+
+def role_paths(config, constraint_signals: tuple[tuple[str, str], ...] = ()) -> roles.RolePaths:
     rl = config.rl
+    if rl.cost_model_path and moderation.is_moderation_dir(rl.cost_model_path):
+        check_signal(rl.cost_signal, "config.rl.cost_signal")
+    elif rl.cost_signal != "unsafe":
+        raise ValueError(f"config.rl.cost_signal={rl.cost_signal!r} needs config.rl.cost_model_path to be a moderation "
+                         f"export (got {rl.cost_model_path!r})")
     return roles.RolePaths(reward=rl.reward_model_path, cost=rl.cost_model_path,
-                           reward_critic=rl.reward_critic_model_path, cost_critic=rl.cost_critic_model_path)
+                           reward_critic=rl.reward_critic_model_path, cost_critic=rl.cost_critic_model_path,
+                           cost_signal=rl.cost_signal, constraints=constraint_signals)
 
 
 def make_optimizers(config, num_updates: int) -> steps.Optimizers:
@@ -130,7 +194,8 @@ def make_eval_fn(config, settings: RLSettings, program: steps.RLProgram, fns: ro
 def run(config, workdir) -> loop.LoopResult:
     """Trains the RL stage in `workdir` (resuming from WORKDIR/checkpoints) and exports the actor."""
     workdir = pathlib.Path(workdir)
-    algorithm = algorithms.make(config.stage, has_cost_model=bool(config.rl.cost_model_path))
+    constraints, constraint_signals = parse_constraints(config)
+    algorithm = algorithms.make(config.stage, has_cost_model=bool(config.rl.cost_model_path), constraints=constraints)
     settings = RLSettings.from_group(config.rl)
     mesh, rules = common.mesh_and_rules(config)
     batch_size = common.check_batch_size(config, mesh)
@@ -144,7 +209,8 @@ def run(config, workdir) -> loop.LoopResult:
 
     rng = jax.random.PRNGKey(config.seed)
     fns, params, shardings, actor_cfg = roles.load_roles(algorithm.roles, common.model_settings(config),
-                                                         role_paths(config), settings, tokenizer, mesh, rules, rng)
+                                                         role_paths(config, constraint_signals), settings, tokenizer,
+                                                         mesh, rules, rng)
     trained = {name: params.pop(name) for name in steps.trained_roles(algorithm)}
     frozen = params  # reference and score models: passed to every step, never donated or checkpointed
     abstract = jax.eval_shape(lambda p: steps.init_rl_state(algorithm, settings, p, optimizers, rng), trained)
