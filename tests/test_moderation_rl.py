@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
+
 from jaxalign import cli
 from jaxalign.data import mini
 from jaxalign.models import hf, llama
@@ -105,3 +107,58 @@ def test_combined_advantage_against_a_numpy_loop():
             assert got[b, t] == pytest.approx(numerator / (1 + lambdas.sum()), abs=1e-5)
     with pytest.raises(ValueError, match="distinct names"):
         MultiLagrangian(constraints=(Constraint("a", 0.1), Constraint("a", 0.2)))
+
+
+def test_multi_lag_from_jaxalign_train(tmp_path):
+    """`jaxalign train` with stage multi_lag and two constraints read from one moderation model:
+    P(severity 3) ~ 0 holds its 1% bound (its lambda decays), P(unsafe) ~ 0.5 breaks its 5% bound
+    (its lambda grows); "lambda" is their sum, each constraint has its own critic."""
+    tok, cfg, params = conftest.tiny_rl_inputs(tmp_path, rows=150, policy_dir="sft", score_kinds=("reward",))
+    head = mm.ModerationHead()
+    moderation = mm.init_params_from_backbone(params["model"], cfg, jax.random.PRNGKey(2), head)
+    moderation["unsafe_head"]["kernel"] = 20 * moderation["unsafe_head"]["kernel"]  # P(unsafe) spread over (0, 1)
+    moderation["severity_head"]["bias"] = moderation["severity_head"]["bias"].at[-1].set(-30.0)  # P(severity 3) ~ 0
+    mm.save_moderation_model(tmp_path / "moderation", cfg, moderation, head)
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", "configs/multi_lag_tiny.py", "--workdir", str(workdir),
+            f"--config.model.init_path={tmp_path / 'sft'}", f"--config.data.source={tmp_path / 'data'}",
+            f"--config.rl.reward_model_path={tmp_path / 'reward'}",
+            f"--config.rl.cost_model_path={tmp_path / 'moderation'}",
+            "--config.rl.constraints=severity3<=0.01;lambda_lr=2.0;window_size=8,unsafe<=0.05;lambda_init=1.0",
+            "--config.rl.prompt_length=40", "--config.rl.max_new_tokens=8", "--config.data.batch_size=8",
+            "--config.rl.ptx_coeff=0", "--config.train.num_steps=3", "--config.checkpoint.save_every=3"]
+    assert cli.main(argv) == 0
+    records = metrics_lib.read_metrics(workdir)
+    assert [m["step"] for m in records] == [1, 2, 3]
+    for record in records:
+        assert record["episode_cost/severity3"] < 0.01 < 0.05 < record["episode_cost/unsafe"] < 1.0
+        assert np.isfinite(record["severity3_critic_loss"]) and np.isfinite(record["unsafe_critic_loss"])
+        assert record["lambda"] == pytest.approx(record["lambda/severity3"] + record["lambda/unsafe"], rel=1e-5)
+    sev3 = [0.5] + [m["lambda/severity3"] for m in records]  # from rl.lambda_init = 0.5 (multi_lag_tiny)
+    unsafe = [1.0] + [m["lambda/unsafe"] for m in records]  # from its own lambda_init=1.0
+    assert all(b < a for a, b in zip(sev3, sev3[1:])), sev3  # the constraint that holds: lambda decays
+    assert all(b > a for a, b in zip(unsafe, unsafe[1:])), unsafe  # the binding one: lambda grows
+
+
+def test_multi_lag_constraint_specs():
+    """config.rl.constraints: parsed with per-constraint overrides; a bad spec is one error naming the field."""
+    from jaxalign import config as config_lib
+    from jaxalign.stages import rl as rl_stage
+
+    config = config_lib.load_config("configs/multi_lag_tiny.py", [])
+    config.rl.cost_model_path = ""
+    with pytest.raises(ValueError, match=r"config.rl.constraints: severity3, unsafe read a moderation model"):
+        rl_stage.parse_constraints(config)
+    config.rl.constraints = "cost<=-3;window_size=8"
+    (constraint,), signals = rl_stage.parse_constraints(config)
+    assert (constraint.name, constraint.threshold, constraint.lambda_init, constraint.window_size) == ("cost", -3, 0.5, 8)
+    assert signals == ()
+    for bad, message in [("unsafe<0.1", "bad constraint"), ("unsafe<=0.1;lr=2", "bad constraint"),
+                         ("harm<=0.1", "unknown moderation signal 'harm'"), ("category:19<=0.1", "index < 19"),
+                         ("cost<=1,cost<=2", "its own name"), ("", "at least one constraint")]:
+        config.rl.constraints = bad
+        with pytest.raises(ValueError, match=f"config.rl.constraints.*{message}"):
+            rl_stage.parse_constraints(config)
+    config.stage, config.rl.constraints = "ppo_lag", "cost<=1"
+    with pytest.raises(ValueError, match="read by stage multi_lag only"):
+        rl_stage.parse_constraints(config)
