@@ -249,7 +249,8 @@ def load_score_model(path: str | pathlib.Path, mesh, rules, settings: ModelSetti
     cfg = hf.load_config(path, **settings.runtime())
     if min_vocab_size is not None and cfg.vocab_size < min_vocab_size:
         raise ValueError(f"score model {path} has a vocabulary of {cfg.vocab_size} < the tokenizer's "
-                         f"{min_vocab_size}; train it with the same tokenizer")
+                         f"{min_vocab_size}; train it with the same tokenizer (RL: or keep its own tokenizer files in "
+                         f"the dir, then sequences are re-tokenised)")
     module = head.model(cfg)
     shardings = param_shardings(module, mesh, rules)
     params = place_streamed(_score_plan(cfg, hf.read_safetensors_dir(path), head), shardings)

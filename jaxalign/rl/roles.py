@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -49,6 +50,10 @@ class RoleFns:
     policy: PolicyFn
     generate: GenerateFn | None
     scores: dict[str, ScoreFn]
+    # {scorer role: its own tokenizer} for a reward / cost model trained with another tokenizer:
+    # its inputs are the actor's sequences re-tokenised (rollout.retokenize, spec §3.3)
+    retokenizers: dict = dataclasses.field(default_factory=dict)
+    actor_tokenizer: Any = None  # decodes the actor's sequences for re-tokenisation
 
     def __hash__(self):  # closed over by jit; identity is enough
         return id(self)
@@ -164,6 +169,26 @@ def moderation_role(role: str, path: str, model: loading.ModelSettings, tokenize
     return apply, placed.params, placed.shardings
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def own_tokenizer(role: str, path: str, tokenizer):
+    """The tokenizer saved in a score-model dir when it differs from the actor's (vocab or special
+    tokens), else None (no tokenizer there, or the same one). A critic must share the actor's
+    tokenizer (upstream raises too, spec §3.3): ValueError naming the dir."""
+    from jaxalign.models import tokenizer as tokenizer_lib
+
+    if not any((pathlib.Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    own = tokenizer_lib.load_tokenizer(path)
+    if own.get_vocab() == tokenizer.get_vocab() and own.all_special_tokens == tokenizer.all_special_tokens:
+        return None
+    if role.endswith("_critic"):
+        raise ValueError(f"{role} model {path}: its tokenizer differs from the actor's; a critic must use the actor's "
+                         f"tokenizer (set config.rl.{role}_model_path to a score model trained with it)")
+    return own
+
+
 def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths: RolePaths, settings: RLSettings,
                tokenizer, mesh, rules, rng: jax.Array) -> tuple[RoleFns, dict, dict, Any]:
     """Every role in `role_names`, placed on the mesh. -> (fns, params, shardings, actor cfg),
@@ -174,7 +199,7 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
     reference = loading.load_policy(model, mesh, rules, vocab_size=len(tokenizer), special=special, rng=rng)
     params = {"actor": actor.params, "reference": reference.params}
     shardings = {"actor": actor.shardings, "reference": actor.shardings}
-    score_fns = {}
+    score_fns, retokenizers = {}, {}
     for role in role_names:
         if role in params:
             continue
@@ -189,8 +214,12 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
                          "" if role.endswith("_critic") else f", signal {paths.signal(role)}", param_count(params[role]))
             continue
         is_critic = role.endswith("_critic")
+        own = own_tokenizer(role, path, tokenizer)
+        if own is not None:  # a reward / cost model with its own tokenizer: re-tokenised inputs
+            retokenizers[role] = own
+            logging.info("%s: %s has its own tokenizer (%d tokens): sequences are re-tokenised", role, path, len(own))
         placed = loading.load_score_model(path, mesh, rules, model, score_type="critic" if is_critic else role,
-                                          min_vocab_size=len(tokenizer))
+                                          min_vocab_size=len(own if own is not None else tokenizer))
         normalize = {"reward": settings.normalize_reward, "cost": settings.normalize_cost}.get(role, False)
         score_fns[role] = score_role_fn(placed.module, placed.stats if normalize else None, placed.head.score_type)
         params[role], shardings[role] = placed.params, placed.shardings
@@ -198,5 +227,5 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
     check_sequence_length(actor.cfg, settings)
     masked = (tokenizer.pad_token_id, getattr(tokenizer, "unk_token_id", None))
     fns = RoleFns(policy=policy_fn(actor.cfg), generate=sampler_fn(actor.cfg, settings, tokenizer.pad_token_id, masked),
-                  scores=score_fns)
+                  scores=score_fns, retokenizers=retokenizers, actor_tokenizer=tokenizer)
     return fns, params, shardings, actor.cfg

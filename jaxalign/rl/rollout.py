@@ -13,6 +13,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxalign.models.llama import last_true_index
 from jaxalign.objectives.common import masked_row_mean, token_log_probs
@@ -54,14 +55,35 @@ def critic_values(score_fn, params: Any, input_ids: jax.Array, attention_mask: j
     return score_fn(params, input_ids, attention_mask)[:, start:-1].astype(jnp.float32)
 
 
+def retokenize(input_ids: np.ndarray, attention_mask: np.ndarray, source, dest, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The actor's sequences in a score model's own tokenizer, on the host (upstream
+    `batch_retokenize`, spec §3.3): each row's real tokens (mask) decoded with `source` skipping
+    special tokens, `dest.eos_token` appended as text, encoded with `dest` (add_special_tokens,
+    as the score model was trained: BOS first), then right-padded with dest's pad id / cut to
+    `length` (static shapes instead of upstream's LONGEST padding).
+    input_ids, attention_mask: [B,L]. -> (ids [B,length] int32, mask [B,length] bool)."""
+    rows = [ids[mask.astype(bool)] for ids, mask in zip(np.asarray(input_ids), np.asarray(attention_mask))]
+    texts = [text + dest.eos_token for text in source.batch_decode(rows, skip_special_tokens=True)]
+    encoded = dest(texts, add_special_tokens=True)["input_ids"]
+    out = np.full((len(rows), length), dest.pad_token_id, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for row, ids in enumerate(encoded):
+        ids = ids[:length]
+        out[row, :len(ids)], mask[row, :len(ids)] = ids, True
+    return out, mask
+
+
 def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, params: dict, kl_coeff: jax.Array,
-                     input_ids: jax.Array, attention_mask: jax.Array) -> tuple[Experience, dict]:
+                     input_ids: jax.Array, attention_mask: jax.Array,
+                     retokenized: dict | None = None) -> tuple[Experience, dict]:
     """Scores a rollout batch with the algorithm's roles and computes each stream's advantages.
 
     params: {role: pytree} for "actor", "reference", the algorithm's scorers and critics;
-    kl_coeff: [] (beta); input_ids, attention_mask: [B,L].
+    kl_coeff: [] (beta); input_ids, attention_mask: [B,L]; retokenized: {scorer: (ids, mask)
+    [B,L']} for the scorers with their own tokenizer (`retokenize`), scored on those instead.
     Returns (Experience, per-sequence stats {name: [B]}).
     """
+    retokenized = retokenized or {}
     start = settings.start
     response_mask = attention_mask[:, 1:][:, start:]
     # Slot of the last real token within the response slots (spec §5.3 end_index - start).
@@ -71,7 +93,7 @@ def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, p
     old_log_probs = policy_log_probs(fns, params["actor"], input_ids, attention_mask, start)
     ref_log_probs = policy_log_probs(fns, params["reference"], input_ids, attention_mask, start)
     kl = old_log_probs - ref_log_probs
-    scores = {name: end_scores(fns.scores[name], params[name], input_ids, attention_mask)
+    scores = {name: end_scores(fns.scores[name], params[name], *retokenized.get(name, (input_ids, attention_mask)))
               for name in algorithm.scorers}
     sequence = algorithm.sequence_scores(settings, scores)
 

@@ -22,7 +22,7 @@ from jaxalign.objectives import ppo, sft
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl.algorithms.base import Algorithm
 from jaxalign.rl.roles import RoleFns
-from jaxalign.rl.rollout import Experience, critic_values, policy_log_probs, score_experience
+from jaxalign.rl.rollout import Experience, critic_values, policy_log_probs, retokenize, score_experience
 from jaxalign.rl.settings import RLSettings
 from jaxalign.train.state import TrainState
 
@@ -137,12 +137,15 @@ def health_metrics(exp: Experience, scores: dict, sample_log_probs: jax.Array | 
 
 def score_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, frozen: dict, state: RLState,
                input_ids: jax.Array, attention_mask: jax.Array,
-               sample_log_probs: jax.Array | None = None) -> tuple[Experience, dict, dict]:
+               sample_log_probs: jax.Array | None = None,
+               retokenized: dict | None = None) -> tuple[Experience, dict, dict]:
     """Experience of a rollout batch. -> (experience, sequence scores {scorer: [B]}, batch means {name: []}
-    with the health metrics). sample_log_probs [B,R]: the sampler's log-probs (None: no gap metrics)."""
+    with the health metrics). sample_log_probs [B,R]: the sampler's log-probs (None: no gap metrics);
+    retokenized: {scorer: (ids, mask) [B,L']} for the scorers with their own tokenizer."""
     params = dict(frozen, actor=state.actor.params)
     params.update({f"{stream}_critic": critic.params for stream, critic in state.critics.items()})
-    exp, stats = score_experience(fns, algorithm, settings, params, state.kl_coeff, input_ids, attention_mask)
+    exp, stats = score_experience(fns, algorithm, settings, params, state.kl_coeff, input_ids, attention_mask,
+                                  retokenized)
     means = {name: jnp.mean(value) for name, value in stats.items()}
     means["mean_generated_length"] = means.pop("generated_length")
     means["max_generated_length"] = jnp.max(stats["generated_length"])
@@ -194,7 +197,7 @@ class RLProgram:
     rollout: Callable  # (actor params, prompt_ids, prompt_mask, rng) -> (input_ids, attention_mask, log_probs)
     generate: Callable  # the same without the log-probs
     score: Callable  # (frozen, state, input_ids, attention_mask[, sampler log_probs]) -> (exp, scores, means)
-    score_jit: Callable  # the jitted score step (sampler log_probs required): for AOT lowering
+    score_jit: Callable  # the jitted score step (sampler log_probs [+ retokenized] required): for AOT lowering
     train: Callable
     take_minibatch: Callable
     state_shardings: Any
@@ -238,10 +241,13 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
         in_shardings=(param_shardings["actor"], batch2, batch2, rep),
         out_shardings=(batch2, batch2, batch2),
     ) if fns.generate is not None else None
+    retokenizers = {role: tok for role, tok in fns.retokenizers.items() if role in algorithm.scorers}
+    # With re-tokenised scorers the score step takes a 6th argument {scorer: (ids, mask)}.
+    retokenized_sh = (dict.fromkeys(retokenizers, (batch2, batch2)),) if retokenizers else ()
     score_jit = jax.jit(
-        lambda frozen, state, ids, mask, log_probs: score_step(fns, algorithm, settings, frozen, state, ids, mask,
-                                                               log_probs),
-        in_shardings=(frozen_shardings, state_sh, batch2, batch2, batch2),
+        lambda frozen, state, ids, mask, log_probs, *retokenized: score_step(
+            fns, algorithm, settings, frozen, state, ids, mask, log_probs, *retokenized),
+        in_shardings=(frozen_shardings, state_sh, batch2, batch2, batch2, *retokenized_sh),
         out_shardings=(exp_sh, batch1, rep),
     )
 
@@ -249,7 +255,17 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
         return rollout(params, prompt_ids, prompt_mask, rng)[:2]
 
     def score(frozen, state, ids, mask, log_probs=None):
-        return score_jit(frozen, state, ids, mask, log_probs)
+        # Scorers with their own tokenizer: the sequences re-tokenised on the host (spec §3.3), every
+        # row on every process, placed batch-sharded like the rollout.
+        if not retokenizers:
+            return score_jit(frozen, state, ids, mask, log_probs)
+        from jaxalign.rl.iteration import global_rows
+
+        host_ids, host_mask = global_rows(ids), global_rows(mask)
+        retokenized = {role: jax.device_put(retokenize(host_ids, host_mask, fns.actor_tokenizer, tok,
+                                                       settings.sequence_length), batch2)
+                       for role, tok in retokenizers.items()}
+        return score_jit(frozen, state, ids, mask, log_probs, retokenized)
     train = jax.jit(
         lambda state, exp, multiplier, ptx: train_step(fns, algorithm, settings, optimizers, state, exp, multiplier,
                                                        ptx),
