@@ -149,18 +149,21 @@ def param_count(params: Any) -> int:
 
 
 def moderation_role(role: str, path: str, model: loading.ModelSettings, tokenizer, mesh, rules,
-                    rng: jax.Array, signal: str = "unsafe") -> tuple[ScoreFn, Any, Any]:
+                    rng: jax.Array, signal: str = "unsafe", loaded: dict | None = None) -> tuple[ScoreFn, Any, Any]:
     """A moderation model (models/moderation.py) in a score role -> (fn, params, shardings): a scorer
     reads `signal` (moderation.cost_signal; default P(unsafe)) at every token (at the end token: the
-    sequence cost, in [0, 1] or [0, 3]); a critic is its backbone + a fresh critic head."""
-
+    sequence cost, in [0, 1] or [0, 3]); a critic is its backbone + a fresh critic head. `loaded`
+    ({path: placed model}) lets several frozen scorers of one export (multi_lag) share one copy."""
     settings = dataclasses.replace(model, init_path=path)
     if role.endswith("_critic"):
         placed = loading.load_backbone_with_head(settings, score.ScoreHead(score_type="critic"), mesh, rules,
                                                  vocab_size=len(tokenizer), special=loading.special_ids(tokenizer),
                                                  rng=rng)
         return score_role_fn(placed.module), placed.params, placed.shardings
-    placed = loading.load_moderation_model(settings, mesh, rules, min_vocab_size=len(tokenizer))
+    placed = (loaded or {}).get(path) or loading.load_moderation_model(settings, mesh, rules,
+                                                                       min_vocab_size=len(tokenizer))
+    if loaded is not None:
+        loaded[path] = placed
 
     def apply(params, input_ids, attention_mask):
         out = placed.module.apply({"params": params}, input_ids, attention_mask=attention_mask)
@@ -200,6 +203,7 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
     params = {"actor": actor.params, "reference": reference.params}
     shardings = {"actor": actor.shardings, "reference": actor.shardings}
     score_fns, retokenizers = {}, {}
+    loaded_moderation = {}  # frozen scorers of one moderation export share its params
     for role in role_names:
         if role in params:
             continue
@@ -209,7 +213,8 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
         if moderation.is_moderation_dir(path):  # issue 10: a moderation model as the cost (P(unsafe))
             score_fns[role], params[role], shardings[role] = moderation_role(role, path, model, tokenizer, mesh, rules,
                                                                              jax.random.fold_in(rng, 10),
-                                                                             signal=paths.signal(role))
+                                                                             signal=paths.signal(role),
+                                                                             loaded=loaded_moderation)
             logging.info("%s: %s (moderation model%s, %d parameters)", role, path,
                          "" if role.endswith("_critic") else f", signal {paths.signal(role)}", param_count(params[role]))
             continue
