@@ -55,7 +55,8 @@ def critic_values(score_fn, params: Any, input_ids: jax.Array, attention_mask: j
     return score_fn(params, input_ids, attention_mask)[:, start:-1].astype(jnp.float32)
 
 
-def retokenize(input_ids: np.ndarray, attention_mask: np.ndarray, source, dest, length: int) -> tuple[np.ndarray, np.ndarray]:
+def retokenize(input_ids: np.ndarray, attention_mask: np.ndarray, source, dest,
+               length: int) -> tuple[np.ndarray, np.ndarray]:
     """The actor's sequences in a score model's own tokenizer, on the host (upstream
     `batch_retokenize`, spec §3.3): each row's real tokens (mask) decoded with `source` skipping
     special tokens, `dest.eos_token` appended as text, encoded with `dest` (add_special_tokens,

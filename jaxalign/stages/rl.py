@@ -177,7 +177,8 @@ def make_eval_fn(config, settings: RLSettings, program: steps.RLProgram, fns: ro
         return None
     if fns.retokenizers:  # rl/evaluation.py scores with the actor's tokens only
         raise ValueError(f"config.rl.eval_every > 0: the in-loop evaluation cannot score with the "
-                         f"{'/'.join(sorted(fns.retokenizers))} model's own tokenizer (re-tokenised in training only): set config.rl.eval_every=0")
+                         f"{'/'.join(sorted(fns.retokenizers))} model's own tokenizer (re-tokenised in training only): "
+                         f"set config.rl.eval_every=0")
     if not config.data.eval_split:
         raise ValueError("config.rl.eval_every > 0 needs held-out prompts: set config.data.eval_split")
     rows, _ = common.read_rows(config, config.data.eval_split)
