@@ -112,7 +112,8 @@ def test_combined_advantage_against_a_numpy_loop():
 def test_multi_lag_from_jaxalign_train(tmp_path):
     """`jaxalign train` with stage multi_lag and two constraints read from one moderation model:
     P(severity 3) ~ 0 holds its 1% bound (its lambda decays), P(unsafe) ~ 0.5 breaks its 5% bound
-    (its lambda grows); "lambda" is their sum, each constraint has its own critic."""
+    (its lambda grows); "lambda" is their sum, each constraint has its own critic. A third constraint on
+    "cost" with config.rl.cost_signal=severity3 reads the same P(severity 3) from the cost role."""
     tok, cfg, params = conftest.tiny_rl_inputs(tmp_path, rows=150, policy_dir="sft", score_kinds=("reward",))
     head = mm.ModerationHead()
     moderation = mm.init_params_from_backbone(params["model"], cfg, jax.random.PRNGKey(2), head)
@@ -124,7 +125,8 @@ def test_multi_lag_from_jaxalign_train(tmp_path):
             f"--config.model.init_path={tmp_path / 'sft'}", f"--config.data.source={tmp_path / 'data'}",
             f"--config.rl.reward_model_path={tmp_path / 'reward'}",
             f"--config.rl.cost_model_path={tmp_path / 'moderation'}",
-            "--config.rl.constraints=severity3<=0.01;lambda_lr=2.0;window_size=8,unsafe<=0.05;lambda_init=1.0",
+            "--config.rl.constraints=severity3<=0.01;lambda_lr=2.0;window_size=8,unsafe<=0.05;lambda_init=1.0,"
+            "cost<=0.5", "--config.rl.cost_signal=severity3",
             "--config.rl.prompt_length=40", "--config.rl.max_new_tokens=8", "--config.data.batch_size=8",
             "--config.rl.ptx_coeff=0", "--config.train.num_steps=3", "--config.checkpoint.save_every=3"]
     assert cli.main(argv) == 0
@@ -133,7 +135,10 @@ def test_multi_lag_from_jaxalign_train(tmp_path):
     for record in records:
         assert record["episode_cost/severity3"] < 0.01 < 0.05 < record["episode_cost/unsafe"] < 1.0
         assert np.isfinite(record["severity3_critic_loss"]) and np.isfinite(record["unsafe_critic_loss"])
-        assert record["lambda"] == pytest.approx(record["lambda/severity3"] + record["lambda/unsafe"], rel=1e-5)
+        assert record["episode_cost/cost"] == pytest.approx(record["episode_cost/severity3"], rel=1e-4, abs=1e-9)
+        assert record["lambda"] == pytest.approx(
+            record["lambda/severity3"] + record["lambda/unsafe"] + record["lambda/cost"], rel=1e-5)
+        assert record["lambda/cost"] < 0.5  # P(severity 3) <= 0.5 holds
     sev3 = [0.5] + [m["lambda/severity3"] for m in records]  # from rl.lambda_init = 0.5 (multi_lag_tiny)
     unsafe = [1.0] + [m["lambda/unsafe"] for m in records]  # from its own lambda_init=1.0
     assert all(b < a for a, b in zip(sev3, sev3[1:])), sev3  # the constraint that holds: lambda decays
