@@ -7,7 +7,10 @@ warmup, weight decay 0.05, β (scale_coeff) 0.1, max_length 512, bf16, gradient 
 Mesh: TPU v4-32 = 16 chips on 4 hosts, fsdp=16, as the reward model. The trained policy (fp32
 params + grads + two AdamW moments, ~108 GB) and the frozen fp32 reference (~27 GB) are fully
 sharded: ~8.4 GB per chip before activations; each chip runs 8 pairs = 16 sequences through the
-policy (with backward, remat full) and the reference (forward only).
+policy (with backward, remat full) and the reference (forward only). AOT plan of the update step
+(experiments/benchmark_train.py, simulated 16-device mesh): 17.0 GiB peak per chip = 6.3 GiB
+arguments (policy state + the frozen reference) + 10.8 GiB temporaries: fits v4 (32 GiB), v5p and
+v6e chips, not v5e (16 GiB).
 
     jaxalign train --config configs/dpo_llama2_7b.py --workdir out/dpo_llama2_7b
 """

@@ -92,7 +92,6 @@ def matmul_peak_flops(n: int = 1024, repeats: int = 20) -> float:
 
 def throughput(steps: int, batch_size: int = 4, seq_len: int = 512) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from jaxalign.models import llama, loading
@@ -173,12 +172,14 @@ def memory_plan(name: str, kind: str, fsdp: int, tensor: int, batch_size: int, s
     import jax
     import jax.numpy as jnp
 
+    from jaxalign import models
     from jaxalign.models import llama, loading, score
-    from jaxalign.objectives import preference, sft
+    from jaxalign.objectives import dpo, preference, sft
     from jaxalign.parallel import mesh as mesh_lib
     from jaxalign.train import loop, optim, state as state_lib
 
     cfg = llama.LlamaConfig(**LLAMA2_7B, dtype="bfloat16", param_dtype="float32", remat_policy=remat, scan_layers=True)
+    frozen, frozen_shardings = None, None
     mesh, rules = _mesh(fsdp, tensor)
     tx = optim.make_optimizer(_train_config(), 1000)
     int_batch = lambda: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=mesh_lib.batch_sharding(mesh))  # noqa: E731
@@ -192,6 +193,16 @@ def memory_plan(name: str, kind: str, fsdp: int, tensor: int, batch_size: int, s
 
         batch = {"better_input_ids": int_batch(), "better_attention_mask": bool_batch(),
                  "worse_input_ids": int_batch(), "worse_attention_mask": bool_batch()}
+    elif kind == "dpo":  # the trained policy + a frozen reference (never donated, no optimizer state)
+        model = llama.Llama(cfg)
+        module = models.causal_lm(cfg)
+        policy = lambda p, ids, mask: module.apply({"params": p}, ids, attention_mask=mask).logits  # noqa: E731
+        loss_fn = dpo.make_loss_fn(policy, "dpo", beta=0.1)
+        extra = None
+        frozen = {"reference": loading.abstract_params(module, mesh, rules)}
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+        batch = {"better_input_ids": int_batch(), "better_attention_mask": bool_batch(),
+                 "worse_input_ids": int_batch(), "worse_attention_mask": bool_batch()}
     else:
         model = llama.Llama(cfg)
         loss_fn = sft.make_loss_fn(model)
@@ -202,11 +213,11 @@ def memory_plan(name: str, kind: str, fsdp: int, tensor: int, batch_size: int, s
     shardings = state_lib.shardings_of(abstract)
     step = jax.jit(
         loop.make_train_step(loss_fn, tx, grad_accum),
-        in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0,
+        in_shardings=(shardings, None, frozen_shardings), out_shardings=(shardings, None), donate_argnums=0,
     )
     start = time.perf_counter()
     with mesh_lib.sharding_context(mesh, rules):
-        compiled = step.lower(abstract, [batch] * grad_accum).compile()
+        compiled = step.lower(abstract, [batch] * grad_accum, frozen).compile()
     compile_s = time.perf_counter() - start
     memory = benchmark_common.memory_of(compiled)
     params = _param_count(abstract.params)
@@ -226,6 +237,7 @@ MEMORY_CASES = [
     ("RM-7B fsdp16 remat=full (configs/reward_llama2_7b.py)", "reward", 16, 1, 128, 512, 1, "full"),
     ("SFT-7B fsdp32 remat=full (configs/sft_llama2_7b.py)", "sft", 32, 1, 32, 512, 8, "full"),
     ("SFT-7B fsdp16 remat=full", "sft", 16, 1, 32, 512, 8, "full"),
+    ("DPO-7B fsdp16 remat=full (configs/dpo_llama2_7b.py)", "dpo", 16, 1, 128, 512, 1, "full"),
 ]
 
 
