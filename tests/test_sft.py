@@ -122,3 +122,31 @@ def test_sft_stage_trains_exports_and_resumes_exactly(mini_data, tmp_path):
     _, resumed_params = hf.from_pretrained(resumed / "export")
     for a, b in zip(jax.tree.leaves(resumed_params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_resume_at_an_epoch_boundary_and_after_the_last_step(mini_data, tmp_path, capsys):
+    """A run stopped exactly at the end of epoch 1 and resumed for a second epoch logs the same losses
+    as an uninterrupted 2-epoch run (the iterator's epoch and shuffle are restored); re-running the
+    finished run says "already finished", trains nothing and does not rewrite the export."""
+    def argv(workdir, epochs):
+        overrides = [o for o in _overrides(mini_data, -1) if not o.startswith("--config.checkpoint.save_every")]
+        return ["train", "--config", str(REPO / "configs" / "sft_tiny.py"), "--workdir", str(workdir), *overrides,
+                f"--config.train.epochs={epochs}", "--config.data.batch_size=64", "--config.data.eval_split=",
+                "--config.checkpoint.save_every=0",
+                # a schedule that does not depend on the run's length, so 1 + 1 epochs == 2 epochs
+                "--config.train.lr_schedule=constant", "--config.train.warmup_ratio=0.0"]
+
+    assert cli.main(argv(tmp_path / "full", 2)) == 0
+    full = _losses(tmp_path / "full")
+    per_epoch = len(full) // 2
+    assert len(full) == 2 * per_epoch and per_epoch >= 2
+    assert cli.main(argv(tmp_path / "cut", 1)) == 0  # ends (and saves) exactly at the epoch boundary
+    assert [s for s, _ in _losses(tmp_path / "cut")] == list(range(1, per_epoch + 1))
+    assert cli.main(argv(tmp_path / "cut", 2)) == 0  # train.epochs may change on resume
+    assert _losses(tmp_path / "cut") == full  # bitwise: epoch 2 reshuffled exactly as in one go
+    export = tmp_path / "cut" / "export" / "model.safetensors"
+    exported_at = export.stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(argv(tmp_path / "cut", 2)) == 0
+    assert "already finished" in capsys.readouterr().err
+    assert _losses(tmp_path / "cut") == full and export.stat().st_mtime_ns == exported_at
