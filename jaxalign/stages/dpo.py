@@ -29,7 +29,6 @@ from jaxalign.data import pipeline, views
 from jaxalign.models import loading
 from jaxalign.objectives import dpo as dpo_lib
 from jaxalign.objectives import lagrange as lagrange_lib
-from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl import roles
 from jaxalign.stages import common
 from jaxalign.train import loop, optim, state as state_lib
@@ -96,28 +95,6 @@ def load_scorers(config, settings, tokenizer, mesh, rules):
     return fns, params, shardings
 
 
-def make_eval_fn(metrics_fn, make_eval_iter, num_batches: int, mesh, rules):
-    """eval_fn(state, frozen) -> {name: mean over batches} of metrics_fn's loss and metrics."""
-    def loss_and_metrics(params, batch, extra, frozen):
-        loss, metrics = metrics_fn(params, batch, extra, frozen)
-        return dict(metrics, loss=loss)
-
-    jitted = jax.jit(loss_and_metrics)
-
-    def eval_fn(state, frozen):
-        sums, count = {}, 0
-        with mesh_lib.sharding_context(mesh, rules):
-            for batch in make_eval_iter():
-                if 0 <= num_batches <= count:
-                    break
-                for name, value in jax.device_get(jitted(state.params, batch, state.extra, frozen)).items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-                count += 1
-        return {name: total / max(count, 1) for name, total in sums.items()}
-
-    return eval_fn
-
-
 def run(config, workdir) -> loop.LoopResult:
     """Trains the preference stage in `workdir` (resuming if it holds checkpoints) and exports the policy."""
     if config.stage not in KINDS:
@@ -168,7 +145,12 @@ def run(config, workdir) -> loop.LoopResult:
 
         metrics_fn = dpo_lib.make_metrics_fn(policy, config.stage, float(group.beta), float(group.safety_margin),
                                              score_fns)
-        eval_fn = make_eval_fn(metrics_fn, make_eval_iter, int(config.train.eval_batches), mesh, rules)
+
+        def loss_and_metrics(params, batch, extra, frozen):
+            loss, metrics = metrics_fn(params, batch, extra, frozen)
+            return dict(metrics, loss=loss)
+
+        eval_fn = loop.make_eval_fn(loss_and_metrics, make_eval_iter, int(config.train.eval_batches), mesh, rules)
 
     optimizer = common.optimizer_settings(config)
     tx = optim.make_optimizer(optimizer, num_steps)

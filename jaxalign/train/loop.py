@@ -198,21 +198,22 @@ def make_eval_fn(
     mesh: jax.sharding.Mesh,
     rules,
 ) -> EvalFn:
-    """eval_fn(state, frozen) -> {name: mean over batches} from a per-batch `metrics_fn(params, batch, extra)`.
+    """eval_fn(state, frozen) -> {name: mean over batches} from a per-batch `metrics_fn(params, batch,
+    extra)`, or `metrics_fn(params, batch, extra, frozen)` when the run has frozen models.
 
     make_eval_iter() returns a fresh pass over the eval split; num_batches < 0 means all of it.
     """
     jitted = jax.jit(metrics_fn)
 
     def eval_fn(state: TrainState, frozen: Any = None) -> dict[str, float]:
-        del frozen
+        frozen_args = () if frozen is None else (frozen,)
         sums: dict[str, float] = {}
         count = 0
         with mesh_lib.sharding_context(mesh, rules):
             for batch in make_eval_iter():
                 if 0 <= num_batches <= count:
                     break
-                values = jax.device_get(jitted(state.params, batch, state.extra))
+                values = jax.device_get(jitted(state.params, batch, state.extra, *frozen_args))
                 for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
                 count += 1
