@@ -7,7 +7,7 @@ Prepare the data, tokenizer and SFT model once (see configs/README.md), then
 
 import ml_collections
 
-from configs import base
+from configs import base, sft_tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -15,14 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.stage = "reward"  # score_stage.run with the preference-pair loss
     config.seed = 0  # same seed as sft_tiny
     config.model.init_path = "out/sft_tiny/export"  # the tiny SFT model; "" = random init below
-    hf = config.model.hf_config
-    hf.vocab_size = 1024  # replaced by len(tokenizer)
-    hf.hidden_size = 96  # sft_tiny shape (used only for random init)
-    hf.intermediate_size = 192  # sft_tiny shape
-    hf.num_hidden_layers = 3  # sft_tiny shape
-    hf.num_attention_heads = 4  # sft_tiny shape
-    hf.num_key_value_heads = 2  # sft_tiny shape
-    hf.max_position_embeddings = 256  # sft_tiny shape
+    config.model.hf_config.update(sft_tiny.get_config().model.hf_config)  # the sft_tiny shape (random init only)
     config.tokenizer = "out/mini_tokenizer"  # `jaxalign tokenizer --data out/mini --out out/mini_tokenizer`
     config.data.source = "out/mini"  # `jaxalign data mini --out out/mini`
     config.data.max_length = 64  # sft_tiny: mini prompt + response + EOS fit
