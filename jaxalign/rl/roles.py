@@ -98,16 +98,39 @@ def policy_fn(cfg) -> PolicyFn:
     return apply
 
 
-def score_role_fn(module: nn.Module, stats: dict | None = None, score_type: str | None = None) -> ScoreFn:
-    """ScoreFn of a ScoreModel (first score dimension), normalized with `stats` when given."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScoreModelFn:
+    """ScoreFn of a ScoreModel (first score dimension), normalized with `stats` when given.
 
-    def apply(params, input_ids, attention_mask):
-        scores = module.apply({"params": params}, input_ids, attention_mask=attention_mask).scores
-        if stats is not None:
-            scores = score.normalize(scores, stats, score_type)
+    Split in two so that roles of one architecture run as one vmapped pass over stacked params
+    (rl/stacking.py): `raw` is the module's pass (shared when `stack_key`s are equal), `finish`
+    the role's own normalization."""
+
+    module: nn.Module
+    stats: dict | None = None
+    score_type: str | None = None
+
+    @property
+    def stack_key(self):
+        return self.module
+
+    def raw(self, params, input_ids, attention_mask):
+        """-> scores [B,L,K] fp32."""
+        return self.module.apply({"params": params}, input_ids, attention_mask=attention_mask).scores
+
+    def finish(self, scores):
+        """[..., K] -> [...]."""
+        if self.stats is not None:
+            scores = score.normalize(scores, self.stats, self.score_type)
         return scores[..., 0]
 
-    return apply
+    def __call__(self, params, input_ids, attention_mask):
+        return self.finish(self.raw(params, input_ids, attention_mask))
+
+
+def score_role_fn(module: nn.Module, stats: dict | None = None, score_type: str | None = None) -> ScoreFn:
+    """ScoreFn of a ScoreModel (first score dimension), normalized with `stats` when given."""
+    return ScoreModelFn(module, stats, score_type)
 
 
 def sampler_fn(cfg, settings: RLSettings, pad_token_id: int, masked_token_ids: tuple[int, ...] = ()) -> GenerateFn:
