@@ -211,6 +211,28 @@ def test_kv_cache_decode_matches_full_forward(tiny):
     assert int(cache.index) == 12
     np.testing.assert_array_equal(np.asarray(cache.lengths), [12, 9])
     np.testing.assert_array_equal(np.asarray(cache.mask), full_mask)
+    _check_decode_layout(cfg, params, prompt, prompt_mask, steps, full)
+
+
+def _check_decode_layout(cfg, params, prompt, prompt_mask, steps, full):
+    """The sampler's layout (llama.decode_params: unrolled, fused q/k/v and gate/up) decodes
+    like the full forward of the training layout, with a 2-token chunk after the prefill; and
+    fuse_projections / unfuse_projections round-trip exactly."""
+    round_trip = llama.unfuse_projections(cfg, llama.fuse_projections(cfg, params))
+    assert jax.tree_util.tree_structure(round_trip) == jax.tree_util.tree_structure(params)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(round_trip)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    dcfg, dparams = llama.decode_params(cfg, params)
+    assert "qkv_proj" in dparams["model"]["layers_0"]["self_attn"] and "gate_up_proj" in dparams["model"]["layers_0"]["mlp"]
+    apply = jax.jit(llama.Llama(dcfg).apply)
+    out = apply({"params": dparams}, jnp.asarray(prompt), jnp.asarray(prompt_mask), None,
+                llama.init_cache(dcfg, 2, 12))
+    np.testing.assert_allclose(np.asarray(out.logits)[prompt_mask], np.asarray(full)[:, :7][prompt_mask], atol=1e-5)
+    out = apply({"params": dparams}, jnp.asarray(steps[:, :2]), None, None, out.cache)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full[:, 7:9]), atol=1e-5)
+    for i in range(2, 5):
+        out = apply({"params": dparams}, jnp.asarray(steps[:, i : i + 1]), None, None, out.cache)
+        np.testing.assert_allclose(np.asarray(out.logits[:, 0]), np.asarray(full[:, 7 + i]), atol=1e-5)
 
 
 def test_positions_from_mask():

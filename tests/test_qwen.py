@@ -209,6 +209,13 @@ def test_kv_cache_decode_matches_full_forward(tiny):
         np.testing.assert_allclose(np.asarray(out.logits[:, 0]), np.asarray(full[:, 7 + i]), atol=1e-5)
         cache = out.cache
     np.testing.assert_array_equal(np.asarray(cache.lengths), [12, 9])
+    # The sampler's decode layout (fused q/k/v with Qwen2's biases / Qwen3's q/k norms, unrolled).
+    dcfg, dparams = llama.decode_params(cfg, params)
+    apply = jax.jit(models.causal_lm(dcfg).apply)
+    out = apply({"params": dparams}, jnp.asarray(prompt), jnp.asarray(prompt_mask), None, models.init_cache(dcfg, 2, 12))
+    for i in range(5):
+        out = apply({"params": dparams}, jnp.asarray(steps[:, i : i + 1]), None, None, out.cache)
+        np.testing.assert_allclose(np.asarray(out.logits[:, 0]), np.asarray(full[:, 7 + i]), atol=1e-5)
 
 
 def test_greedy_sampling_matches_transformers_generate():

@@ -2,8 +2,9 @@
 
     out = sample(params, cfg, prompt_ids, prompt_mask, rng, SamplingConfig(max_new_tokens=64))
 
-Prompts are left-padded [B, S] (rows of different lengths in one batch). One prefill call
-fills the cache, then a `lax.while_loop` decodes one token per step for every row, with
+Prompts are left-padded [B, S] (rows of different lengths in one batch). The params are put
+in the decode layout once per call (llama.decode_params: unrolled layers, fused q/k/v and
+gate/up, optionally bf16 / int8 kernels), then one prefill call fills the cache, then a `lax.while_loop` decodes one token per step for every row, with
 static shapes throughout; the loop exits early once every row has emitted an EOS id.
 `sample` is a pure function of arrays with static (hashable) configs, so it can be called
 inside a larger jit (e.g. a jitted PPO rollout). The model comes from cfg's family
@@ -20,13 +21,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import models
-from jaxalign.models import llama
+from jaxalign.models import llama, quantize
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off. Filters apply in HF order:
-    temperature, then top-k, then top-p. EOS may be several ids."""
+    temperature, then top-k, then top-p. EOS may be several ids. weights: precision of the
+    decode matmuls (models.quantize.MODES: "float32" exact, "bfloat16", "int8",
+    "int8_weight_only"); the log-probs come from that model."""
 
     max_new_tokens: int
     temperature: float = 1.0
@@ -34,6 +37,7 @@ class SamplingConfig:
     top_p: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    weights: str = "float32"
 
     def __post_init__(self):
         if isinstance(self.eos_token_ids, int):
@@ -48,6 +52,8 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.weights not in quantize.MODES:
+            raise ValueError(f"weights must be one of {list(quantize.MODES)}, got {self.weights!r}")
 
 
 @flax.struct.dataclass
@@ -114,6 +120,7 @@ def sample(
     n = sampling.max_new_tokens
     prompt_mask = prompt_mask.astype(bool)
     eos = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
+    cfg, params = llama.decode_params(cfg, params, sampling.weights)
     cache = models.init_cache(cfg, batch, prompt_len + n)
     logits, cache = _last_logits(params, cfg, prompt_ids.astype(jnp.int32), prompt_mask, cache)
 

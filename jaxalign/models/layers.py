@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.models import quantize
+
 if TYPE_CHECKING:
     from jaxalign.models.llama import LlamaConfig
 
@@ -144,10 +146,7 @@ class Linear(nn.Module):
         )
         n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
         lead = x.shape[: x.ndim - len(self.in_shape)]
-        y = jnp.dot(
-            x.reshape(-1, n_in).astype(cfg.compute_dtype),
-            kernel.reshape(n_in, n_out).astype(cfg.compute_dtype),
-        )
+        y = quantize.matmul(cfg, x.reshape(-1, n_in), quantize.as_matrix(kernel, n_in, n_out))
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -202,13 +201,8 @@ class Embed(nn.Module):
 
     def attend(self, h: jax.Array) -> jax.Array:
         """h [B, T, D] -> logits [B, T, V] fp32 (h @ embedding.T)."""
-        dtype = self.cfg.compute_dtype
         b, t, d = h.shape
-        logits = jnp.dot(
-            h.reshape(b * t, d).astype(dtype),
-            self.embedding.astype(dtype).T,
-            preferred_element_type=jnp.float32,
-        )
+        logits = quantize.matmul(self.cfg, h.reshape(b * t, d), self.embedding.T, out=jnp.float32)
         return logits.reshape(b, t, -1)
 
 
@@ -263,7 +257,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). [B, T, D] -> [B, T, D]."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). [B, T, D] -> [B, T, D]. With cfg.fused_projections
+    gate and up are one kernel "gate_up_proj" [D, F, 2] ([..., 0] = gate)."""
 
     cfg: "LlamaConfig"
 
@@ -271,8 +266,12 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        gate = Linear(cfg, (d,), (f,), ("embed", "mlp"), bias, name="gate_proj")(x)
-        up = Linear(cfg, (d,), (f,), ("embed", "mlp"), bias, name="up_proj")(x)
+        if cfg.fused_projections:  # one [D, F, 2] kernel (llama.fuse_projections): one matmul
+            gate_up = Linear(cfg, (d,), (f, 2), ("embed", "mlp", None), bias, name="gate_up_proj")(x)
+            gate, up = gate_up[..., 0], gate_up[..., 1]
+        else:
+            gate = Linear(cfg, (d,), (f,), ("embed", "mlp"), bias, name="gate_proj")(x)
+            up = Linear(cfg, (d,), (f,), ("embed", "mlp"), bias, name="up_proj")(x)
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
         return Linear(cfg, (f,), (d,), ("mlp", "embed"), bias, name="down_proj")(hidden)
 

@@ -37,7 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models import tensor_map
+from jaxalign.models import quantize, tensor_map
 from jaxalign.models.layers import (  # noqa: F401  (re-exported: llama.Linear, llama.apply_rope, ...)
     MLP,
     Embed,
@@ -110,6 +110,10 @@ class LlamaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # q/k/v as one "qkv_proj" [D, KV, G+2, Dh] and gate/up as one "gate_up_proj" [D, F, 2]
+    # (the decode layout made by fuse_projections; HF tensors are always the unfused ones).
+    fused_projections: bool = False
+    matmul_dtype: str | None = None  # matmul inputs (None: dtype); "int8" needs int8 kernels
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -135,6 +139,8 @@ class LlamaConfig:
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not one of {sorted(_DTYPES)}")
+        if self.matmul_dtype not in (None, "float32", "bfloat16", "int8"):
+            raise ValueError(f"matmul_dtype={self.matmul_dtype!r} is not one of None, float32, bfloat16, int8")
         if self.remat_policy not in _REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy={self.remat_policy!r} is not one of {sorted(_REMAT_POLICIES)}"
@@ -288,13 +294,14 @@ def last_true_index(mask: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class KVCache:
-    """Decoding cache. k, v: [L, B, S, KV, Dh]; mask: [B, S] (slot holds a real token);
+    """Decoding cache, one buffer per layer laid out for the decode matmuls (keys transposed):
+    k: L x [B, KV, Dh, S]; v: L x [B, KV, S, Dh]; mask: [B, S] (slot holds a real token);
     index: int32 [] next slot to write (shared by the batch); lengths: [B] int32 real
     tokens seen per row (= the next position). `empty` (static) marks a fresh cache, so
     the prefill skips attending to its slots (none is valid)."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
     lengths: jax.Array
@@ -304,36 +311,69 @@ class KVCache:
 def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """An empty cache with room for max_length tokens (prompt + generated) per row."""
     dtype = cfg.compute_dtype if dtype is None else dtype
-    shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    kv, dh, n = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros((batch_size, kv, dh, max_length), dtype) for _ in range(n)),
+        v=tuple(jnp.zeros((batch_size, kv, max_length, dh), dtype) for _ in range(n)),
         mask=jnp.zeros((batch_size, max_length), bool),
         index=jnp.zeros((), jnp.int32),
         lengths=jnp.zeros((batch_size,), jnp.int32),
         empty=True,
     )
 
+
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention of T new queries over a layer's whole cache (the new tokens already written).
+    q [B, T, H, Dh] (scaled); k [B, KV, Dh, S], v [B, KV, S, Dh]; mask [B, T, S] -> [B, T, H, Dh].
+    Both products are plain batched matmuls over (B, KV) on the cache as stored."""
+    b, t, h, dh = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    qg = q.reshape(b, t, kv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, dh)
+    scores = jnp.matmul(qg, k.astype(q.dtype), preferred_element_type=jnp.float32)  # [B, KV, T*G, S]
+    scores = scores.reshape(b, kv, t, g, -1)
+    scores = jnp.where(mask[:, None, :, None, :], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kv, t * g, -1)
+    out = jnp.matmul(probs, v.astype(q.dtype), preferred_element_type=jnp.float32)  # [B, KV, T*G, Dh]
+    return out.reshape(b, kv, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h, dh).astype(q.dtype)
+
+
+def _write_cache(k_cache, v_cache, k, v, index):
+    """Writes this call's k, v [B, T, KV, Dh] at slot `index` of a layer's buffers."""
+    k_cache = jax.lax.dynamic_update_slice(
+        k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (0, 0, 0, index))
+    v_cache = jax.lax.dynamic_update_slice(
+        v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
+    return k_cache, v_cache
+
 # ----------------------------------------------------------------------------- modules
 
 
 class Attention(nn.Module):
-    """Self-attention with RoPE and GQA; returns the output and this call's k, v."""
+    """Self-attention with RoPE and GQA; writes this call's k, v into the layer's cache."""
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv, cache_mask):
+    def __call__(self, x, cos, sin, mask, cache_mask, index, cache_kv):
         """x [B, T, D]; cos/sin [B, T, Dh/2]; mask [B, T, T] over the new tokens;
-        cache_kv: None (no cache), () (an empty cache) or (k, v) [B, S, KV, Dh] with
-        cache_mask [B, 1, S].
-        Returns (out [B, T, D], (k, v) [B, T, KV, Dh])."""
+        cache_kv: None (no cache) or this layer's (k, v) buffers (KVCache layout), written at
+        slot `index`; cache_mask: None (no cache, or an empty one: attend to the new tokens
+        only) or [B, T, S] over the cache after the write.
+        Returns (out [B, T, D], updated (k, v) buffers or None)."""
         cfg = self.cfg
         d, h, kv, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.use_qkv_bias
-        q = Linear(cfg, (d,), (h, dh), ("embed", "heads", "head_dim"), bias, name="q_proj")(x)
-        k = Linear(cfg, (d,), (kv, dh), ("embed", "kv_heads", "head_dim"), bias, name="k_proj")(x)
-        v = Linear(cfg, (d,), (kv, dh), ("embed", "kv_heads", "head_dim"), bias, name="v_proj")(x)
+        if cfg.fused_projections:  # one matmul; per kv head: its G query heads, then k, then v
+            g = h // kv
+            qkv = Linear(cfg, (d,), (kv, g + 2, dh), ("embed", "kv_heads", None, "head_dim"), bias,
+                         name="qkv_proj")(x)
+            q = qkv[..., :g, :].reshape(x.shape[:2] + (h, dh))
+            k, v = qkv[..., g, :], qkv[..., g + 1, :]
+        else:
+            q = Linear(cfg, (d,), (h, dh), ("embed", "heads", "head_dim"), bias, name="q_proj")(x)
+            k = Linear(cfg, (d,), (kv, dh), ("embed", "kv_heads", "head_dim"), bias, name="k_proj")(x)
+            v = Linear(cfg, (d,), (kv, dh), ("embed", "kv_heads", "head_dim"), bias, name="v_proj")(x)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's Dh, before RoPE
             q = RMSNorm(cfg, dh, "head_dim", name="q_norm")(q)
             k = RMSNorm(cfg, dh, "head_dim", name="k_norm")(k)
@@ -342,15 +382,15 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         q = apply_rope(q, cos, sin) * jnp.asarray(dh**-0.5, q.dtype)
         k = apply_rope(k, cos, sin)
-        if cache_kv:  # cached slots, then the new tokens
-            ck, cv = cache_kv
-            out = attention(q, [(ck.astype(k.dtype), cv.astype(v.dtype), cache_mask), (k, v, mask)])
-        else:
+        new_cache = None if cache_kv is None else _write_cache(*cache_kv, k, v, index)
+        if cache_mask is None:
             out = causal_attention(q, k, v, mask)
+        else:  # the cached slots and the new tokens, from the cache as written
+            out = cache_attention(q, *new_cache, cache_mask)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         o_bias = cfg.attention_bias
         out = Linear(cfg, (h, dh), (d,), ("heads", "head_dim", "embed"), o_bias, name="o_proj")(out)
-        return out, (k, v)
+        return out, new_cache
 
 
 class DecoderLayer(nn.Module):
@@ -359,28 +399,17 @@ class DecoderLayer(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_mask, cache_kv):
-        """x [B, T, D] -> (x [B, T, D], (k, v) [B, T, KV, Dh] of this call's tokens)."""
+    def __call__(self, x, cos, sin, mask, cache_mask, index, cache_kv):
+        """x [B, T, D] -> (x [B, T, D], this layer's updated cache buffers or None)."""
         cfg = self.cfg
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg, name="input_layernorm")(x)
-        attn, new_kv = Attention(cfg, name="self_attn")(h, cos, sin, mask, cache_kv, cache_mask)
+        attn, new_kv = Attention(cfg, name="self_attn")(h, cos, sin, mask, cache_mask, index, cache_kv)
         x = x + attn
         h = RMSNorm(cfg, name="post_attention_layernorm")(x)
         x = x + MLP(cfg, name="mlp")(h)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        # Without a cache nobody needs this call's k, v: don't stack them across layers.
-        return x, (new_kv if cache_kv is not None else None)
-
-
-def _layer_cache(cache: KVCache | None, layer):
-    """What a layer gets of the cache: None (no cache: don't return k, v), () (empty cache:
-    return k, v but attend only to the new tokens) or its (k, v) slices."""
-    if cache is None:
-        return None
-    if cache.empty:
-        return ()
-    return cache.k[layer], cache.v[layer]
+        return x, new_kv
 
 
 def _layer_class(cfg: LlamaConfig):
@@ -410,7 +439,7 @@ class LlamaModel(nn.Module):
                 layer,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
@@ -432,30 +461,34 @@ class LlamaModel(nn.Module):
                 )
         cos, sin = rope_angles(cfg, positions)
         new_mask = jnp.tril(jnp.ones((t, t), bool))[None] & mask[:, None, :]
-        cache_mask = None if cache is None or cache.empty else cache.mask[:, None, :]
+        index = cache_mask = None
+        if cache is not None:
+            index = cache.index
+            full_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
+            if not cache.empty:  # query i sees the cache's real slots up to its own (index + i)
+                slots = jnp.arange(full_mask.shape[1])[None, :] <= index + jnp.arange(t)[:, None]
+                cache_mask = full_mask[:, None, :] & slots[None]
 
         x = self.embed_tokens(input_ids)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         if cfg.scan_layers:
-            cache_kv = _layer_cache(cache, slice(None))
-            x, new_kv = self.layers(x, cos, sin, new_mask, cache_mask, cache_kv)
-        else:
-            layer_kvs = []
-            for i, layer in enumerate(self.layers):
-                cache_kv = _layer_cache(cache, i)
-                x, layer_kv = layer(x, cos, sin, new_mask, cache_mask, cache_kv)
-                layer_kvs.append(layer_kv)
+            stacked = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
+            x, new_kv = self.layers(x, cos, sin, new_mask, cache_mask, index, stacked)
             if cache is not None:
-                new_kv = tuple(jnp.stack(a) for a in zip(*layer_kvs))
+                new_kv = [(new_kv[0][i], new_kv[1][i]) for i in range(cfg.num_hidden_layers)]
+        else:
+            new_kv = []
+            for i, layer in enumerate(self.layers):
+                layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+                x, layer_kv = layer(x, cos, sin, new_mask, cache_mask, index, layer_kv)
+                new_kv.append(layer_kv)
         x = self.norm(x)
 
         if cache is not None:
-            k, v = new_kv
-            at = (0, 0, cache.index, 0, 0)
             cache = KVCache(
-                k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
-                v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
-                mask=jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index)),
+                k=tuple(k for k, _ in new_kv),
+                v=tuple(v for _, v in new_kv),
+                mask=full_mask,
                 index=cache.index + t,
                 lengths=cache.lengths + jnp.sum(mask, axis=-1, dtype=jnp.int32),
             )
@@ -550,6 +583,69 @@ def stack_layers(params: Mapping) -> dict:
     layers = [backbone.pop(k) for k in names]
     backbone["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
     return {**params, "model": backbone}
+
+
+def _map_layers(params: Mapping, fn) -> dict:
+    """params with fn applied to every layer's params (scanned "layers" or "layers_{i}")."""
+    backbone = {k: fn(v) if k == "layers" or k.startswith("layers_") else v
+                for k, v in params["model"].items()}
+    return {**params, "model": backbone}
+
+
+def fuse_projections(cfg: LlamaConfig, params: Mapping) -> dict:
+    """Unfused -> fused layout (the params of the same model with fused_projections=True):
+    q/k/v kernels [D, H, Dh], [D, KV, Dh] x2 -> "qkv_proj" [D, KV, G+2, Dh] (per kv head its G
+    query heads, then k, then v; biases likewise [KV, G+2, Dh]); gate/up [D, F] -> "gate_up_proj"
+    [D, F, 2]. Scanned ([L, ...]) or per-layer params. A copy of those weights."""
+    kv, g = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+
+    def qkv(q, k, v):
+        q = q.reshape(q.shape[:-2] + (kv, g, q.shape[-1]))
+        return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+
+    def layer(p):
+        attn, mlp = dict(p["self_attn"]), dict(p["mlp"])
+        parts = [attn.pop(n) for n in ("q_proj", "k_proj", "v_proj")]
+        attn["qkv_proj"] = {leaf: qkv(*(part[leaf] for part in parts)) for leaf in parts[0]}
+        gate, up = mlp.pop("gate_proj"), mlp.pop("up_proj")
+        mlp["gate_up_proj"] = {leaf: jnp.stack([gate[leaf], up[leaf]], axis=-1) for leaf in gate}
+        return {**p, "self_attn": attn, "mlp": mlp}
+
+    return _map_layers(params, layer)
+
+
+def unfuse_projections(cfg: LlamaConfig, params: Mapping) -> dict:
+    """Inverse of fuse_projections (fused -> the HF-shaped q/k/v and gate/up params)."""
+    h, g = cfg.num_attention_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+
+    def layer(p):
+        attn, mlp = dict(p["self_attn"]), dict(p["mlp"])
+        fused = attn.pop("qkv_proj")
+        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            attn[name] = {}
+            for leaf, x in fused.items():
+                if name == "q_proj":
+                    attn[name][leaf] = x[..., :g, :].reshape(x.shape[:-3] + (h, x.shape[-1]))
+                else:
+                    attn[name][leaf] = x[..., g + i - 1, :]
+        gate_up = mlp.pop("gate_up_proj")
+        mlp["gate_proj"] = {leaf: x[..., 0] for leaf, x in gate_up.items()}
+        mlp["up_proj"] = {leaf: x[..., 1] for leaf, x in gate_up.items()}
+        return {**p, "self_attn": attn, "mlp": mlp}
+
+    return _map_layers(params, layer)
+
+
+def decode_params(cfg: LlamaConfig, params: Mapping, weights: str = "float32") -> tuple[LlamaConfig, dict]:
+    """(cfg, params) of the same model in the decode layout: per-layer (unrolled) layers, fused
+    projections, kernels in `weights` (quantize.MODES; "float32" is exact). Made once per
+    sample call (a copy of the weights), so no decode step concatenates or converts weights."""
+    if cfg.scan_layers:
+        params = unstack_layers(params)
+    if not cfg.fused_projections:
+        params = fuse_projections(cfg, params)
+    cfg = dataclasses.replace(cfg, scan_layers=False, fused_projections=True, remat_policy="none")
+    return quantize.decode_weights(cfg, params, weights)
 
 
 def resize_token_embeddings(cfg: LlamaConfig, params: dict, new_vocab_size: int):

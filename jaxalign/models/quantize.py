@@ -1,0 +1,98 @@
+"""Lower-precision decode weights (bf16, int8 through qwix) and the matmul that reads them.
+
+    cfg16, params16 = quantize.decode_weights(cfg, params, "bfloat16")
+    y = quantize.matmul(cfg, x, w)          # x [N, K] @ w [K, M] (an array or a qwix QArray)
+
+Only the projection kernels and an untied lm_head change precision; embeddings, norms and biases
+stay as they are. Modes (measured on XLA:CPU in experiments/benchmark_llama.py):
+- "float32": unchanged (exact).
+- "bfloat16": kernels in bf16, matmul inputs in bf16, fp32 accumulation.
+- "int8": int8 kernels with one fp32 scale per output channel (qwix absmax), and each row of the
+  activations quantised to int8 on the fly: int8 x int8 dots with int32 accumulation.
+- "int8_weight_only": the same int8 kernels; qwix dequantises them in front of an fp32 dot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import qwix
+
+if TYPE_CHECKING:
+    from jaxalign.models.llama import LlamaConfig
+
+MODES = ("float32", "bfloat16", "int8", "int8_weight_only")
+# The matmul-input dtype of each mode (None = the compute dtype).
+_MATMUL_DTYPE = {"float32": None, "bfloat16": "bfloat16", "int8": "int8", "int8_weight_only": None}
+# Kernels by their key in a layer's params; the value is how many leading axes are contracted.
+_KERNELS = {"qkv_proj": 1, "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
+            "gate_up_proj": 1, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+
+
+def is_quantized(w: Any) -> bool:
+    return isinstance(w, qwix.QArray)
+
+
+def matmul(cfg: "LlamaConfig", x: jax.Array, w, out=None) -> jax.Array:
+    """x [N, K] @ w [K, M] -> [N, M] in `out` (default cfg.compute_dtype). The inputs go in
+    cfg.matmul_dtype (default: the compute dtype); a QArray w is int8 (see the module docstring)."""
+    out = cfg.compute_dtype if out is None else out
+    if is_quantized(w):
+        if cfg.matmul_dtype == "int8":
+            x = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=(0,))
+            return qwix.dot(x, w, preferred_element_type=jnp.int32).astype(out)
+        return qwix.dot(x.astype(w.dtype), w).astype(out)
+    dtype = cfg.compute_dtype if cfg.matmul_dtype is None else jnp.dtype(cfg.matmul_dtype)
+    return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=out)
+
+
+def as_matrix(w, n_in: int, n_out: int):
+    """A kernel [*in, *out] (array or QArray) as its [n_in, n_out] matrix."""
+    return w.reshape(n_in, n_out)
+
+
+def _quantize_kernel(w: jax.Array, n_contract: int, mode: str):
+    if mode == "bfloat16":
+        return w.astype(jnp.bfloat16)
+    out_axes = tuple(range(n_contract, w.ndim))
+    return qwix.quantize(w.astype(jnp.float32), jnp.int8, channelwise_axes=out_axes)
+
+
+def decode_weights(cfg: "LlamaConfig", params: dict, mode: str) -> tuple["LlamaConfig", dict]:
+    """(cfg, params) with the projection kernels and untied lm_head in `mode` (one of MODES).
+    params: llama.Llama params with per-layer (unscanned) layers, fused or not. A tied embedding
+    stays fp32 for int8 (it is also the token lookup) and goes to bf16 for "bfloat16"."""
+    if mode not in MODES:
+        raise ValueError(f"decode weights {mode!r} is not one of {list(MODES)}")
+    if "layers" in params["model"]:
+        raise ValueError("decode_weights takes per-layer params (llama.unstack_layers first)")
+    if mode == "float32":
+        return cfg, params
+
+    def convert(tree):
+        out = {}
+        for key, value in tree.items():
+            if key in _KERNELS and "kernel" in value:
+                out[key] = {**value, "kernel": _quantize_kernel(value["kernel"], _KERNELS[key], mode)}
+            elif isinstance(value, dict):
+                out[key] = convert(value)
+            else:
+                out[key] = value
+        return out
+
+    params = {**params, "model": convert(params["model"])}
+    if "lm_head" in params:
+        params["lm_head"] = {"kernel": _quantize_kernel(params["lm_head"]["kernel"], 1, mode)}
+    elif mode == "bfloat16":
+        table = params["model"]["embed_tokens"]["embedding"].astype(jnp.bfloat16)
+        params["model"] = {**params["model"], "embed_tokens": {"embedding": table}}
+    return dataclasses.replace(cfg, matmul_dtype=_MATMUL_DTYPE[mode]), params
+
+
+def weight_bytes(params) -> int:
+    """Bytes of every leaf (int8 values and their scales count as stored)."""
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
