@@ -124,6 +124,14 @@ def get_config() -> ml_collections.ConfigDict:
     # cost: unsafe (P(unsafe)) | expected_severity (sum_k k P(severity k), in [0, 3]) | severity3
     # (P(severity 3)) | category:<index> (P(harm category index), 0-18).
     rl.cost_signal = "unsafe"
+    # ppo_lag / multi_lag with a moderation export: False = the signal at the answer's end is the cost of
+    # its last token (upstream); True = every response token t pays c_t = s_t - s_t-1, the change of the
+    # streaming head's prefix score (s before the answer = 0), plus +beta*KL. The costs telescope to the
+    # end score, so the return and the episode cost that lambda compares with the threshold stay
+    # per-answer, while GAE credits the token that made the answer unsafe (potential-based shaping: the
+    # optimal policy is unchanged). Raw prefix scores per token would instead charge every later token
+    # again and grow with the answer's length.
+    rl.cost_per_token = False
     # multi_lag: one Lagrange multiplier per constraint, "name<=threshold" joined by commas, e.g.
     # "severity3<=0.01,unsafe<=0.05". name: a moderation signal above (category:<i> becomes the stream
     # category_<i>), each read from the moderation export at cost_model_path with its own critic, or

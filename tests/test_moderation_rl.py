@@ -21,7 +21,9 @@ from jaxalign.train import metrics as metrics_lib
 
 def test_ppo_lag_with_a_moderation_cost(tmp_path):
     """`jaxalign train --config configs/ppo_lag_tiny.py` with config.rl.cost_model_path = a moderation
-    export: the cost is P(unsafe) in [0, 1], the cost critic is its backbone + a fresh head."""
+    export and config.rl.cost_per_token: the cost of each token is the change of the streaming P(unsafe),
+    the episode cost (what lambda compares with the threshold) is P(unsafe) of the answer in [0, 1], the
+    cost critic is its backbone + a fresh head."""
     mini.write_mini(tmp_path / "data", rows=150, seed=0)
     tok = tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), 300, tmp_path / "tok")
     cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -41,7 +43,7 @@ def test_ppo_lag_with_a_moderation_cost(tmp_path):
             f"--config.model.init_path={tmp_path / 'sft'}", f"--config.data.source={tmp_path / 'data'}",
             f"--config.rl.reward_model_path={tmp_path / 'reward'}",
             f"--config.rl.cost_model_path={tmp_path / 'moderation'}", "--config.rl.threshold=0.05",
-            "--config.rl.prompt_length=40", "--config.rl.max_new_tokens=8", "--config.data.batch_size=8",
+            "--config.rl.cost_per_token=True", "--config.rl.prompt_length=40", "--config.rl.max_new_tokens=8", "--config.data.batch_size=8",
             "--config.train.num_steps=2", "--config.checkpoint.save_every=1"]
     assert cli.main(argv) == 0
     records = metrics_lib.read_metrics(workdir)
@@ -51,7 +53,8 @@ def test_ppo_lag_with_a_moderation_cost(tmp_path):
         assert np.isfinite(record["cost_critic_loss"]) and np.isfinite(record["lambda"])
     # P(unsafe) of the batch is far above the 5% threshold: lambda grows from lambda_init = 1
     assert records[-1]["lambda"] > 1.0
-    assert json.loads((workdir / "config.json").read_text())["rl"]["cost_model_path"].endswith("moderation")
+    saved = json.loads((workdir / "config.json").read_text())["rl"]
+    assert saved["cost_model_path"].endswith("moderation") and saved["cost_per_token"] is True
 
 
 def _settings(lambda_max=5.0):
@@ -167,3 +170,136 @@ def test_multi_lag_constraint_specs():
     config.stage, config.rl.constraints = "ppo_lag", "cost<=1"
     with pytest.raises(ValueError, match="read by stage multi_lag only"):
         rl_stage.parse_constraints(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-token streaming cost (config.rl.cost_per_token)
+
+def _np_gae(rewards, values, mask, gamma, lam):
+    """Upstream's GAE loop in numpy over masked rewards and values [B,R]. -> (advantages, returns)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = np.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        carry = 0.0
+        for t in reversed(range(rewards.shape[1])):
+            next_value = values[b, t + 1] if t + 1 < rewards.shape[1] else 0.0
+            carry = rewards[b, t] + gamma * next_value - values[b, t] + gamma * lam * carry
+            advantages[b, t] = carry
+    return advantages, advantages + values
+
+
+def _np_log_probs(table, ids, start):
+    """log softmax(table[ids[:, p]])[ids[:, p + 1]] for the slots p >= start. -> [B,R]."""
+    logits = table[ids[:, start:-1]]
+    logits = logits - logits.max(-1, keepdims=True)
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return np.take_along_axis(log_softmax, ids[:, start + 1:, None], axis=-1)[..., 0]
+
+
+def test_per_token_cost_stream_against_numpy_gae():
+    """score_experience with config.rl.cost_per_token on exact per-token functions of the tokens (a policy
+    table, a prefix cost s = sigmoid(c[token]) that jumps up and down, table critics): every cost stream of
+    ppo_lag and multi_lag is +beta*KL + (s_t - s at the previous real slot) at each real response slot,
+    GAE'd against its critic exactly as a numpy loop; the costs sum to the end score; the reward stream
+    stays end-scored."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxalign.rl import algorithms, roles
+    from jaxalign.rl.algorithms.multi_lag import Constraint
+    from jaxalign.rl.rollout import score_experience
+
+    vocab, prompt, new, eos = 12, 4, 6, 2
+    settings = dataclasses.replace(_settings(), prompt_length=prompt, max_new_tokens=new, kl_coeff=0.1, gamma=0.9,
+                                   gae_lambda=0.8, cost_per_token=True)
+    rng = np.random.default_rng(3)
+    tables = {name: rng.normal(size=(vocab, vocab)).astype(np.float32) for name in ("actor", "reference")}
+    weights = {name: rng.normal(size=vocab).astype(np.float32) for name in ("reward", "cost", "value")}
+    ids = rng.integers(3, vocab, size=(3, prompt + new))
+    mask = np.ones_like(ids, bool)
+    mask[0, 0] = False  # left padding
+    ids[0, prompt + 3], mask[0, prompt + 4:] = eos, False  # EOS at response token 3, then pad
+    mask[1, prompt + 2] = False  # a <pad>/<unk> masked mid-response: neither attended nor scored
+    ids[2, -1] = eos  # the longest answer
+    table_fn = lambda params, i, m: params[i]  # noqa: E731  (logits [B,L,V] or scores [B,L] of the tokens)
+    cost_fn = lambda params, i, m: jax.nn.sigmoid(params[i])  # noqa: E731
+    fns = roles.RoleFns(policy=table_fn, generate=None,
+                        scores={"reward": table_fn, "cost": cost_fn, "unsafe": cost_fn, "reward_critic": table_fn,
+                                "cost_critic": table_fn, "unsafe_critic": table_fn})
+    params = {"actor": tables["actor"], "reference": tables["reference"], "reward": weights["reward"],
+              "cost": weights["cost"], "unsafe": weights["cost"], "reward_critic": weights["value"],
+              "cost_critic": weights["value"], "unsafe_critic": weights["value"]}
+    start = prompt - 1
+
+    kl = _np_log_probs(tables["actor"], ids, start) - _np_log_probs(tables["reference"], ids, start)
+    response_mask = mask[:, start + 1:].astype(np.float32)
+    values = weights["value"][ids[:, start:-1]]
+    prefix = 1 / (1 + np.exp(-weights["cost"][ids[:, start + 1:]]))  # s after each response token
+    costs = np.zeros_like(prefix)
+    for b in range(len(ids)):
+        previous = 0.0
+        for t in np.flatnonzero(response_mask[b]):
+            costs[b, t], previous = prefix[b, t] - previous, prefix[b, t]
+    end = np.array([np.flatnonzero(row)[-1] for row in response_mask])
+    end_cost = prefix[np.arange(len(ids)), end]
+    want_cost = _np_gae(0.1 * kl + costs, values, response_mask, 0.9, 0.8)
+    end_reward = weights["reward"][ids[np.arange(len(ids)), start + 1 + end]]
+    reward_stream = -0.1 * kl + np.where(np.arange(new)[None, :] == end[:, None], end_reward[:, None], 0.0)
+    want_reward = _np_gae(reward_stream, values, response_mask, 0.9, 0.8)
+
+    multi = algorithms.make("multi_lag", has_cost_model=True, constraints=(Constraint("unsafe", 0.05),))
+    for algorithm, stream in ((algorithms.make("ppo_lag", has_cost_model=True), "cost"), (multi, "unsafe")):
+        assert algorithm.token_streams(settings) == (stream,)
+        exp, stats = score_experience(fns, algorithm, settings, params, jnp.asarray(0.1), jnp.asarray(ids),
+                                      jnp.asarray(mask))
+        np.testing.assert_allclose(stats[stream], end_cost, rtol=1e-5)  # the episode cost: the end score
+        np.testing.assert_allclose(costs.sum(-1), end_cost, rtol=1e-5)  # ... which the per-token costs sum to
+        np.testing.assert_allclose(stats[f"{stream}_with_kl_penalty"], (0.1 * kl * response_mask + costs).sum(-1),
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(exp.advantages[stream], want_cost[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(exp.returns[stream], want_cost[1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(exp.advantages["reward"], want_reward[0], rtol=1e-4, atol=1e-5)
+    end_mode = dataclasses.replace(settings, cost_per_token=False)
+    assert multi.token_streams(end_mode) == () and algorithms.make("safe_grpo", True).token_streams(settings) == ()
+
+
+def test_first_unsafe_token_gets_the_largest_cost_advantage():
+    """A hand-built answer whose streaming P(unsafe | prefix) jumps at its 3rd token (0.02 -> 0.9), with a
+    fresh critic (values 0) and upstream's GAE (gamma 1, lambda 0.95): per token, that token gets the
+    largest cost advantage and so the most negative actor advantage (A_R - lambda A_C) / (1 + lambda);
+    scored at the end, the blame lands on the last token instead (until the critic has learned where the
+    answer turned)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxalign.rl import algorithms
+
+    algorithm = algorithms.make("ppo_lag", has_cost_model=True)
+    settings = dataclasses.replace(_settings(), cost_per_token=True)
+    prefix = jnp.asarray([[0.02, 0.02, 0.9, 0.92, 0.95, 0.95]])
+    zeros, mask = jnp.zeros((1, 6)), jnp.ones((1, 6), bool)
+    args = (settings, "cost", prefix[:, -1], zeros, jnp.asarray([5]), jnp.asarray(0.0), zeros, mask)
+    _, per_token, _ = algorithm.stream_advantages(*args, token_scores=prefix)
+    _, at_end, _ = algorithm.stream_advantages(*args)
+    actor = algorithm.actor_advantages(settings, {"reward": zeros, "cost": per_token}, jnp.asarray(1.0))
+    assert int(jnp.argmax(per_token[0])) == 2 and int(jnp.argmin(actor[0])) == 2
+    assert float(per_token[0, 2]) > 0.7 and float(per_token[0, 5]) < 0.01  # nothing new happens after token 2
+    assert int(jnp.argmax(at_end[0])) == 5
+
+
+def test_cost_per_token_needs_ppo_lag_or_multi_lag_and_a_moderation_export(tmp_path):
+    from jaxalign import config as config_lib
+    from jaxalign.rl import algorithms
+    from jaxalign.rl.settings import RLSettings
+    from jaxalign.stages import rl as rl_stage
+
+    config = config_lib.load_config("configs/ppo_lag_tiny.py", ["--config.rl.cost_per_token=True"])
+    settings = RLSettings.from_group(config.rl)
+    with pytest.raises(ValueError, match=r"cost_per_token needs config.rl.cost_model_path to be a moderation export"):
+        rl_stage.check_cost_per_token(config, algorithms.make("ppo_lag", True), settings)
+    for stage in ("ppo", "safe_grpo", "ppo_reward_shaping"):
+        config.stage = stage
+        with pytest.raises(ValueError, match=f"cost_per_token is read by ppo_lag and multi_lag only.*{stage}"):
+            rl_stage.check_cost_per_token(config, algorithms.make(stage, True), settings)

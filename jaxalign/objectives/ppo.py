@@ -41,6 +41,31 @@ def kl_shaped_costs(end_scores: jax.Array, kl: jax.Array, end_index: jax.Array,
     return _add_end_scores(kl_coeff * kl, end_scores, end_index, clip_range_score)
 
 
+def prefix_score_differences(prefix_scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-token costs of a streaming scorer: c_t = s_t - s_t' (potential-based shaping, issue 10).
+
+    prefix_scores [B,R]: s_t, the scorer's score of the answer prefix ending with the token of
+    slot t (a streaming moderation head: P(the finished answer is unsafe | prefix)); mask [B,R].
+    At a real slot t', t' the previous real slot (s = 0 before the first); 0 at masked slots. The
+    costs of a row sum to s at its last real slot, i.e. its end score, and the token whose prefix
+    made the score jump carries the jump. -> [B,R] fp32.
+    """
+    mask = mask.astype(bool)
+    slots = jnp.arange(mask.shape[-1])
+    latest = jax.lax.cummax(jnp.where(mask, slots[None, :], -1), axis=1)  # latest real slot <= t, -1 before any
+    potential = jnp.take_along_axis(prefix_scores.astype(jnp.float32), jnp.maximum(latest, 0), axis=1)
+    potential = jnp.where(latest >= 0, potential, 0.0)
+    previous = jnp.concatenate([jnp.zeros_like(potential[:, :1]), potential[:, :-1]], axis=1)
+    return jnp.where(mask, potential - previous, 0.0)
+
+
+def kl_shaped_token_costs(token_costs: jax.Array, kl: jax.Array, kl_coeff: float | jax.Array,
+                          clip_range_score: float) -> jax.Array:
+    """Cost stream c_t = clip(+kl_coeff*kl_t + cost_t, +-clip) with a cost at every token
+    (prefix_score_differences) instead of one at the end. token_costs, kl [B,T] -> [B,T]."""
+    return jnp.clip(kl_coeff * kl + token_costs, -clip_range_score, clip_range_score)
+
+
 def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, start: int,
         gamma: float = GAMMA, lam: float = GAE_LAMBDA) -> tuple[jax.Array, jax.Array]:
     """Generalised advantage estimation over the response slots (spec §5.5).

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models.llama import last_true_index
+from jaxalign.objectives import dpo
 from jaxalign.objectives.common import masked_row_mean, token_log_probs
 from jaxalign.rl.algorithms.base import Algorithm
 from jaxalign.rl.roles import RoleFns
@@ -44,9 +45,31 @@ def policy_log_probs(fns: RoleFns, params: Any, input_ids: jax.Array, attention_
 
 def end_scores(score_fn, params: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Sequence score = per-token score at the last real token (EOS). -> [B]."""
-    scores = score_fn(params, input_ids, attention_mask)
-    end = last_true_index(attention_mask)
-    return jnp.take_along_axis(scores, end[:, None], axis=-1)[:, 0].astype(jnp.float32)
+    return dpo.end_scores(score_fn(params, input_ids, attention_mask), attention_mask)
+
+
+def read_scores(algorithm: Algorithm, settings: RLSettings, per_token: dict, inputs: dict,
+                retokenized=()) -> tuple[dict, dict]:
+    """Each scorer's end score and, for the algorithm's token streams, its per-token scores.
+
+    per_token: {scorer: [B,L]} one pass of each scorer over inputs {scorer: (ids, mask) [B,L]};
+    retokenized: the scorers whose inputs are re-tokenised (their tokens do not align with the actor's).
+    -> (end scores {scorer: [B]}, {token stream: [B,R]}): slot t of a per-token score is the
+    scorer's score of the prefix ending with the response token of slot t (position start + 1 + t),
+    so its last real slot is the end score.
+    """
+    token_streams = algorithm.token_streams(settings)
+    if set(token_streams) - set(per_token):
+        raise ValueError(f"{algorithm.name}: per-token streams {token_streams} need scorers of the same name, "
+                         f"got {tuple(per_token)}")
+    scores = {name: dpo.end_scores(values, inputs[name][1]) for name, values in per_token.items()}
+    token_scores = {}
+    for name in token_streams:
+        if name in retokenized:
+            raise ValueError(f"config.rl.cost_per_token: the {name} model has its own tokenizer, so its per-token "
+                             f"scores do not align with the actor's tokens")
+        token_scores[name] = per_token[name][:, settings.start + 1:].astype(jnp.float32)
+    return scores, token_scores
 
 
 def critic_values(score_fn, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
@@ -94,8 +117,9 @@ def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, p
     old_log_probs = policy_log_probs(fns, params["actor"], input_ids, attention_mask, start)
     ref_log_probs = policy_log_probs(fns, params["reference"], input_ids, attention_mask, start)
     kl = old_log_probs - ref_log_probs
-    scores = {name: end_scores(fns.scores[name], params[name], *retokenized.get(name, (input_ids, attention_mask)))
-              for name in algorithm.scorers}
+    inputs = {name: retokenized.get(name, (input_ids, attention_mask)) for name in algorithm.scorers}
+    per_token = {name: fns.scores[name](params[name], *inputs[name]) for name in algorithm.scorers}
+    scores, token_scores = read_scores(algorithm, settings, per_token, inputs, retokenized)
     sequence = algorithm.sequence_scores(settings, scores)
 
     stats = dict(scores, kl_divergence=jnp.sum(kl * mask, axis=-1), generated_length=jnp.sum(mask, axis=-1))
@@ -105,8 +129,9 @@ def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, p
         if stream in algorithm.critics:
             critic = f"{stream}_critic"
             stream_values = critic_values(fns.scores[critic], params[critic], input_ids, attention_mask, start)
+        per_token = {"token_scores": token_scores[stream]} if stream in token_scores else {}
         shaped, advantages[stream], stream_returns = algorithm.stream_advantages(
-            settings, stream, sequence[stream], kl, end_index, kl_coeff, stream_values, response_mask)
+            settings, stream, sequence[stream], kl, end_index, kl_coeff, stream_values, response_mask, **per_token)
         stats[f"{stream}_with_kl_penalty"] = jnp.sum(shaped * mask, axis=-1)
         stats[f"{stream}_advantage"] = masked_row_mean(advantages[stream], mask)
         if stream_values is not None:

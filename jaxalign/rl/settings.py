@@ -27,6 +27,7 @@ class RLSettings:
     ptx_coeff: float  # 0 disables the PTX pass
     normalize_reward: bool
     normalize_cost: bool
+    cost_per_token: bool  # ppo_lag / multi_lag: moderation costs per token from the streaming head
     threshold: float  # ppo_lag: mean episode cost <= threshold
     lambda_init: float  # ppo_lag: initial lambda; ppo_reward_shaping: the constant nu
     lambda_lr: float

@@ -98,6 +98,19 @@ def role_paths(config, constraint_signals: tuple[tuple[str, str], ...] = ()) -> 
                            cost_signal=rl.cost_signal, constraints=constraint_signals)
 
 
+def check_cost_per_token(config, algorithm: algorithms.Algorithm, settings: RLSettings) -> None:
+    """config.rl.cost_per_token needs per-token cost streams (ppo_lag, multi_lag) and a moderation
+    export as the cost model (its streaming head scores every prefix of the answer)."""
+    if not settings.cost_per_token:
+        return
+    if not algorithm.token_streams(settings):
+        raise ValueError(f"config.rl.cost_per_token is read by ppo_lag and multi_lag only (config.stage is "
+                         f"{config.stage!r}): set it to False")
+    if not moderation.is_moderation_dir(config.rl.cost_model_path):
+        raise ValueError(f"config.rl.cost_per_token needs config.rl.cost_model_path to be a moderation export (its "
+                         f"streaming head scores every prefix), got {config.rl.cost_model_path!r}")
+
+
 def make_optimizers(config, num_updates: int) -> steps.Optimizers:
     """Actor: config.train (AdamW, cosine + warmup); critics: config.rl.critic (constant)."""
     actor = common.optimizer_settings(config)
@@ -201,6 +214,7 @@ def run(config, workdir) -> loop.LoopResult:
     constraints, constraint_signals = parse_constraints(config)
     algorithm = algorithms.make(config.stage, has_cost_model=bool(config.rl.cost_model_path), constraints=constraints)
     settings = RLSettings.from_group(config.rl)
+    check_cost_per_token(config, algorithm, settings)
     mesh, rules = common.mesh_and_rules(config)
     batch_size = common.check_batch_size(config, mesh)
     if batch_size % (settings.num_minibatches * mesh.shape["data"] * mesh.shape["fsdp"]):

@@ -12,7 +12,9 @@ and the actor's advantage generalises (A_R - lambda A_C) / (1 + lambda) to
     A = (A_R - sum_i lambda_i A_Ci) / (1 + sum_i lambda_i)
 
 so a constraint that holds lets its lambda_i decay towards 0 while a binding one grows. Every cost
-stream is KL-shaped like the cost stream (+beta*KL) and has its own critic ("<name>_critic").
+stream is KL-shaped like the cost stream (+beta*KL) and has its own critic ("<name>_critic"); with
+config.rl.cost_per_token every constraint's cost comes per token from the streaming moderation head
+(base.Algorithm.stream_advantages), while its episode cost stays the end score.
 
 The algorithm state is a tuple of per-constraint LagrangeStates; `multiplier` returns the vector
 lambda [K]. From `jaxalign train`: config.stage = "multi_lag" with config.rl.constraints, e.g.
@@ -32,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.objectives import lagrange as lagrange_lib
-from jaxalign.objectives import ppo
 from jaxalign.rl.algorithms.base import Algorithm
 
 
@@ -103,11 +104,8 @@ class MultiLagrangian(Algorithm):
     def critics(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("reward", *self.cost_streams)
 
-    def stream_advantages(self, settings, stream, sequence_score, kl, end_index, kl_coeff, values, response_mask):
-        shaping = ppo.kl_shaped_rewards if stream == "reward" else ppo.kl_shaped_costs
-        shaped = shaping(sequence_score, kl, end_index, kl_coeff, settings.clip_range_score)
-        advantages, returns = ppo.gae(shaped, values, response_mask, 0, settings.gamma, settings.gae_lambda)
-        return shaped, advantages, returns
+    def token_streams(self, settings) -> tuple[str, ...]:
+        return self.cost_streams if settings.cost_per_token else ()
 
     def actor_advantages(self, settings, advantages, multiplier):
         costs = jnp.stack([advantages[name] for name in self.cost_streams])

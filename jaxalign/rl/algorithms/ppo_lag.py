@@ -28,6 +28,9 @@ class PPOLagrangian(Algorithm):
     streams: ClassVar[tuple[str, ...]] = ("reward", "cost")
     critics: ClassVar[tuple[str, ...]] = ("reward", "cost")
 
+    def token_streams(self, settings) -> tuple[str, ...]:
+        return ("cost",) if settings.cost_per_token else ()
+
     def actor_advantages(self, settings, advantages, multiplier):
         return ppo.combined_advantages(advantages["reward"], advantages["cost"], multiplier)
 

@@ -21,7 +21,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxalign.rl.algorithms.base import KL_SHAPING
+from jaxalign.rl.algorithms.base import kl_shaping
 from jaxalign.rl.algorithms.ppo_lag import PPOLagrangian
 
 STD_FLOOR = 1e-6  # a group whose scores spread less than this has advantage 0
@@ -46,11 +46,16 @@ class SafeGRPO(PPOLagrangian):
     name: ClassVar[str] = "safe_grpo"
     critics: ClassVar[tuple[str, ...]] = ()
 
+    def token_streams(self, settings) -> tuple[str, ...]:
+        # A group-relative advantage is one number per answer: per-token costs would only sum back to the end score.
+        del settings
+        return ()
+
     def stream_advantages(self, settings, stream, sequence_score, kl, end_index, kl_coeff, values, response_mask):
         del values  # critic-free
         if settings.num_return_sequences < 2:
             raise ValueError("safe_grpo needs groups: set config.rl.num_return_sequences >= 2 (responses per prompt)")
-        shaped = KL_SHAPING[stream](sequence_score, kl, end_index, kl_coeff, settings.clip_range_score)
+        shaped = kl_shaping(stream)(sequence_score, kl, end_index, kl_coeff, settings.clip_range_score)
         total = jnp.sum(jnp.where(response_mask, shaped, 0.0), axis=-1)  # [B] sequence score with KL
         advantages = group_normalize(total, settings.num_return_sequences)
         return shaped, jnp.where(response_mask, advantages[:, None], 0.0), None
