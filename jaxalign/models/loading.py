@@ -22,6 +22,7 @@ the mean of the old ones (upstream `resize_tokenizer_embedding`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
 from typing import Any, Callable, Mapping
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign import models
-from jaxalign.models import hf, llama, score
+from jaxalign.models import hf, llama, lora, score
 from jaxalign.parallel import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,46 @@ def export_policy(out_dir: str | pathlib.Path, cfg, params: Any, tokenizer) -> p
         hf.save_pretrained(out, cfg, params, max_shard_size="5GB")
         tokenizer.save_pretrained(str(out))
     return out
+
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+def export_lora_policy(out_dir: str | pathlib.Path, cfg, base: Any, adapters: Any, settings: lora.LoraSettings,
+                       tokenizer, kind: str = "merged", base_model: str = "") -> pathlib.Path:
+    """A LoRA policy: kind "merged" = an HF dir of W + alpha/r * A @ B (export_policy; every loader reads
+    it); "adapters" = an HF PEFT dir (adapter_config.json + adapter_model.safetensors, fp32) + tokenizer
+    files, to be applied on `base_model` (load_lora_adapters)."""
+    if kind == "merged":
+        return export_policy(out_dir, cfg, lora.merge(base, adapters, settings), tokenizer)
+    if kind != "adapters":
+        raise ValueError(f"LoRA export kind must be 'merged' or 'adapters', got {kind!r}")
+    from safetensors.numpy import save_file
+
+    out = pathlib.Path(out_dir)
+    adapters = _gather_to_host(adapters)
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(lora.to_peft(adapters), str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(lora.peft_config(settings, base_model), indent=2))
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def load_lora_adapters(path: str | pathlib.Path, cfg) -> tuple[lora.LoraSettings, dict]:
+    """An adapters export (HF PEFT dir) for causal_lm(cfg) -> (settings, host adapter tree, fp32)."""
+    path = pathlib.Path(path)
+    config_file = path / ADAPTER_CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist: not a LoRA adapters export")
+    settings = lora.settings_from_peft(json.loads(config_file.read_text()), str(config_file))
+    from safetensors.numpy import load_file
+
+    try:
+        return settings, lora.from_peft(load_file(str(path / ADAPTER_WEIGHTS_NAME)), cfg, settings)
+    except KeyError as e:
+        raise ValueError(f"{path / ADAPTER_WEIGHTS_NAME}: missing tensor {e}") from None
 
 
 def export_score_model(out_dir: str | pathlib.Path, cfg, params: Any, head: score.ScoreHead, stats: dict,

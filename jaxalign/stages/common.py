@@ -10,7 +10,7 @@ import logging
 import pathlib
 
 from jaxalign.data import sources, views
-from jaxalign.models import loading
+from jaxalign.models import loading, lora
 from jaxalign.models import tokenizer as tokenizer_lib
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import checkpoint as checkpoint_lib
@@ -27,6 +27,24 @@ def model_settings(config) -> loading.ModelSettings:
     return loading.ModelSettings(init_path=model.init_path, hf_config=model.hf_config.to_dict(), dtype=model.dtype,
                                  param_dtype=model.param_dtype, scan_layers=bool(model.scan_layers),
                                  remat_policy=model.remat_policy)
+
+
+def lora_settings(config) -> lora.LoraSettings:
+    """config.lora -> LoraSettings (rank 0 = off); config.lora.targets is comma-separated."""
+    group = config.lora
+    targets = tuple(t.strip() for t in str(group.targets).split(",") if t.strip())
+    return lora.LoraSettings(rank=int(group.rank), alpha=float(group.alpha), targets=targets)
+
+
+LORA_EXPORTS = ("merged", "adapters")
+
+
+def lora_export(config) -> str:
+    """config.lora.export: merged (an HF dir of the merged weights) | adapters (an HF PEFT dir)."""
+    kind = str(config.lora.export)
+    if kind not in LORA_EXPORTS:
+        raise ValueError(f"config.lora.export: expected one of {LORA_EXPORTS}, got {kind!r}")
+    return kind
 
 
 def optimizer_settings(config) -> optim.OptimizerSettings:

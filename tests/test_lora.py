@@ -1,0 +1,165 @@
+"""LoRA (models/lora.py through qwix): the adapted model, gradients on the adapters only, the SFT stage
+(learns, resumes bitwise, merged and adapters exports) and an RL iteration with a LoRA actor."""
+
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign import cli
+from jaxalign import config as config_lib
+from jaxalign.data import mini
+from jaxalign.models import hf, llama, loading, lora
+from jaxalign.models import tokenizer as tokenizer_lib
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.stages import commands
+from jaxalign.train import metrics as metrics_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SETTINGS = lora.LoraSettings(rank=4, alpha=8.0)
+
+
+def _tiny(scan_layers=True, dtype="float32"):
+    return llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, scan_layers=scan_layers, dtype=dtype)
+
+
+def _mesh():
+    return mesh_lib.make_mesh(mesh_lib.MeshSettings(fsdp=-1)), mesh_lib.DEFAULT_AXIS_RULES
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_fresh_adapters_leave_the_model_unchanged_and_merge_matches(scan_layers):
+    cfg = _tiny(scan_layers)
+    mesh, rules = _mesh()
+    module = llama.Llama(cfg)
+    base = llama.init_params(cfg, jax.random.PRNGKey(0))
+    adapters, shardings = lora.init_adapters(module, SETTINGS, jax.random.PRNGKey(1), mesh, rules)
+    layer = adapters["model"]["layers" if scan_layers else "layers_0"]
+    assert set(layer["self_attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(layer["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
+    o_b = shardings["model"]["layers" if scan_layers else "layers_0"]["self_attn"]["o_proj"]["kernel_lora_b"]
+    assert o_b.spec[-1] == "fsdp"  # B [r, D] is sharded like the embed axis it writes (qwix named it head_dim)
+    ids = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, cfg.vocab_size)
+    wrapped = lora.wrap(module, SETTINGS)
+    adapted = jax.jit(lambda b, a: wrapped.apply({"params": lora.combine(b, a)}, ids).logits)
+    plain = jax.jit(lambda p: module.apply({"params": p}, ids).logits)
+    # B = 0: the base model's logits (to rounding: XLA fuses the extra matmuls differently)
+    np.testing.assert_allclose(np.asarray(adapted(base, adapters)), np.asarray(plain(base)), atol=1e-6, rtol=0)
+    trained = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(3), x.shape), adapters)
+    out = np.asarray(adapted(base, trained))
+    assert np.abs(out - np.asarray(plain(base))).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(plain(lora.merge(base, trained, SETTINGS))), out, atol=1e-5)
+
+
+def test_bf16_compute_with_fp32_adapters():
+    cfg = _tiny(dtype="bfloat16")
+    mesh, rules = _mesh()
+    module = llama.Llama(cfg)
+    base = llama.init_params(cfg, jax.random.PRNGKey(0))
+    adapters, _ = lora.init_adapters(module, SETTINGS, jax.random.PRNGKey(1), mesh, rules)
+    assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}
+    ids = jnp.ones((1, 5), jnp.int32)
+    out = jax.jit(lambda a: lora.wrap(module, SETTINGS).apply(
+        {"params": lora.combine(base, a, cfg.compute_dtype)}, ids).hidden_states)(adapters)
+    assert out.dtype == jnp.bfloat16
+
+
+def test_gradients_reach_only_the_adapters():
+    cfg = _tiny()
+    mesh, rules = _mesh()
+    module = llama.Llama(cfg)
+    base = llama.init_params(cfg, jax.random.PRNGKey(0))
+    adapters, _ = lora.init_adapters(module, SETTINGS, jax.random.PRNGKey(1), mesh, rules)
+    ids = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, cfg.vocab_size)
+    wrapped = lora.wrap(module, SETTINGS)
+
+    def loss(params):
+        return jnp.mean(wrapped.apply({"params": params}, ids).logits ** 2)
+
+    loss_of_adapters = lora.on_base(loss)
+    grads = jax.jit(jax.grad(loss_of_adapters))(adapters, base)
+    assert jax.tree.structure(grads) == jax.tree.structure(adapters)
+    # B starts at 0, so only B gets a gradient at first; every projection's B does (jit and grad find them all)
+    for key, g in jax.tree_util.tree_leaves_with_path(grads):
+        name = jax.tree_util.keystr(key)
+        if name.endswith("['kernel_lora_b']"):
+            assert float(jnp.abs(g).max()) > 0, name
+
+
+@pytest.fixture(scope="module")
+def mini_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini")
+    mini.write_mini(root / "data", rows=150, seed=0)
+    tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(root / "data"), 300, root / "tokenizer")
+    return root
+
+
+def _sft_overrides(mini_data, steps, export="merged"):
+    return [f"--config.data.source={mini_data / 'data'}", f"--config.tokenizer={mini_data / 'tokenizer'}",
+            f"--config.train.num_steps={steps}", "--config.train.log_every=1", "--config.train.eval_batches=1",
+            "--config.data.max_length=64", "--config.checkpoint.save_every=3", "--config.checkpoint.keep=3",
+            "--config.data.eval_batch_size=16", "--config.data.eval_split=", f"--config.lora.export={export}"]
+
+
+def _losses(workdir):
+    return [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(workdir) if "loss" in r]
+
+
+def test_sft_with_lora_learns_resumes_exactly_and_exports(mini_data, tmp_path):
+    config_path = REPO / "configs" / "sft_lora_tiny.py"
+    full = tmp_path / "full"
+    argv = ["train", "--config", str(config_path), "--workdir", str(full)]
+    assert cli.main(argv + _sft_overrides(mini_data, 6)) == 0
+    losses = _losses(full)
+    assert losses[-1][1] < losses[0][1]  # the adapters learn
+
+    # the checkpoint holds only the adapters (and their moments)
+    config = config_lib.load_config(config_path, _sft_overrides(mini_data, 6))
+    mesh, rules = mesh_lib.make_mesh(config.mesh), mesh_lib.axis_rules(config.mesh)
+    settings = loading.ModelSettings(hf_config=config.model.hf_config.to_dict())
+    tok = tokenizer_lib.load_tokenizer(mini_data / "tokenizer")
+    base = loading.load_policy(settings, mesh, rules, vocab_size=len(tok), special=loading.special_ids(tok),
+                               rng=jax.random.split(jax.random.PRNGKey(config.seed))[0])
+    lora_settings = lora.LoraSettings(rank=8, alpha=16.0)
+    from jaxalign.train import checkpoint as checkpoint_lib, optim, state as state_lib
+    abstract = state_lib.abstract_train_state(lora.adapter_init_fn(base.module, lora_settings),
+                                              optim.make_optimizer(optim.OptimizerSettings(1e-3), 6), mesh, rules)
+    ckpt = checkpoint_lib.Checkpointer(full / "checkpoints", checkpoint_lib.CheckpointSettings(), handle_signals=False)
+    try:
+        state, _ = ckpt.restore(6, abstract)
+    finally:
+        ckpt.close()
+    adapters = state.params
+    assert all(lora.is_adapter_path(tuple(getattr(k, "key", k) for k in path))
+               for path, _ in jax.tree_util.tree_leaves_with_path(adapters))
+    trained_bytes, base_bytes = lora.num_bytes(adapters), lora.num_bytes(base.params)
+    print(f"tiny SFT: trained state {trained_bytes} B of adapters vs {base_bytes} B of base params")
+    assert trained_bytes < base_bytes / 4
+
+    # the merged export loads through load_policy and gives base + adapters' logits
+    merged = loading.load_policy(loading.ModelSettings(init_path=str(full / "export")), mesh, rules,
+                                 vocab_size=len(tok), rng=jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(5), (8, 12), 0, len(tok))
+    wrapped = lora.wrap(base.module, lora_settings)
+    with mesh_lib.sharding_context(mesh, rules):
+        want = jax.jit(lambda b, a: wrapped.apply({"params": lora.combine(b, a)}, ids).logits)(base.params, adapters)
+        got = jax.jit(lambda p: merged.module.apply({"params": p}, ids).logits)(merged.params)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+    # resume: the run cut back to its step-3 checkpoint, then the same command; adapters export this time
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for path in [resumed / "export", resumed / "checkpoints" / "6"]:
+        shutil.rmtree(path)
+    config = config_lib.load_config(config_path, _sft_overrides(mini_data, 6, export="adapters"))
+    commands.train(config, resumed, allow_config_change=True)
+    assert _losses(resumed) == losses  # bitwise
+    stored_settings, stored = loading.load_lora_adapters(resumed / "export", base.cfg)
+    assert stored_settings == lora_settings
+    for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(adapters)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert (resumed / "export" / "tokenizer.json").exists()
