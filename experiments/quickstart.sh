@@ -75,7 +75,7 @@ step "8/11 baselines: plain PPO (reward only) and static reward shaping R - nu*C
 train configs/ppo_tiny.py "$OUT/ppo_tiny" "${RL_PATHS[@]}"
 train configs/ppo_reward_shaping_tiny.py "$OUT/ppo_reward_shaping_tiny" "${RL_PATHS[@]}"
 jaxalign evaluate curves --runs "$OUT/ppo_lag_tiny" "$OUT/ppo_tiny" "$OUT/ppo_reward_shaping_tiny" \
-  --labels PPO-Lagrangian PPO "reward shaping" --threshold -5 --out "$OUT/rl_curves.png" > /dev/null
+  --labels PPO-Lagrangian PPO "reward shaping" --threshold -5.5 --out "$OUT/rl_curves.png" > /dev/null
 
 step "9/11 the exact judge: every policy on the test prompts (2 answers each)"
 for i in "${!POLICIES[@]}"; do
