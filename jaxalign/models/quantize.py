@@ -44,7 +44,8 @@ def matmul(cfg: "LlamaConfig", x: jax.Array, w, out=None) -> jax.Array:
     if is_quantized(w):
         if cfg.matmul_dtype == "int8":
             x = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=(0,))
-            return qwix.dot(x, w, preferred_element_type=jnp.int32).astype(out)
+            # int32 accumulation (qwix picks it for int8 x int8); the result is dequantised to fp32.
+            return qwix.dot(x, w, preferred_element_type=jnp.float32).astype(out)
         return qwix.dot(x.astype(w.dtype), w).astype(out)
     dtype = cfg.compute_dtype if cfg.matmul_dtype is None else jnp.dtype(cfg.matmul_dtype)
     return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=out)
