@@ -6,13 +6,18 @@ Measures, on one config (vocab 8192, hidden 512, intermediate 1408, 8 layers, 8 
 heads, seq 512, batch 4): (a) train step (fwd + bwd + AdamW) tokens/s, (b) forward tokens/s,
 (c) MFU of each against the fp32 matmul peak measured in the same run (2048^3, both
 frameworks), (d) sampling tokens/s (batch 16, prompt 64, 128 new tokens) against HF
-`generate` with its KV cache. Medians over --reps timed runs after warmup, jax and torch runs interleaved; prints a markdown
-table and writes JSON.
+`generate` with its KV cache, for each decode-weights mode of the sampler (fp32, bf16, int8,
+int8 weight-only), with the max |log-prob gap| between the sampler's log-probs and the fp32
+trainer forward on the sampled sequences. Medians over --reps timed runs after warmup, jax and
+torch runs interleaved; prints a markdown table and writes JSON.
+
+    python experiments/benchmark_llama.py --metrics sample     # the decode rows only
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import platform
@@ -26,7 +31,8 @@ import optax
 import tqdm
 
 from jaxalign.generate import sampler
-from jaxalign.models import llama
+from jaxalign.models import llama, quantize
+from jaxalign.objectives import common
 
 CONFIG = dict(
     vocab_size=8192,
@@ -106,15 +112,43 @@ def jax_fns(cfg: llama.LlamaConfig) -> dict:
     sampling = sampler.SamplingConfig(max_new_tokens=NEW, temperature=1.0, pad_token_id=0)
     keys = iter(jax.random.split(jax.random.PRNGKey(3), 1000))
 
-    def sample():
-        sampler.sample(params, cfg, prompt, mask, next(keys), sampling).sequences.block_until_ready()
+    def sampler_fn(mode):
+        config = dataclasses.replace(sampling, weights=mode)
+        return lambda: sampler.sample(params, cfg, prompt, mask, next(keys), config).sequences.block_until_ready()
 
-    return {
+    fns = {
         "train": train,
         "forward": lambda: forward_fn(params, ids).block_until_ready(),
-        "sample": sample,
         "peak": jax_peak_fn(),
     }
+    fns.update({_sample_metric(mode): sampler_fn(mode) for mode in quantize.MODES})
+    return fns
+
+
+def _sample_metric(mode: str) -> str:
+    return "sample" if mode == "float32" else f"sample_{mode}"
+
+
+def log_prob_gaps(cfg: llama.LlamaConfig, reps: int = 2) -> dict:
+    """Max |sampler log-prob - fp32 trainer-forward log-prob| over the sampled tokens of `reps`
+    benchmark-size batches, per decode-weights mode."""
+    model = llama.Llama(cfg)
+    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    prompt = jax.random.randint(jax.random.PRNGKey(2), (SAMPLE_BATCH, PROMPT), 0, cfg.vocab_size)
+    mask = jnp.ones_like(prompt, bool)
+    forward = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m).logits)
+    gaps = {}
+    for mode in quantize.MODES:
+        config = sampler.SamplingConfig(max_new_tokens=NEW, temperature=1.0, pad_token_id=0, weights=mode)
+        worst = 0.0
+        for rep in range(reps):
+            out = sampler.sample(params, cfg, prompt, mask, jax.random.PRNGKey(100 + rep), config)
+            logits = forward(params, out.sequences, out.sequence_mask)[:, PROMPT - 1 : -1]
+            trainer = common.token_log_probs(logits, out.sequences[:, PROMPT:])
+            gap = jnp.abs(jnp.where(out.response_mask, trainer - out.log_probs, 0.0)).max()
+            worst = max(worst, float(gap))
+        gaps[mode] = worst
+    return gaps
 
 
 def torch_fns(cfg: llama.LlamaConfig) -> dict:
@@ -165,7 +199,13 @@ def main() -> None:
     parser.add_argument("--out", default="out/benchmark_llama.json")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--metrics", default="peak,train,forward,sample",
+                        help="comma-separated subset of peak,train,forward,sample")
     args = parser.parse_args()
+    chosen = args.metrics.split(",")
+    unknown = sorted(set(chosen) - {"peak", "train", "forward", "sample"})
+    if unknown:
+        parser.error(f"--metrics: unknown {unknown}; choose from peak,train,forward,sample")
 
     cfg = llama.LlamaConfig(**CONFIG)
     flops_token = model_flops_per_token(cfg, SEQ)
@@ -175,19 +215,42 @@ def main() -> None:
         fns["torch"] = torch_fns(cfg)
     seconds = {name: {} for name in fns}
     for metric in ("peak", "train", "forward", "sample"):
-        reps = max(2, args.reps // 2) if metric == "sample" else args.reps
-        got = timed_pair({name: f[metric] for name, f in fns.items()}, reps, warmup=2 if metric == "peak" else 1)
-        for name, value in got.items():
-            seconds[name][metric] = value
+        if metric not in chosen:
+            continue
+        if metric == "sample":  # every decode mode and HF generate, interleaved
+            reps = max(3, args.reps // 2)
+            pair = {f"{name} {m}": f[m] for name, f in fns.items() for m in f if m.startswith("sample")}
+            # int8 weight-only is ~10x slower on XLA:CPU (the dequantised kernels are materialised
+            # every step): one timed run after warmup is enough to place it.
+            slow = "jax sample_int8_weight_only"
+            got = timed_pair({slow: pair.pop(slow)}, 1)
+            seconds["jax"]["sample_int8_weight_only"] = got[slow]
+        else:
+            reps = args.reps
+            pair = {f"{name} {metric}": f[metric] for name, f in fns.items()}
+        got = timed_pair(pair, reps, warmup=2 if metric == "peak" else 1)
+        for key, value in got.items():
+            name, m = key.split(" ")
+            seconds[name][m] = value
     results = {"jax": {}, "torch": {}}
     for name, sec in seconds.items():
         out = results[name]
-        out["peak_flops"] = 2 * 2048**3 / sec["peak"]
-        out["train_tokens_per_s"] = tokens / sec["train"]
-        out["forward_tokens_per_s"] = tokens / sec["forward"]
-        out["sample_tokens_per_s"] = SAMPLE_BATCH * NEW / sec["sample"]
-        out["train_mfu"] = 3 * flops_token * out["train_tokens_per_s"] / out["peak_flops"]
-        out["forward_mfu"] = flops_token * out["forward_tokens_per_s"] / out["peak_flops"]
+        if "peak" in sec:
+            out["peak_flops"] = 2 * 2048**3 / sec["peak"]
+        if "train" in sec:
+            out["train_tokens_per_s"] = tokens / sec["train"]
+        if "forward" in sec:
+            out["forward_tokens_per_s"] = tokens / sec["forward"]
+        for m, value in sec.items():
+            if m.startswith("sample"):
+                out[f"{m}_tokens_per_s"] = SAMPLE_BATCH * NEW / value
+                out[f"{m}_ms_per_step"] = 1e3 * value / NEW
+        if "peak" in sec and "train" in sec:
+            out["train_mfu"] = 3 * flops_token * out["train_tokens_per_s"] / out["peak_flops"]
+        if "peak" in sec and "forward" in sec:
+            out["forward_mfu"] = flops_token * out["forward_tokens_per_s"] / out["peak_flops"]
+    if "sample" in chosen:
+        results["jax"]["sample_log_prob_gap"] = log_prob_gaps(cfg)
     results["config"] = dict(CONFIG, batch=BATCH, seq=SEQ, dtype="float32",
                              sample=dict(batch=SAMPLE_BATCH, prompt=PROMPT, new_tokens=NEW))
     results["machine"] = {"platform": platform.platform(), "jax": jax.__version__,
@@ -204,9 +267,22 @@ def main() -> None:
     print("| metric | jax | torch | jax/torch |\n|---|---|---|---|")
     for label, key, fmt in rows:
         jv, tv = results["jax"].get(key), results["torch"].get(key)
+        if jv is None:
+            continue
         scale = 1e-9 if key == "peak_flops" else 1
         ratio = f"{jv / tv:.2f}x" if tv else "-"
         print(f"| {label} | {fmt.format(jv * scale)} | {fmt.format(tv * scale) if tv else '-'} | {ratio} |")
+    if "sample" in chosen:
+        hf = results["torch"].get("sample_tokens_per_s")
+        print("\n| decode weights | tokens/s | ms/step | vs HF generate (fp32) | max abs log-prob gap |"
+              "\n|---|---|---|---|---|")
+        for mode in quantize.MODES:
+            m = _sample_metric(mode)
+            tps, ms = results["jax"][f"{m}_tokens_per_s"], results["jax"][f"{m}_ms_per_step"]
+            ratio = f"{tps / hf:.2f}x" if hf else "-"
+            print(f"| {mode} | {tps:,.0f} | {ms:.1f} | {ratio} | {results['jax']['sample_log_prob_gap'][mode]:.2e} |")
+        if hf:
+            print(f"| HF generate fp32 | {hf:,.0f} | {results['torch']['sample_ms_per_step']:.1f} | 1.00x | - |")
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))

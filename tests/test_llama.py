@@ -315,6 +315,10 @@ def test_bfloat16_compute_keeps_fp32_logits(tiny):
     ref = _forward(dataclasses.replace(cfg, dtype="float32"), params, ids).logits
     scale = float(np.abs(np.asarray(ref)).max())
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref), atol=0.05 * scale)
+    # The decode layout converts the fp32 params to bf16 once (norm scales stay fp32): same model.
+    dcfg, dparams = llama.decode_params(cfg, params)
+    assert dparams["lm_head"]["kernel"].dtype == jnp.bfloat16 and dparams["model"]["norm"]["scale"].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(_forward(dcfg, dparams, ids).logits), np.asarray(out.logits), atol=0.01 * scale)
 
 
 def test_chunked_causal_attention_is_exact(tiny, monkeypatch):

@@ -638,14 +638,15 @@ def unfuse_projections(cfg: LlamaConfig, params: Mapping) -> dict:
 
 def decode_params(cfg: LlamaConfig, params: Mapping, weights: str = "float32") -> tuple[LlamaConfig, dict]:
     """(cfg, params) of the same model in the decode layout: per-layer (unrolled) layers, fused
-    projections, kernels in `weights` (quantize.MODES; "float32" is exact). Made once per
-    sample call (a copy of the weights), so no decode step concatenates or converts weights."""
+    projections, weights in the compute dtype when that is narrower (bf16 compute of fp32
+    params), kernels in `weights` (quantize.MODES; "float32" is exact). Made once per sample
+    call (a copy of the weights), so no decode step concatenates or converts weights."""
     if cfg.scan_layers:
         params = unstack_layers(params)
     if not cfg.fused_projections:
         params = fuse_projections(cfg, params)
     cfg = dataclasses.replace(cfg, scan_layers=False, fused_projections=True, remat_policy="none")
-    return quantize.decode_weights(cfg, params, weights)
+    return quantize.decode_weights(cfg, quantize.cast_to_compute(cfg, params), weights)
 
 
 def resize_token_embeddings(cfg: LlamaConfig, params: dict, new_vocab_size: int):

@@ -94,6 +94,20 @@ def decode_weights(cfg: "LlamaConfig", params: dict, mode: str) -> tuple["LlamaC
     return dataclasses.replace(cfg, matmul_dtype=_MATMUL_DTYPE[mode]), params
 
 
+def cast_to_compute(cfg: "LlamaConfig", params: dict) -> dict:
+    """params with every leaf but the norm scales in cfg.compute_dtype when that is narrower than
+    the stored dtype (fp32 params, bf16 compute): the same numbers the modules would convert to
+    at every call, converted once."""
+    dtype = cfg.compute_dtype
+
+    def cast(path, x):
+        name = getattr(path[-1], "key", None)
+        narrower = jnp.dtype(dtype).itemsize < x.dtype.itemsize and jnp.issubdtype(x.dtype, jnp.floating)
+        return x.astype(dtype) if narrower and name != "scale" else x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def weight_bytes(params) -> int:
     """Bytes of every leaf (int8 values and their scales count as stored)."""
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
