@@ -18,6 +18,7 @@ import numpy as np
 from jaxalign.models.llama import last_true_index
 from jaxalign.objectives import dpo
 from jaxalign.objectives.common import masked_row_mean, token_log_probs
+from jaxalign.rl import stacking
 from jaxalign.rl.algorithms.base import Algorithm
 from jaxalign.rl.roles import RoleFns
 from jaxalign.rl.settings import RLSettings
@@ -99,13 +100,14 @@ def retokenize(input_ids: np.ndarray, attention_mask: np.ndarray, source, dest,
 
 def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, params: dict, kl_coeff: jax.Array,
                      input_ids: jax.Array, attention_mask: jax.Array,
-                     retokenized: dict | None = None) -> tuple[Experience, dict]:
+                     retokenized: dict | None = None, stack: bool = True) -> tuple[Experience, dict]:
     """Scores a rollout batch with the algorithm's roles and computes each stream's advantages.
 
     params: {role: pytree} for "actor", "reference", the algorithm's scorers and critics;
     kl_coeff: [] (beta); input_ids, attention_mask: [B,L]; retokenized: {scorer: (ids, mask)
-    [B,L']} for the scorers with their own tokenizer (`retokenize`), scored on those instead.
-    Returns (Experience, per-sequence stats {name: [B]}).
+    [B,L']} for the scorers with their own tokenizer (`retokenize`), scored on those instead;
+    stack: roles of one architecture (actor + reference; scorers + critics) as one batched pass
+    (rl/stacking.py). Returns (Experience, per-sequence stats {name: [B]}).
     """
     retokenized = retokenized or {}
     start = settings.start
@@ -114,11 +116,17 @@ def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, p
     end_index = last_true_index(response_mask)
     mask = response_mask.astype(jnp.float32)
 
-    old_log_probs = policy_log_probs(fns, params["actor"], input_ids, attention_mask, start)
-    ref_log_probs = policy_log_probs(fns, params["reference"], input_ids, attention_mask, start)
-    kl = old_log_probs - ref_log_probs
+    log_probs_fn = lambda p, ids, mask: policy_log_probs(fns, p, ids, mask, start)  # noqa: E731 (one fn: stackable)
+    log_probs = stacking.score_pass(dict.fromkeys(("actor", "reference"), log_probs_fn), params,
+                                    dict.fromkeys(("actor", "reference"), (input_ids, attention_mask)), stack)
+    old_log_probs = log_probs["actor"]
+    kl = old_log_probs - log_probs["reference"]
+    critics = tuple(f"{stream}_critic" for stream in algorithm.critics)
     inputs = {name: retokenized.get(name, (input_ids, attention_mask)) for name in algorithm.scorers}
-    per_token = {name: fns.scores[name](params[name], *inputs[name]) for name in algorithm.scorers}
+    # One pass of each scorer and critic (per-token scores [B,L]), stacked where they share an architecture.
+    passes = stacking.score_pass({role: fns.scores[role] for role in (*algorithm.scorers, *critics)}, params,
+                                 dict(inputs, **dict.fromkeys(critics, (input_ids, attention_mask))), stack)
+    per_token = {name: passes[name] for name in algorithm.scorers}
     scores, token_scores = read_scores(algorithm, settings, per_token, inputs, retokenized)
     sequence = algorithm.sequence_scores(settings, scores)
 
@@ -128,7 +136,7 @@ def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, p
         stream_values = None
         if stream in algorithm.critics:
             critic = f"{stream}_critic"
-            stream_values = critic_values(fns.scores[critic], params[critic], input_ids, attention_mask, start)
+            stream_values = passes[critic][:, start:-1].astype(jnp.float32)  # as critic_values
         per_token = {"token_scores": token_scores[stream]} if stream in token_scores else {}
         shaped, advantages[stream], stream_returns = algorithm.stream_advantages(
             settings, stream, sequence[stream], kl, end_index, kl_coeff, stream_values, response_mask, **per_token)
