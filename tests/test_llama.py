@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.models import hf, layers, llama
+from jaxalign.models import attention, hf, llama
 
 TINY = dict(
     vocab_size=97,
@@ -330,7 +330,7 @@ def test_chunked_causal_attention_is_exact(tiny, monkeypatch):
     mask = jnp.asarray(mask)
     apply = lambda p, i, m: llama.Llama(cfg).apply({"params": p}, i, attention_mask=m).logits  # noqa: E731
     whole = jax.jit(apply)(params, ids, mask)  # 21 <= chunk: one block
-    monkeypatch.setattr(layers, "_CAUSAL_CHUNK", 8)  # blocks of 8, 8, 5 rows
+    monkeypatch.setattr(attention, "_CAUSAL_CHUNK", 8)  # blocks of 8, 8, 5 rows
     chunked = jax.jit(apply)(params, ids, mask)
     real = np.asarray(mask)
     np.testing.assert_allclose(np.asarray(chunked)[real], np.asarray(whole)[real], atol=1e-5, rtol=0)

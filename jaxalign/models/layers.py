@@ -1,5 +1,5 @@
 """The building blocks of the decoder families (Llama, Qwen2, Qwen3): RoPE, projections, norms,
-embeddings, attention math and the SwiGLU MLP.
+embeddings and the SwiGLU MLP (the attention math is in attention.py).
 
 Modules take the family config (a `llama.LlamaConfig` or subclass) as `cfg`; every parameter
 carries logical axis names (embed, mlp, heads, kv_heads, head_dim, vocab) so the sharding rules in
@@ -204,56 +204,6 @@ class Embed(nn.Module):
         b, t, d = h.shape
         logits = quantize.matmul(self.cfg, h.reshape(b * t, d), self.embedding.T, out=jnp.float32)
         return logits.reshape(b, t, -1)
-
-
-_NEG = -1e30  # finite "minus infinity": fully masked (padding) rows stay NaN-free
-
-
-def attention(q: jax.Array, parts: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-    """Softmax attention of q over the concatenation of key/value `parts`, GQA without repeat.
-
-    q [B, T, H, Dh] (already scaled); each part: k, v [B, S_i, KV, Dh] and a boolean mask
-    broadcastable to [B, T, S_i]. Returns [B, T, H, Dh] in q's dtype.
-    """
-    b, t, h, dh = q.shape
-    kv = parts[0][0].shape[2]
-    qg = q.reshape(b, t, kv, h // kv, dh)
-    scores = []
-    for k, _, mask in parts:
-        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-        scores.append(jnp.where(mask[:, None, None, :, :], s, _NEG))
-    scores = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out, start = 0.0, 0
-    for k, v, _ in parts:
-        size = k.shape[1]
-        p = probs[..., start : start + size]
-        out = out + jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
-        start += size
-    return out.reshape(b, t, h, dh).astype(q.dtype)
-
-
-_CAUSAL_CHUNK = 128
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Self-attention of T new tokens whose mask [B, T, T] is causal (never True above the
-    diagonal). q [B, T, H, Dh], k, v [B, T, KV, Dh] -> [B, T, H, Dh].
-
-    Queries are processed in blocks of _CAUSAL_CHUNK rows, each against only the keys up to
-    its last row: the blocks above the diagonal (all masked) are never computed, and each
-    block's scores are small enough to stay in cache. Exact (a full softmax per row); on
-    XLA:CPU fwd+bwd is 2-4x faster than materialising [B, H, T, T] at T = 512.
-    """
-    t = q.shape[1]
-    if t <= _CAUSAL_CHUNK:
-        return attention(q, [(k, v, mask)])
-    outs = []
-    for start in range(0, t, _CAUSAL_CHUNK):
-        end = min(start + _CAUSAL_CHUNK, t)
-        part = (k[:, :end], v[:, :end], mask[:, start:end, :end])
-        outs.append(attention(q[:, start:end], [part]))
-    return jnp.concatenate(outs, axis=1)
 
 
 class MLP(nn.Module):

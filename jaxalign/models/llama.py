@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.models import quantize, tensor_map
+from jaxalign.models.attention import causal_attention
 from jaxalign.models.layers import (  # noqa: F401  (re-exported: llama.Linear, llama.apply_rope, ...)
     MLP,
     Embed,
@@ -46,8 +47,6 @@ from jaxalign.models.layers import (  # noqa: F401  (re-exported: llama.Linear, 
     RopeScaling,
     parse_rope_scaling,
     apply_rope,
-    attention,
-    causal_attention,
     rope_angles,
     rope_inv_freq,
 )

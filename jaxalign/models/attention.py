@@ -1,0 +1,126 @@
+"""The block-causal self-attention of a whole sequence (GQA without repeating K/V), with its own
+backward. (Attention over a KV cache is llama.cache_attention.)
+
+`causal_attention` runs every product as a plain batched matmul [N, M, K] @ [N, K, J] over
+N = B * KV (operands transposed once per call, not per block): on XLA:CPU a batched dot that
+contracts the minor dim of both operands (q k^T) or the major dim of both (p^T dout) runs at a
+third to a half of the speed of this form (probed in experiments/benchmark_llama.py's config).
+The custom VJP keeps the forward's probabilities and computes the backward with the same layout.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30  # finite "minus infinity": fully masked (padding) rows stay NaN-free
+
+
+_CAUSAL_CHUNK = 128
+
+
+def _blocks(t: int) -> list[tuple[int, int]]:
+    return [(start, min(start + _CAUSAL_CHUNK, t)) for start in range(0, t, _CAUSAL_CHUNK)]
+
+
+def _mm(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """[N, M, K] @ [N, K, J] -> [N, M, J]."""
+    return jax.lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), preferred_element_type=dtype)
+
+
+def _rows(x: jax.Array, kv: int) -> jax.Array:
+    """[B, T, H, Dh] -> [B*KV, T*G, Dh]: per kv head, its G query heads' rows ordered (t, g)."""
+    b, t, h, dh = x.shape
+    return x.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 1, 3, 4).reshape(b * kv, t * (h // kv), dh)
+
+
+def _unrows(x: jax.Array, b: int, t: int) -> jax.Array:
+    """Inverse of _rows: [B*KV, T*G, Dh] -> [B, T, H, Dh]."""
+    n, rows, dh = x.shape
+    kv, g = n // b, rows // t
+    return x.reshape(b, kv, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, kv * g, dh)
+
+
+def _heads(x: jax.Array, minor_t: bool) -> jax.Array:
+    """[B, T, KV, Dh] -> [B*KV, T, Dh], or [B*KV, Dh, T] when minor_t."""
+    b, t, kv, dh = x.shape
+    if minor_t:
+        return x.transpose(0, 2, 3, 1).reshape(b * kv, dh, t)
+    return x.transpose(0, 2, 1, 3).reshape(b * kv, t, dh)
+
+
+def _block_probs(qr, kt, mask, b, start, end, g):
+    """Softmax probabilities [N, (end-start)*G, end] (fp32) of query rows start..end-1."""
+    scores = _mm(qr[:, start * g : end * g], kt[:, :, :end])
+    scores = scores.reshape(b, -1, end - start, g, end)
+    scores = jnp.where(mask[:, None, start:end, None, :end], scores, _NEG)
+    return jax.nn.softmax(scores, axis=-1).reshape(scores.shape[0] * scores.shape[1], -1, end)
+
+
+def _causal_forward(q, k, v, mask):
+    b, t, h, _ = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    qr, kt, vh = _rows(q, kv), _heads(k, True), _heads(v, False)
+    outs, probs = [], []
+    for start, end in _blocks(t):
+        p = _block_probs(qr, kt, mask, b, start, end, g).astype(q.dtype)
+        outs.append(_mm(p, vh[:, :end]))
+        probs.append(p)
+    out = jnp.concatenate(outs, axis=1)  # [N, T*G, Dh] fp32
+    return out, probs
+
+
+@jax.custom_vjp
+def _causal(q, k, v, mask):
+    out, _ = _causal_forward(q, k, v, mask)
+    return _unrows(out, q.shape[0], q.shape[1]).astype(q.dtype)
+
+
+def _causal_fwd(q, k, v, mask):
+    out, probs = _causal_forward(q, k, v, mask)
+    b, t = q.shape[:2]
+    return _unrows(out, b, t).astype(q.dtype), (q, k, v, mask, out, probs)
+
+
+def _causal_bwd(res, dout):
+    q, k, v, mask, out, probs = res
+    b, t, h, dh = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    do = _rows(dout, kv).astype(jnp.float32)  # [N, T*G, Dh]
+    delta = jnp.sum(do * out, axis=-1, keepdims=True)  # rowsum(dP * P) = rowsum(dO * O)
+    do_t = do.astype(q.dtype).transpose(0, 2, 1)  # [N, Dh, T*G]
+    q_t = _rows(q, kv).transpose(0, 2, 1)  # [N, Dh, T*G]
+    kh, vt = _heads(k, False), _heads(v, True)
+    dqs = []
+    dk_t = jnp.zeros((b * kv, dh, t), jnp.float32)
+    dv_t = jnp.zeros((b * kv, dh, t), jnp.float32)
+    for (start, end), p in zip(_blocks(t), probs):
+        rows = slice(start * g, end * g)
+        dp = _mm(do[:, rows].astype(q.dtype), vt[:, :, :end])  # [N, R, end]
+        ds = p.astype(jnp.float32) * (dp - delta[:, rows])
+        ds = ds.reshape(b, kv, end - start, g, end)
+        ds = jnp.where(mask[:, None, start:end, None, :end], ds, 0.0)
+        ds = ds.reshape(b * kv, -1, end).astype(q.dtype)
+        dqs.append(_mm(ds, kh[:, :end]))
+        dk_t = dk_t.at[:, :, :end].add(_mm(q_t[:, :, rows], ds))
+        dv_t = dv_t.at[:, :, :end].add(_mm(do_t[:, :, rows], p))
+    dq = _unrows(jnp.concatenate(dqs, axis=1), b, t).astype(q.dtype)
+    dk = dk_t.reshape(b, kv, dh, t).transpose(0, 3, 1, 2).astype(k.dtype)
+    dv = dv_t.reshape(b, kv, dh, t).transpose(0, 3, 1, 2).astype(v.dtype)
+    return dq, dk, dv, None
+
+
+_causal.defvjp(_causal_fwd, _causal_bwd)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Self-attention of T new tokens whose mask [B, T, T] is causal (never True above the
+    diagonal). q [B, T, H, Dh] (already scaled), k, v [B, T, KV, Dh] -> [B, T, H, Dh].
+
+    Queries are processed in blocks of _CAUSAL_CHUNK rows, each against only the keys up to
+    its last row: the blocks above the diagonal (all masked) are never computed. Exact (a full
+    softmax per row); the backward (custom VJP) reuses the forward's probabilities.
+    """
+    return _causal(q, k, v, mask)
