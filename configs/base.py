@@ -217,12 +217,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Also choose each category's flagging threshold (max F1) on the validation data; False = category_threshold.
     moderation.tune_category_thresholds = True
 
-    # LoRA (issue 12; models/lora.py, through qwix): the trained state holds only the adapters (+ the score
-    # heads of critics); the base stays frozen and shared (RL: the actor's base is the reference).
+    # LoRA (issue 12; models/lora.py, through qwix): the trained state holds only the adapters; the base stays
+    # frozen and shared (RL: the actor's base is the reference; the critics are still fully trained).
     config.lora = lora = ml_collections.ConfigDict()
     lora.rank = 0  # 0 = off: every parameter is trained
     lora.alpha = 16.0  # the adapter's delta is x @ A @ B * alpha / rank
     lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated projections
-    lora.critics = True  # RL: the critics get adapters too (their score head stays fully trained)
     lora.export = "merged"  # merged: an HF dir of W + alpha/r * A @ B (every loader reads it) | adapters: HF PEFT dir
     return config

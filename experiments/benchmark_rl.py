@@ -69,15 +69,23 @@ def build(model_kwargs: dict, algorithm, settings, mesh, rules, **cfg_runtime):
     from jaxalign.rl import roles, steps
     from jaxalign.train import optim
 
+    lora_settings = cfg_runtime.pop("lora", None)  # a lora.LoraSettings: the actor is adapters on the reference
+    lora_on = lora_settings is not None and lora_settings.enabled
     cfg = llama.LlamaConfig(**model_kwargs, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, **cfg_runtime)
     policy, scorer = llama.Llama(cfg), score.ScoreModel(cfg)
     score_fn = roles.score_role_fn(scorer)
-    fns = roles.RoleFns(policy=roles.policy_fn(cfg), generate=roles.sampler_fn(cfg, settings, PAD),
-                        scores={role: score_fn for role in algorithm.roles if role not in ("actor", "reference")})
+    fns = roles.RoleFns(policy=roles.policy_fn(cfg, lora_settings),
+                        generate=roles.sampler_fn(cfg, settings, PAD, lora_settings=lora_settings),
+                        scores={role: score_fn for role in algorithm.roles if role not in ("actor", "reference")},
+                        actor_base="reference" if lora_on else "")
     module = {"policy": policy, "score": scorer}
     abstract = {name: loading.abstract_params(m, mesh, rules) for name, m in module.items()}
     kind = {role: "policy" if role in ("actor", "reference") else "score" for role in algorithm.roles}
     params_abs = {role: abstract[k] for role, k in kind.items()}
+    if lora_on:
+        from jaxalign.models import lora
+
+        params_abs["actor"] = lora.abstract_adapters(policy, lora_settings, mesh, rules)
     shardings = {role: jax.tree.map(lambda x: x.sharding, params_abs[role]) for role in kind}
     actor = optim.OptimizerSettings(learning_rate=1e-5, lr_schedule="cosine", warmup_ratio=0.03, weight_decay=0.01)
     critic = optim.OptimizerSettings(learning_rate=5e-6, lr_schedule="constant", where="config.rl.critic")
@@ -158,7 +166,10 @@ def cpu_iterations(iterations: int) -> dict:
 # ---------------------------------------------------------------------------------------- memory
 
 
-def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 384, remat: str = "full") -> list[dict]:
+def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 384, remat: str = "full",
+                model: dict | None = None, lora=None, label: str = "Llama-2-7B") -> list[dict]:
+    """Per-device memory of the three compiled steps (see the module docstring) of `model` (default
+    Llama-2-7B); lora: a lora.LoraSettings for a LoRA actor (adapters on the reference)."""
     import jax
     import jax.numpy as jnp
 
@@ -169,7 +180,8 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
     settings = rl_settings(prompt_length=prompt, max_new_tokens=new)
     mesh, rules = _mesh(fsdp)
     program, params_abs, shardings, _, abstract_state = build(
-        LLAMA2_7B, algorithm, settings, mesh, rules, dtype="bfloat16", param_dtype="float32", remat_policy=remat,
+        model or LLAMA2_7B, algorithm, settings, mesh, rules, dtype="bfloat16", param_dtype="float32", remat_policy=remat,
+        lora=lora,
         scan_layers=True)
     length, response = prompt + new, new
     rep = mesh_lib.replicated(mesh)
@@ -189,14 +201,14 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
     ptx = {"input_ids": array((batch, length), jnp.int32), "attention_mask": array((batch, length), jnp.bool_),
            "loss_mask": array((batch, length), jnp.bool_)}
     steps = {
-        "rollout (actor sampler)": (program.rollout, (params["actor"], array((batch, prompt), jnp.int32),
+        "rollout (actor sampler)": (program.rollout, (program.actor_params(params["actor"], frozen), array((batch, prompt), jnp.int32),
                                                        array((batch, prompt), jnp.bool_),
                                                        jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))),
         "scoring (6 roles, GAE)": (program.score_jit, (frozen, state, array((batch, length), jnp.int32),
                                                        array((batch, length), jnp.bool_),
                                                        array((batch, response), jnp.float32))),
         "update (actor+PTX, 2 critics)": (program.train, (state, exp, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
-                                                          ptx)),
+                                                          ptx, frozen)),
     }
     results = []
     for name, (fn, args) in steps.items():
@@ -205,6 +217,8 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
             compiled = fn.lower(*args).compile()
         memory = benchmark_common.memory_of(compiled)
         results.append({
+            "model": label, "lora_rank": int(lora.rank) if lora is not None else 0,
+            "trained_state_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)),
             "step": name, "devices": fsdp, "global_batch": batch, "prompt_length": prompt, "max_new_tokens": new,
             "remat": remat, "compile_s": time.perf_counter() - start, **memory,
             "fits": benchmark_common.fits(memory["peak_bytes"]),

@@ -13,7 +13,16 @@
    .memory_analysis()`): nothing is allocated, so it runs on a laptop. The CPU compiler's plan
    approximates the TPU one (different fusion and layouts), good to pick a slice size.
 
-Each part runs in a subprocess with its own XLA_FLAGS (1 and 64 host devices).
+3. lora_sft: the SFT step of the sft_tiny model (hidden 96, 3 layers) with LoRA (rank 8 on every
+   projection, base frozen) against the full step, same batches, interleaved; the ratio of median
+   step times and the trained-state bytes (params + AdamW moments) of both, at tiny and Llama-3.1-8B
+   size (abstract shapes).
+4. lora_rl: the per-device memory plan of a Llama-3.1-8B PPO-Lagrangian iteration (six roles;
+   experiments/benchmark_rl.py's memory_plan: actor sampler, scoring, updates) with a LoRA actor on
+   v5e-16 (16 devices) and without LoRA on the smallest fsdp slice of 16 / 32 / 64 / 128 whose three
+   steps fit 90% of a v5e chip's 16 GiB (simulated 128 CPU devices).
+
+Each part runs in a subprocess with its own XLA_FLAGS (1, 64 and 128 host devices).
 """
 
 from __future__ import annotations
@@ -241,12 +250,117 @@ MEMORY_CASES = [
 ]
 
 
+# -------------------------------------------------------------------------------------------- LoRA
+
+
+def llama31_8b() -> dict:
+    """Llama-3.1-8B's config.json fields (rope llama3)."""
+    from jaxalign.models.layers import RopeScaling
+
+    return dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
+
+
+SFT_TINY = dict(vocab_size=1024, hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _state_bytes(abstract) -> int:
+    import jax
+
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((abstract.params, abstract.opt_state))))
+
+
+def lora_sft(steps: int, rank: int = 8, batch_size: int = 16, seq_len: int = 64) -> dict:
+    """SFT step time with LoRA vs full at the sft_tiny size, and trained-state bytes (tiny and 8B)."""
+    import jax
+    import numpy as np
+
+    from jaxalign.models import llama, loading, lora
+    from jaxalign.objectives import sft
+    from jaxalign.parallel import mesh as mesh_lib
+    from jaxalign.train import loop, optim, state as state_lib
+
+    settings = lora.LoraSettings(rank=rank, alpha=2.0 * rank)
+    mesh, rules = _mesh(1)
+    tx = optim.make_optimizer(_train_config(1e-3), 1000)
+    cfg = llama.LlamaConfig(**SFT_TINY)
+    model = llama.Llama(cfg)
+    base, _ = mesh_lib.init_sharded(loading.init_fn(model), jax.random.PRNGKey(0), mesh, rules)
+    abstract = {"full": state_lib.abstract_train_state(loading.init_fn(model), tx, mesh, rules),
+                "lora": state_lib.abstract_train_state(lora.adapter_init_fn(model, settings), tx, mesh, rules)}
+    adapters, _ = lora.init_adapters(model, settings, jax.random.PRNGKey(1), mesh, rules)
+    loss = {"full": sft.make_loss_fn(model), "lora": lora.on_base(sft.make_loss_fn(lora.wrap(model, settings)))}
+    rng = np.random.default_rng(0)
+    sharding = mesh_lib.batch_sharding(mesh)
+    batch = {"input_ids": jax.device_put(rng.integers(4, cfg.vocab_size, (batch_size, seq_len), dtype=np.int32), sharding),
+             "attention_mask": jax.device_put(np.ones((batch_size, seq_len), bool), sharding),
+             "loss_mask": jax.device_put(np.arange(seq_len)[None].repeat(batch_size, 0) >= 24, sharding)}
+    states, step_fns, times = {}, {}, {"full": [], "lora": []}
+    with mesh_lib.sharding_context(mesh, rules):
+        for name in ("full", "lora"):
+            shardings = state_lib.shardings_of(abstract[name])
+            params = jax.tree.map(jax.numpy.copy, base) if name == "full" else adapters
+            states[name] = state_lib.init_train_state(params, tx, jax.random.PRNGKey(2), abstract[name])
+            frozen = None if name == "full" else base
+            step = jax.jit(loop.make_train_step(loss[name], tx, 1), in_shardings=(shardings, None, None),
+                           out_shardings=(shardings, None), donate_argnums=0)
+            step_fns[name] = lambda state, step=step, frozen=frozen: step(state, [batch], frozen)
+            states[name], metrics = step_fns[name](states[name])  # compile + warm-up
+            jax.block_until_ready(metrics)
+        for _ in tqdm.trange(steps, desc="SFT steps (full, lora)", file=sys.stderr):
+            for name in ("full", "lora"):  # interleaved: load from other processes hits both alike
+                start = time.perf_counter()
+                states[name], metrics = step_fns[name](states[name])
+                jax.block_until_ready(metrics)
+                times[name].append(time.perf_counter() - start)
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    mesh128, rules128 = _mesh(1)
+    cfg8 = llama.LlamaConfig(**llama31_8b(), dtype="bfloat16", param_dtype="float32")
+    model8 = llama.Llama(cfg8)
+    state8 = {"full": state_lib.abstract_train_state(loading.init_fn(model8), tx, mesh128, rules128),
+              "lora": state_lib.abstract_train_state(lora.adapter_init_fn(model8, settings), tx, mesh128, rules128)}
+    return {
+        "rank": rank, "model": SFT_TINY, "batch_size": batch_size, "seq_len": seq_len,
+        "step_s_median": median, "step_s_all": times, "lora_over_full": median["lora"] / median["full"],
+        "trained_state_bytes": {name: _state_bytes(a) for name, a in abstract.items()},
+        "trained_state_bytes_8b": {name: _state_bytes(a) for name, a in state8.items()},
+        "base_param_bytes_8b": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state8["full"].params))),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+RL_FSDP = (16, 32, 64, 128)
+
+
+def lora_rl(rank: int = 16) -> list[dict]:
+    """experiments/benchmark_rl.py's memory_plan for Llama-3.1-8B: a LoRA actor on 16 devices, then
+    without LoRA on the smallest of RL_FSDP that fits a v5e chip."""
+    import benchmark_rl
+
+    from jaxalign.models import lora
+
+    settings = lora.LoraSettings(rank=rank, alpha=2.0 * rank)
+    rows = benchmark_rl.memory_plan(fsdp=16, model=llama31_8b(), lora=settings, label=f"Llama-3.1-8B LoRA r{rank}")
+    for fsdp in RL_FSDP:
+        plan = benchmark_rl.memory_plan(fsdp=fsdp, model=llama31_8b(), label="Llama-3.1-8B full")
+        rows += plan
+        if all(row["fits"]["v5e"] for row in plan):
+            break
+    return rows
+
+
 # -------------------------------------------------------------------------------------------- main
 
 
 def _child(part: str, args) -> None:
     if part == "throughput":
         print("RESULT " + json.dumps(throughput(args.steps)), flush=True)
+    elif part == "lora_sft":
+        print("RESULT " + json.dumps(lora_sft(args.steps)), flush=True)
+    elif part == "lora_rl":
+        lora_rl()  # memory_plan prints each RESULT line
     else:
         for case in MEMORY_CASES:
             print("RESULT " + json.dumps(memory_plan(*case)), flush=True)
@@ -256,7 +370,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/benchmark_train.json")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up step")
-    parser.add_argument("--part", choices=["throughput", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=["throughput", "memory", "lora_sft", "lora_rl"], help=argparse.SUPPRESS)
     parser.add_argument("--parts", default="throughput,memory", help="comma list; others keep their value in --out")
     args = parser.parse_args()
     if args.part:
@@ -270,8 +384,16 @@ def main() -> int:
         result["throughput"] = benchmark_common.run_child(__file__, "throughput", 1, ["--steps", str(args.steps)])[0]
     if "memory" in parts:
         result["memory"] = benchmark_common.run_child(__file__, "memory", 64, ["--steps", str(args.steps)])
+    if "lora_sft" in parts:
+        result["lora_sft"] = benchmark_common.run_child(__file__, "lora_sft", 1, ["--steps", str(args.steps)])[0]
+    if "lora_rl" in parts:
+        result["lora_rl"] = benchmark_common.run_child(__file__, "lora_rl", max(RL_FSDP), [])
     if "throughput" in result:
         _print_throughput(result["throughput"])
+    if "lora_sft" in result:
+        _print_lora_sft(result["lora_sft"])
+    if "lora_rl" in result:
+        _print_lora_rl(result["lora_rl"])
     if "memory" in result:
         _print_memory(result["memory"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +414,24 @@ def _print_memory(memory: list[dict]) -> None:
     benchmark_common.print_memory_table(
         "Per-device memory of a 7B train step (AOT on a simulated CPU mesh; fp32 params + AdamW, bf16 compute)",
         memory, "name", 52)
+
+
+def _print_lora_sft(r: dict) -> None:
+    gib, med = benchmark_common.GIB, r["step_s_median"]
+    print(f"\nSFT step, sft_tiny size ({r['batch_size']} x {r['seq_len']}), LoRA rank {r['rank']} vs full: "
+          f"{med['lora'] * 1e3:.1f} ms vs {med['full'] * 1e3:.1f} ms -> ratio {r['lora_over_full']:.2f}")
+    tiny, big = r["trained_state_bytes"], r["trained_state_bytes_8b"]
+    print(f"  trained state (params + AdamW): tiny {tiny['lora'] / 1e6:.2f} MB vs {tiny['full'] / 1e6:.2f} MB; "
+          f"Llama-3.1-8B {big['lora'] / gib:.2f} GiB vs {big['full'] / gib:.1f} GiB "
+          f"(frozen fp32 base {r['base_param_bytes_8b'] / gib:.1f} GiB)")
+
+
+def _print_lora_rl(rows: list[dict]) -> None:
+    for row in rows:
+        row["label"] = f"{row['model']}: {row['step']}"
+    benchmark_common.print_memory_table(
+        "Per-device memory of a Llama-3.1-8B PPO-Lagrangian iteration (six roles; AOT, simulated CPU mesh; fp32 "
+        "params, bf16 compute, remat full)", rows, "label", 56)
 
 
 if __name__ == "__main__":

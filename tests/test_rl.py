@@ -478,8 +478,8 @@ def test_in_loop_evaluation_writes_its_metrics(tmp_path):
     # The fixture's policy has a 16-token vocabulary: it reads the tokenized prompts' ids mod 16.
     eval_settings = evaluation.EvalSettings(batch_size=BATCH, prompt_length=PROMPT, use_judge=True)
 
-    def generate(params, ids, mask, rng):
-        return program.generate(params, ids % VOCAB, mask, rng)
+    def generate(params, ids, mask, rng, frozen=None):
+        return program.generate(params, ids % VOCAB, mask, rng, frozen)
 
     eval_fn = evaluation.make_eval_fn(generate, LLAMA_FNS.scores, prompts, tok, eval_settings, mesh, (),
                                       template="{input}")

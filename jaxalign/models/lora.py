@@ -206,6 +206,17 @@ def init_adapters(module: nn.Module, settings: LoraSettings, rng: jax.Array, mes
     return mesh_lib.init_sharded(adapter_init_fn(module, settings), rng, mesh, rules)
 
 
+def abstract_adapters(module: nn.Module, settings: LoraSettings, mesh, rules) -> dict:
+    """ShapeDtypeStructs of `module`'s adapters, each with its sharding (AOT plans; nothing allocated)."""
+    from jaxalign.parallel import mesh as mesh_lib
+
+    init = adapter_init_fn(module, settings)
+    with mesh_lib.sharding_context(mesh, rules):
+        boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+        shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
+    return mesh_lib.with_shardings(nn.meta.unbox(boxed), shardings)
+
+
 def num_bytes(tree: Any) -> int:
     """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -42,7 +42,7 @@ def make_eval_fn(generate: Callable, score_fns: Mapping[str, Callable], prompts:
                  settings: EvalSettings, mesh, rules, template: views.Template = views.PROMPT_TEMPLATE):
     """eval_fn(state, frozen) -> {name: float} for loop.run (state: an RLState; frozen: {role: params}).
 
-    generate: (actor params, prompt_ids [B,S], prompt_mask [B,S], rng) -> (input_ids [B,S+N],
+    generate: (actor params, prompt_ids [B,S], prompt_mask [B,S], rng, frozen) -> (input_ids [B,S+N],
     attention_mask [B,S+N]) with B = settings.batch_size, S = settings.prompt_length; score_fns:
     {role: ScoreFn}, of which "reward" and "cost" are scored when frozen holds their params;
     prompts: raw user prompts (the template is applied here).
@@ -67,7 +67,7 @@ def make_eval_fn(generate: Callable, score_fns: Mapping[str, Callable], prompts:
                 keep = min(size, len(prompts) - start)
                 ids = mesh_lib.put_sharded(arrays["input_ids"][rows], in_sharding)
                 mask = mesh_lib.put_sharded(arrays["attention_mask"][rows], in_sharding)
-                seq, seq_mask = generate(state.actor.params, ids, mask, jax.random.fold_in(rng, start))
+                seq, seq_mask = generate(state.actor.params, ids, mask, jax.random.fold_in(rng, start), frozen)
                 for name, value in jax.device_get(score(scored, seq, seq_mask)).items():
                     values[name].append(np.asarray(value)[:keep])
                 seq, seq_mask = jax.device_get((seq, seq_mask))

@@ -88,7 +88,8 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
         prompt_ids, prompt_mask = (jnp.repeat(x, settings.num_return_sequences, axis=0)
                                    for x in (prompt_ids, prompt_mask))
     prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), program.batch_sharding)
-    input_ids, attention_mask, sample_log_probs = program.rollout(state.actor.params, prompt_ids, prompt_mask,
+    input_ids, attention_mask, sample_log_probs = program.rollout(program.actor_params(state.actor.params, frozen),
+                                                                  prompt_ids, prompt_mask,
                                                                   sample_rng)
     jax.block_until_ready(attention_mask)
     times["generate"] = time.perf_counter() - t0
@@ -112,7 +113,8 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
             ptx_batch = None
             if settings.ptx_coeff > 0:
                 ptx_batch = jax.device_put(next(ptx_batches), program.ptx_shardings)
-            state, metrics = program.train(state, mb, algorithm.multiplier(settings, state.algorithm), ptx_batch)
+            state, metrics = program.train(state, mb, algorithm.multiplier(settings, state.algorithm), ptx_batch,
+                                           frozen)
             update_metrics.append(metrics)
     update_metrics = jax.device_get(update_metrics)
     times["train"] = time.perf_counter() - t0

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxalign import models
 from jaxalign.generate import sampler
-from jaxalign.models import loading, moderation, score
+from jaxalign.models import loading, lora, moderation, score
 from jaxalign.rl.settings import RLSettings
 
 TRAINED = ("actor",)  # plus every "<stream>_critic" role
@@ -54,6 +54,9 @@ class RoleFns:
     # its inputs are the actor's sequences re-tokenised (rollout.retokenize, spec §3.3)
     retokenizers: dict = dataclasses.field(default_factory=dict)
     actor_tokenizer: Any = None  # decodes the actor's sequences for re-tokenisation
+    # LoRA actor: the frozen role whose params are its base ("reference": one shared copy); the actor's
+    # trained params are then only its adapters (steps.actor_params pairs them). "" = fully trained.
+    actor_base: str = ""
 
     def __hash__(self):  # closed over by jit; identity is enough
         return id(self)
@@ -88,11 +91,16 @@ class RolePaths:
         return dict(self.constraints).get(role, self.cost_signal)
 
 
-def policy_fn(cfg) -> PolicyFn:
-    """PolicyFn of a causal LM of any family."""
+def policy_fn(cfg, lora_settings: lora.LoraSettings | None = None) -> PolicyFn:
+    """PolicyFn of a causal LM of any family; with lora_settings it also takes a LoRA model's
+    lora.Adapted(base, adapters) params (the actor), plain params being the base model (the reference)."""
     module = models.causal_lm(cfg)
+    adapted = lora.wrap(module, lora_settings) if lora_settings is not None and lora_settings.enabled else None
 
     def apply(params, input_ids, attention_mask):
+        if isinstance(params, lora.Adapted):
+            params = lora.combine(params.base, params.adapters, cfg.compute_dtype)
+            return adapted.apply({"params": params}, input_ids, attention_mask=attention_mask).logits
         return module.apply({"params": params}, input_ids, attention_mask=attention_mask).logits
 
     return apply
@@ -133,13 +141,14 @@ def score_role_fn(module: nn.Module, stats: dict | None = None, score_type: str 
     return ScoreModelFn(module, stats, score_type)
 
 
-def sampler_fn(cfg, settings: RLSettings, pad_token_id: int, masked_token_ids: tuple[int, ...] = ()) -> GenerateFn:
+def sampler_fn(cfg, settings: RLSettings, pad_token_id: int, masked_token_ids: tuple[int, ...] = (),
+               lora_settings: lora.LoraSettings | None = None) -> GenerateFn:
     """GenerateFn of the jit sampler with the run's temperature / top-p / max new tokens.
 
     masked_token_ids: ids left out of the attention mask wherever they occur, as upstream's
     `mask = (seq != pad) & (seq != unk)` (spec §5.2): a <pad>/<unk> sampled mid-response is then
     neither attended to nor scored (the sampler itself still fed it, as HF generate does). EOS ids
-    are never masked."""
+    are never masked. lora.Adapted params (a LoRA actor) are merged (W + alpha/r * A @ B) before sampling."""
     sampling = sampler.SamplingConfig(
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
         eos_token_ids=cfg.eos_token_ids, pad_token_id=pad_token_id)
@@ -147,6 +156,8 @@ def sampler_fn(cfg, settings: RLSettings, pad_token_id: int, masked_token_ids: t
     masked = tuple(sorted({int(i) for i in masked_token_ids if i is not None} - set(cfg.eos_token_ids)))
 
     def generate(params, prompt_ids, prompt_mask, rng):
+        if isinstance(params, lora.Adapted):
+            params = lora.merge(params.base, params.adapters, lora_settings)
         out = sampler.sample(params, cfg, prompt_ids, prompt_mask, rng, sampling)
         mask = out.sequence_mask
         if masked:
@@ -216,15 +227,26 @@ def own_tokenizer(role: str, path: str, tokenizer):
 
 
 def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths: RolePaths, settings: RLSettings,
-               tokenizer, mesh, rules, rng: jax.Array) -> tuple[RoleFns, dict, dict, Any]:
+               tokenizer, mesh, rules, rng: jax.Array,
+               lora_settings: lora.LoraSettings | None = None) -> tuple[RoleFns, dict, dict, Any]:
     """Every role in `role_names`, placed on the mesh. -> (fns, params, shardings, actor cfg),
     params and shardings keyed by role. The actor and the reference are loaded separately so they
-    never share buffers (the train step donates the actor)."""
+    never share buffers (the train step donates the actor). With LoRA (lora_settings.rank > 0) the
+    policy is loaded once, as the reference, and the actor's params are fresh adapters on it."""
     special = loading.special_ids(tokenizer)
-    actor = loading.load_policy(model, mesh, rules, vocab_size=len(tokenizer), special=special, rng=rng)
     reference = loading.load_policy(model, mesh, rules, vocab_size=len(tokenizer), special=special, rng=rng)
-    params = {"actor": actor.params, "reference": reference.params}
-    shardings = {"actor": actor.shardings, "reference": actor.shardings}
+    if lora_settings is not None and lora_settings.enabled:
+        actor = reference
+        adapters, adapter_shardings = lora.init_adapters(reference.module, lora_settings, jax.random.fold_in(rng, 7),
+                                                         mesh, rules)
+        params = {"actor": adapters, "reference": reference.params}
+        shardings = {"actor": adapter_shardings, "reference": reference.shardings}
+        logging.info("actor: LoRA rank %d on the reference (%d trained of %d parameters)", lora_settings.rank,
+                     param_count(adapters), param_count(reference.params))
+    else:
+        actor = loading.load_policy(model, mesh, rules, vocab_size=len(tokenizer), special=special, rng=rng)
+        params = {"actor": actor.params, "reference": reference.params}
+        shardings = {"actor": actor.shardings, "reference": actor.shardings}
     score_fns, retokenizers = {}, {}
     loaded_moderation = {}  # frozen scorers of one moderation export share its params
     for role in role_names:
@@ -254,6 +276,8 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
         logging.info("%s: %s (%s, %d parameters)", role, path, placed.head.score_type, param_count(placed.params))
     check_sequence_length(actor.cfg, settings)
     masked = (tokenizer.pad_token_id, getattr(tokenizer, "unk_token_id", None))
-    fns = RoleFns(policy=policy_fn(actor.cfg), generate=sampler_fn(actor.cfg, settings, tokenizer.pad_token_id, masked),
-                  scores=score_fns, retokenizers=retokenizers, actor_tokenizer=tokenizer)
+    fns = RoleFns(policy=policy_fn(actor.cfg, lora_settings),
+                  generate=sampler_fn(actor.cfg, settings, tokenizer.pad_token_id, masked, lora_settings),
+                  scores=score_fns, retokenizers=retokenizers, actor_tokenizer=tokenizer,
+                  actor_base="reference" if lora_settings is not None and lora_settings.enabled else "")
     return fns, params, shardings, actor.cfg

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.objectives import ppo, sft
+from jaxalign.models import lora
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl.algorithms.base import Algorithm
 from jaxalign.rl.roles import RoleFns
@@ -73,6 +74,26 @@ def init_rl_state(algorithm: Algorithm, settings: RLSettings, params: dict, opti
 def trained_roles(algorithm: Algorithm) -> tuple[str, ...]:
     """The roles whose params live in the RLState."""
     return ("actor", *(f"{stream}_critic" for stream in algorithm.critics))
+
+
+def actor_params(fns: RoleFns, params: Any, frozen: dict | None) -> Any:
+    """What the policy and the sampler take for the actor: its trained params, or for a LoRA actor
+    (fns.actor_base) lora.Adapted(its frozen base, its adapters)."""
+    return lora.Adapted(frozen[fns.actor_base], params) if fns.actor_base else params
+
+
+def actor_fns(fns: RoleFns, frozen: dict | None) -> RoleFns:
+    """fns whose policy takes the actor's trained params (a LoRA actor: only the adapters, so
+    gradients are taken w.r.t. them alone); the reference is not used by the update."""
+    if not fns.actor_base:
+        return fns
+    policy = fns.policy
+    return dataclasses.replace(fns, policy=lambda params, ids, mask: policy(actor_params(fns, params, frozen), ids, mask))
+
+
+def actor_shardings(fns: RoleFns, param_shardings: dict, frozen_shardings: dict) -> Any:
+    """The shardings of actor_params(...)."""
+    return actor_params(fns, param_shardings["actor"], frozen_shardings)
 
 
 # ------------------------------------------------------------------------------------ losses
@@ -142,7 +163,7 @@ def score_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, frozen:
     """Experience of a rollout batch. -> (experience, sequence scores {scorer: [B]}, batch means {name: []}
     with the health metrics). sample_log_probs [B,R]: the sampler's log-probs (None: no gap metrics);
     retokenized: {scorer: (ids, mask) [B,L']} for the scorers with their own tokenizer."""
-    params = dict(frozen, actor=state.actor.params)
+    params = dict(frozen, actor=actor_params(fns, state.actor.params, frozen))
     params.update({f"{stream}_critic": critic.params for stream, critic in state.critics.items()})
     exp, stats = score_experience(fns, algorithm, settings, params, state.kl_coeff, input_ids, attention_mask,
                                   retokenized)
@@ -204,6 +225,8 @@ class RLProgram:
     frozen_shardings: Any
     batch_sharding: Any
     ptx_shardings: Any
+    # (trained actor params, frozen) -> the rollout's actor params (LoRA: lora.Adapted(base, adapters))
+    actor_params: Callable | None = None
 
 
 def rl_state_shardings(state: RLState, param_shardings: dict, optimizers: Optimizers, mesh) -> RLState:
@@ -238,7 +261,7 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
                         values=dict.fromkeys(algorithm.critics, batch2), returns=dict.fromkeys(algorithm.critics, batch2))
     rollout = jax.jit(
         fns.generate,
-        in_shardings=(param_shardings["actor"], batch2, batch2, rep),
+        in_shardings=(actor_shardings(fns, param_shardings, frozen_shardings), batch2, batch2, rep),
         out_shardings=(batch2, batch2, batch2),
     ) if fns.generate is not None else None
     retokenizers = {role: tok for role, tok in fns.retokenizers.items() if role in algorithm.scorers}
@@ -251,8 +274,9 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
         out_shardings=(exp_sh, batch1, rep),
     )
 
-    def generate(params, prompt_ids, prompt_mask, rng):
-        return rollout(params, prompt_ids, prompt_mask, rng)[:2]
+    def generate(params, prompt_ids, prompt_mask, rng, frozen=None):
+        """The trained actor params (+ the frozen roles for a LoRA actor) -> (input_ids, attention_mask)."""
+        return rollout(actor_params(fns, params, frozen), prompt_ids, prompt_mask, rng)[:2]
 
     def score(frozen, state, ids, mask, log_probs=None):
         # Scorers with their own tokenizer: the sequences re-tokenised on the host (spec §3.3), every
@@ -267,9 +291,10 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
                        for role, tok in retokenizers.items()}
         return score_jit(frozen, state, ids, mask, log_probs, retokenized)
     train = jax.jit(
-        lambda state, exp, multiplier, ptx: train_step(fns, algorithm, settings, optimizers, state, exp, multiplier,
+        lambda state, exp, multiplier, ptx, frozen: train_step(actor_fns(fns, frozen), algorithm, settings, optimizers,
+                                                               state, exp, multiplier,
                                                        ptx),
-        in_shardings=(state_sh, exp_sh, rep, ptx_shardings),
+        in_shardings=(state_sh, exp_sh, rep, ptx_shardings, frozen_shardings),
         out_shardings=(state_sh, rep),
         donate_argnums=0,
     )
@@ -282,4 +307,5 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
     return RLProgram(rollout=rollout, generate=generate, score=score, score_jit=score_jit, train=train,
                      take_minibatch=take_minibatch,
                      state_shardings=state_sh, frozen_shardings=frozen_shardings, batch_sharding=batch2,
-                     ptx_shardings=ptx_shardings)
+                     ptx_shardings=ptx_shardings,
+                     actor_params=lambda params, frozen: actor_params(fns, params, frozen))

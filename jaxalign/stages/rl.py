@@ -7,6 +7,10 @@ mesh -> tokenizer (left padding) -> prompt and PTX batches -> the algorithm's ro
 (actor and reference from config.model.init_path, score models from config.rl.*_model_path) ->
 the compiled generate / score / train steps -> the one loop (one step = one iteration; the frozen
 roles ride along, never donated nor checkpointed) -> WORKDIR/export (the actor as an HF dir).
+
+With config.lora.rank > 0 the actor is adapters on the reference (one frozen copy of the policy):
+the RL state and checkpoints hold only the actor's adapters (and the critics); the export merges
+them (or writes them as an HF PEFT dir, config.lora.export).
 """
 
 from __future__ import annotations
@@ -226,9 +230,11 @@ def run(config, workdir) -> loop.LoopResult:
     optimizers = make_optimizers(config, num_iterations * settings.ppo_epochs * settings.num_minibatches)
 
     rng = jax.random.PRNGKey(config.seed)
+    lora_settings = common.lora_settings(config)
+    lora_export = common.lora_export(config)
     fns, params, shardings, actor_cfg = roles.load_roles(algorithm.roles, common.model_settings(config),
                                                          role_paths(config, constraint_signals), settings, tokenizer,
-                                                         mesh, rules, rng)
+                                                         mesh, rules, rng, lora_settings)
     trained = {name: params.pop(name) for name in steps.trained_roles(algorithm)}
     frozen = params  # reference and score models: passed to every step, never donated or checkpointed
     abstract = jax.eval_shape(lambda p: steps.init_rl_state(algorithm, settings, p, optimizers, rng), trained)
@@ -250,6 +256,11 @@ def run(config, workdir) -> loop.LoopResult:
         init_state=lambda: steps.init_rl_state(algorithm, settings, trained, optimizers, rng),
         batches=batches, frozen=frozen, eval_fn=eval_fn,
     )
-    common.export_once(result, workdir,
-                       lambda out: loading.export_policy(out, actor_cfg, result.state.actor.params, tokenizer))
+    if fns.actor_base:  # LoRA: the adapters on the reference
+        export = lambda out: loading.export_lora_policy(  # noqa: E731
+            out, actor_cfg, frozen[fns.actor_base], result.state.actor.params, lora_settings, tokenizer, lora_export,
+            base_model=config.model.init_path)
+    else:
+        export = lambda out: loading.export_policy(out, actor_cfg, result.state.actor.params, tokenizer)  # noqa: E731
+    common.export_once(result, workdir, export)
     return result
