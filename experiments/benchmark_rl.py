@@ -2,15 +2,24 @@
 
     python experiments/benchmark_rl.py [--out out/benchmark_rl.json] [--iterations 5] [--parts cpu,memory]
 
-1. cpu: PPO-Lagrangian iterations at quickstart size (configs/ppo_lag_tiny.py shapes: the
-   sft_tiny Llama, hidden 64, 2 layers, vocab 1024; 16 prompts of 48 tokens + 32 new tokens;
-   all six roles as random tiny models; PTX on) on one CPU device. Reports the first iteration
-   (compiles included) and the median generate / score / train seconds of the next ones.
+1. cpu: PPO-Lagrangian iterations on one CPU device at two sizes, every role a random model of
+   one architecture, PTX on:
+     quickstart  configs/ppo_lag_tiny.py shapes: the sft_tiny Llama (hidden 64, 2 layers, vocab
+                 1024); 16 prompts of 48 tokens + 32 new tokens
+     benchmark   experiments/benchmark_llama.py's model (hidden 512, 8 layers, vocab 8192), scaled
+                 for 2 cores: 8 prompts of 32 tokens + 32 new tokens
+   Each size runs two programs from the same state on the same batches, iterations interleaved
+   (separate, stacked, separate, ...) so that load from other processes hits both alike:
+   `separate` runs every role's pass alone (compile_program(stack_roles=False)), `stacked` runs
+   roles of one architecture as one batched pass (rl/stacking.py). Reports the first iteration
+   (compiles included), the median generate / score / train seconds of the next ones, and the
+   ratio separate / stacked (wall and process CPU seconds per iteration).
 2. memory: per-device memory of the three compiled steps of a Llama-2-7B PPO-Lagrangian
    iteration (actor sampler; scoring by actor, reference, reward, cost and both critics; actor
    + PTX update and both critic updates with AdamW), AOT-compiled on a simulated 64-device CPU
    mesh (fsdp=64) from abstract inputs with shardings: `jit(...).lower(...).compile()
    .memory_analysis()`. Nothing is allocated. The CPU compiler's plan approximates a TPU's.
+   The scoring and update steps once more with roles stacked (rows '... stacked').
 
 Each part runs in a subprocess with its own XLA_FLAGS (1 and 64 host devices).
 """
@@ -59,7 +68,7 @@ def rl_settings(**changes):
     return dataclasses.replace(RLSettings.from_group(base.get_config().rl), **changes)
 
 
-def build(model_kwargs: dict, algorithm, settings, mesh, rules, **cfg_runtime):
+def build(model_kwargs: dict, algorithm, settings, mesh, rules, stack_roles: bool = False, **cfg_runtime):
     """(program, abstract params by role, param shardings by role, optimizers, abstract state) for one
     model size: every role is the same architecture (as with an SFT actor and RM/CM trained from it)."""
     import jax
@@ -97,25 +106,37 @@ def build(model_kwargs: dict, algorithm, settings, mesh, rules, **cfg_runtime):
     ptx_sh = {key: mesh_lib.batch_sharding(mesh, 2) for key in ("input_ids", "attention_mask", "loss_mask")}
     frozen_sh = {name: shardings[name] for name in shardings if name not in trained}
     program = steps.compile_program(fns, algorithm, settings, optimizers, mesh, abstract_state, shardings, frozen_sh,
-                                    ptx_sh)
+                                    ptx_sh, stack_roles=stack_roles)
     return program, params_abs, shardings, optimizers, abstract_state
 
 
 # ------------------------------------------------------------------------------------------- CPU
 
 
-def cpu_iterations(iterations: int) -> dict:
+SIZES = {  # name: (model, prompts, prompt tokens, new tokens)
+    "quickstart": (TINY, 16, 48, 32),
+    "benchmark": (dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024), 8, 32, 32),
+}
+VARIANTS = {"separate": False, "stacked": True}  # name: compile_program(stack_roles=...)
+PARTS = ("generate", "score", "train")
+
+
+def cpu_iterations(size: str, iterations: int) -> dict:
     import jax
     import numpy as np
 
     from jaxalign.parallel import mesh as mesh_lib
     from jaxalign.rl import algorithms, iteration, steps
 
-    batch, prompt, new = 16, 48, 32
+    model, batch, prompt, new = SIZES[size]
     algorithm = algorithms.make("ppo_lag", has_cost_model=True)
     settings = rl_settings(prompt_length=prompt, max_new_tokens=new, ptx_coeff=1.0, episode_cost_window_size=32)
     mesh, rules = _mesh(1)
-    program, params_abs, shardings, optimizers, _ = build(TINY, algorithm, settings, mesh, rules)
+    programs = {}
+    for name, stack_roles in VARIANTS.items():
+        programs[name], params_abs, shardings, optimizers, _ = build(model, algorithm, settings, mesh, rules,
+                                                                     stack_roles=stack_roles)
     rng = np.random.default_rng(0)
 
     def random_params(role, seed):
@@ -123,18 +144,20 @@ def cpu_iterations(iterations: int) -> dict:
         keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
         return jax.tree.unflatten(tree, [0.02 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
-    params = {role: random_params(role, i) for i, role in enumerate(shardings)}
-    trained = {name: params.pop(name) for name in steps.trained_roles(algorithm)}
-    frozen = jax.device_put(params, program.frozen_shardings)
-    state = jax.device_put(steps.init_rl_state(algorithm, settings, trained, optimizers, jax.random.PRNGKey(0)),
-                           program.state_shardings)
+    frozen, states = {}, {}
+    for name, program in programs.items():  # each program its own buffers: the train step donates its state
+        params = {role: random_params(role, i) for i, role in enumerate(shardings)}
+        trained = {role: params.pop(role) for role in steps.trained_roles(algorithm)}
+        frozen[name] = jax.device_put(params, program.frozen_shardings)
+        states[name] = jax.device_put(steps.init_rl_state(algorithm, settings, trained, optimizers,
+                                                          jax.random.PRNGKey(0)), program.state_shardings)
 
     class Batches:
         def __init__(self, length, sft=False):
             self.length, self.sft = length, sft
 
         def __next__(self):
-            ids = rng.integers(3, TINY["vocab_size"], size=(batch, self.length), dtype=np.int32)
+            ids = rng.integers(3, model["vocab_size"], size=(batch, self.length), dtype=np.int32)
             mask = np.arange(self.length)[None, :] >= rng.integers(0, self.length // 2, size=(batch, 1))
             out = {"input_ids": np.where(mask, ids, PAD), "attention_mask": mask}
             if self.sft:
@@ -142,34 +165,45 @@ def cpu_iterations(iterations: int) -> dict:
             return out
 
     batches = iteration.RLBatches(Batches(prompt), Batches(prompt + new, sft=True), 1)
-    records = []
+    records = {name: [] for name in programs}
     with mesh_lib.sharding_context(mesh, rules):
-        for _ in tqdm.trange(iterations + 1, desc="RL iterations", unit="it", file=sys.stderr):
-            state, metrics = iteration.rl_iteration(program, algorithm, settings, frozen, state, next(batches))
-            records.append(metrics)
-    first, rest = records[0], records[1:]
-    median = lambda key: float(np.median([m[key] for m in rest]))  # noqa: E731
-    split = {name: median(f"time/{name}_s") for name in ("generate", "score", "train")}
-    total = median("time/iteration_s")
-    return {
-        "model": TINY, "batch": batch, "prompt_length": prompt, "max_new_tokens": new,
-        "first_iteration_s": first["time/iteration_s"],
-        "first_split_s": {name: first[f"time/{name}_s"] for name in ("generate", "score", "train")},
-        "iteration_s_median": total, "split_s_median": split,
-        "split_fraction": {name: value / total for name, value in split.items()},
-        "tokens_per_s": median("tokens_per_s"), "generate_tokens_per_s": median("generate_tokens_per_s"),
-        "mean_generated_length": median("mean_generated_length"), "iterations": iterations,
-        "cpu_count": os.cpu_count(),
-    }
+        for _ in tqdm.trange(iterations + 1, desc=f"RL iterations ({size}, 2 programs)", unit="it", file=sys.stderr):
+            data = next(batches)
+            for name, program in programs.items():
+                cpu = time.process_time()
+                states[name], metrics = iteration.rl_iteration(program, algorithm, settings, frozen[name],
+                                                               states[name], data)
+                metrics["cpu_s"] = time.process_time() - cpu
+                records[name].append(metrics)
+    out = {"size": size, "model": model, "batch": batch, "prompt_length": prompt, "max_new_tokens": new,
+           "iterations": iterations, "cpu_count": os.cpu_count()}
+    for name, (first, *rest) in records.items():
+        median = lambda key: float(np.median([m[key] for m in rest]))  # noqa: E731
+        split = {part: median(f"time/{part}_s") for part in PARTS}
+        total = median("time/iteration_s")
+        out[name] = {
+            "first_iteration_s": first["time/iteration_s"],
+            "first_split_s": {part: first[f"time/{part}_s"] for part in PARTS},
+            "iteration_s_median": total, "cpu_s_median": median("cpu_s"), "split_s_median": split,
+            "split_fraction": {part: value / total for part, value in split.items()},
+            "tokens_per_s": median("tokens_per_s"), "generate_tokens_per_s": median("generate_tokens_per_s"),
+            "mean_generated_length": median("mean_generated_length"),
+        }
+    sep, stk = out["separate"], out["stacked"]
+    out["speedup"] = {"iteration": sep["iteration_s_median"] / stk["iteration_s_median"],
+                      "iteration_cpu": sep["cpu_s_median"] / stk["cpu_s_median"],
+                      **{part: sep["split_s_median"][part] / stk["split_s_median"][part] for part in PARTS}}
+    return out
 
 
 # ---------------------------------------------------------------------------------------- memory
 
 
 def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 384, remat: str = "full",
-                model: dict | None = None, lora=None, label: str = "Llama-2-7B") -> list[dict]:
+                model: dict | None = None, lora=None, label: str = "Llama-2-7B", stack_roles: bool = False) -> list[dict]:
     """Per-device memory of the three compiled steps (see the module docstring) of `model` (default
-    Llama-2-7B); lora: a lora.LoraSettings for a LoRA actor (adapters on the reference)."""
+    Llama-2-7B); lora: a lora.LoraSettings for a LoRA actor (adapters on the reference); stack_roles:
+    the scoring and update steps with roles stacked (rl/stacking.py; the rollout is the same)."""
     import jax
     import jax.numpy as jnp
 
@@ -181,7 +215,7 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
     mesh, rules = _mesh(fsdp)
     program, params_abs, shardings, _, abstract_state = build(
         model or LLAMA2_7B, algorithm, settings, mesh, rules, dtype="bfloat16", param_dtype="float32", remat_policy=remat,
-        lora=lora,
+        lora=lora, stack_roles=stack_roles,
         scan_layers=True)
     length, response = prompt + new, new
     rep = mesh_lib.replicated(mesh)
@@ -210,6 +244,8 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
         "update (actor+PTX, 2 critics)": (program.train, (state, exp, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
                                                           ptx, frozen)),
     }
+    if stack_roles:
+        steps = {f"{name} stacked": step for name, step in steps.items() if not name.startswith("rollout")}
     results = []
     for name, (fn, args) in steps.items():
         start = time.perf_counter()
@@ -231,30 +267,31 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
 
 
 def _print_cpu(c: dict) -> None:
-    split, fraction = c["split_s_median"], c["split_fraction"]
-    print(f"PPO-Lagrangian iteration on CPU ({c['cpu_count']} cores), quickstart size: {c['batch']} prompts x "
+    print(f"\nPPO-Lagrangian iteration on CPU ({c['cpu_count']} cores), {c['size']} size: {c['batch']} prompts x "
           f"({c['prompt_length']} + {c['max_new_tokens']}) tokens, hidden {c['model']['hidden_size']}, "
-          f"{c['model']['num_hidden_layers']} layers, 6 roles, PTX on")
-    print(f"  first iteration (compiles) {c['first_iteration_s']:.1f} s: " +
-          ", ".join(f"{k} {v:.1f} s" for k, v in c["first_split_s"].items()))
-    print(f"  steady state {c['iteration_s_median']:.3f} s/iteration (median of {c['iterations']}), "
-          f"{c['tokens_per_s']:.0f} tokens/s; generation {c['generate_tokens_per_s']:.0f} new tokens/s")
+          f"{c['model']['num_hidden_layers']} layers, vocab {c['model']['vocab_size']}, 6 roles, PTX on")
     # Work per step in forward passes over the [B, S+N] batch (fwd+bwd ~ 3 forwards).
-    work = {"generate": "prefill + N one-token decode steps (~1 forward, but N sequential steps)",
+    work = {"generate": "prefill + N one-token decode steps",
             "score": "6 forwards: actor, reference, reward, cost, 2 critics",
-            "train": "4 fwd+bwd (actor RL, actor PTX, 2 critics) ~ 12 forwards + 3 AdamW updates"}
-    for name in ("generate", "score", "train"):
-        print(f"    {name:9s} {split[name]:7.3f} s  {100 * fraction[name]:5.1f}%   {work[name]}")
-    print("  The update dominates: it does about twice the forward-equivalent work of scoring, and backward passes "
-          "run at a lower fraction of peak than forwards on CPU. Generation is latency-bound (one small matmul "
-          "chain per new token), not FLOP-bound, so it costs as much as scoring with ~1/6 of the FLOPs.")
+            "train": "4 fwd+bwd (actor RL, actor PTX, 2 critics) + 3 AdamW updates"}
+    for name in VARIANTS:
+        v = c[name]
+        split, fraction = v["split_s_median"], v["split_fraction"]
+        print(f"  {name}: first iteration (compiles) {v['first_iteration_s']:.1f} s; steady state "
+              f"{v['iteration_s_median']:.3f} s/iteration (median of {c['iterations']}; {v['cpu_s_median']:.3f} "
+              f"CPU s), {v['tokens_per_s']:.0f} tokens/s")
+        for part in PARTS:
+            print(f"    {part:9s} {split[part]:7.3f} s  {100 * fraction[part]:5.1f}%   {work[part]}")
+    speedup = c["speedup"]
+    print(f"  separate / stacked: iteration {speedup['iteration']:.2f}x (CPU seconds {speedup['iteration_cpu']:.2f}x); "
+          + ", ".join(f"{part} {speedup[part]:.2f}x" for part in PARTS))
 
 
 def _print_memory(memory: list[dict]) -> None:
     benchmark_common.print_memory_table(
         "Per-device memory of a Llama-2-7B PPO-Lagrangian iteration (AOT, simulated CPU mesh; fp32 params, "
           "AdamW for actor + 2 critics, bf16 compute, remat full)",
-        memory, "step", 32)
+        memory, "step", 40)
 
 
 def main() -> int:
@@ -262,24 +299,33 @@ def main() -> int:
     parser.add_argument("--out", default="out/benchmark_rl.json")
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations after the first")
     parser.add_argument("--part", choices=["cpu", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", default="quickstart,benchmark", help="comma list of the cpu part's sizes")
+    parser.add_argument("--benchmark-iterations", type=int, default=3, help="timed iterations at benchmark size")
     parser.add_argument("--parts", default="cpu,memory", help="comma list; others keep their value in --out")
     args = parser.parse_args()
     if args.part == "cpu":
-        print("RESULT " + json.dumps(cpu_iterations(args.iterations)), flush=True)
+        print("RESULT " + json.dumps(cpu_iterations(args.size, args.iterations)), flush=True)
         return 0
     if args.part == "memory":
         memory_plan()
+        memory_plan(stack_roles=True)
         return 0
 
     out = pathlib.Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
+    if "iteration_s_median" in result.get("cpu", {}):  # the one-size layout before issue 12
+        del result["cpu"]
     parts = args.parts.split(",")
     if "cpu" in parts:
-        result["cpu"] = benchmark_common.run_child(__file__, "cpu", 1, ["--iterations", str(args.iterations)])[0]
+        for size in args.sizes.split(","):
+            iterations = args.iterations if size == "quickstart" else args.benchmark_iterations
+            result.setdefault("cpu", {})[size] = benchmark_common.run_child(
+                __file__, "cpu", 1, ["--size", size, "--iterations", str(iterations)])[0]
     if "memory" in parts:
         result["memory"] = benchmark_common.run_child(__file__, "memory", 64, ["--iterations", str(args.iterations)])
-    if "cpu" in result:
-        _print_cpu(result["cpu"])
+    for c in result.get("cpu", {}).values():
+        _print_cpu(c)
     if "memory" in result:
         _print_memory(result["memory"])
     out.parent.mkdir(parents=True, exist_ok=True)

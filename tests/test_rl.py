@@ -23,7 +23,7 @@ from configs import base
 from jaxalign.models import score
 from jaxalign.models.llama import LlamaConfig, init_params
 from jaxalign.parallel import mesh as mesh_lib
-from jaxalign.rl import algorithms, iteration, roles, steps
+from jaxalign.rl import algorithms, iteration, roles, stacking, steps
 from jaxalign.rl.rollout import score_experience
 from jaxalign.rl.settings import RLSettings
 from jaxalign.train import checkpoint as checkpoint_lib
@@ -574,3 +574,52 @@ def test_prompt_plus_new_tokens_beyond_max_positions_warns(caplog):
     assert not caplog.records
     roles.check_sequence_length(CFG, make_settings(prompt_length=48, max_new_tokens=24))
     assert "48 + 24 = 72 exceeds the actor's max_position_embeddings 64" in caplog.text
+
+
+def test_stacked_passes_equal_the_per_role_passes_and_mismatched_roles_run_alone():
+    """Issue 12: roles of one architecture run as one vmapped pass over stacked params; the numbers
+    equal each role's own pass (fp32 reassociation only). A role of another shape, a plain function
+    or another input (a re-tokenised scorer) runs alone."""
+    ids, mask = sampled_batch(2)
+    keys = jax.random.split(jax.random.PRNGKey(7), 4)
+    stats = {"mean": jnp.asarray([0.3]), "var": jnp.asarray([4.0]), "count": jnp.asarray(9)}
+    small = score.ScoreModel(dataclasses.replace(CFG, intermediate_size=16))
+    fns = {"reward": roles.score_role_fn(CRITIC, stats, "reward"), "cost": roles.score_role_fn(CRITIC, stats, "cost"),
+           "reward_critic": roles.score_role_fn(CRITIC), "small": roles.score_role_fn(small),
+           "exact": bad_fraction_scores(0.0), "retokenized": roles.score_role_fn(CRITIC)}
+    params = {"reward": score.init_score_params(CFG, keys[0]), "cost": score.init_score_params(CFG, keys[1]),
+              "reward_critic": score.init_score_params(CFG, keys[2]), "small": score.init_score_params(small.cfg, keys[3]),
+              "exact": {}, "retokenized": score.init_score_params(CFG, keys[3])}
+    inputs = dict.fromkeys(fns, (ids, mask))
+    inputs["retokenized"] = (ids[:, ::-1], mask[:, ::-1])
+    assert stacking.stack_groups(fns, params, inputs) == [("reward", "cost", "reward_critic"), ("small",), ("exact",),
+                                                          ("retokenized",)]
+    assert stacking.stack_groups(fns, params, inputs, stack=False) == [(role,) for role in fns]
+    stacked, alone = jax.jit(lambda p: [stacking.score_pass(fns, p, inputs, stack) for stack in (True, False)])(params)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5), stacked, alone)
+    assert float(jnp.abs(stacked["reward"] - stacked["cost"]).max()) > 0.1  # own params, own normalization
+
+    # Score step (actor + reference; both critics) and train step (RL + PTX rows in one policy pass,
+    # both critics as one update) on the bigram roles, the critics sharing one function.
+    settings = make_settings(ptx_coeff=4.0)
+    value = lambda p, ids, mask: p["value"][ids]  # noqa: E731
+    fns = dataclasses.replace(bigram_fns(), scores=dict(bigram_fns().scores, reward_critic=value, cost_critic=value))
+    params = bigram_params(3)
+    params["cost_critic"] = {"value": -params["reward_critic"]["value"]}
+    score_fn = jax.jit(score_experience, static_argnums=(0, 1, 2), static_argnames="stack")
+    exp, stats = score_fn(fns, PPO_LAG, settings, params, jnp.float32(0.1), ids, mask, stack=True)
+    alone = score_fn(fns, PPO_LAG, settings, params, jnp.float32(0.1), ids, mask)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5), (exp, stats), alone)
+    optimizers = steps.Optimizers(optax.sgd(1.0), optax.adam(1e-2), optax.constant_schedule(1.0),
+                                  optax.constant_schedule(1e-2))
+    state = steps.init_rl_state(PPO_LAG, settings, {name: params[name] for name in steps.trained_roles(PPO_LAG)},
+                                optimizers, jax.random.PRNGKey(0))
+    ptx_batch = next(PromptIter(BATCH, "sft", PROMPT + NEW))
+    critics = {"reward_critic": value, "cost_critic": value}
+    assert stacking.stack_groups(critics, params) == [tuple(critics)] and steps.can_fuse_ptx(exp, ptx_batch)
+    train = jax.jit(steps.train_step, static_argnums=(0, 1, 2, 3, 8))
+    new_state, metrics = train(fns, PPO_LAG, settings, optimizers, state, exp, jnp.float32(1.0), ptx_batch, True)
+    alone = train(fns, PPO_LAG, settings, optimizers, state, exp, jnp.float32(1.0), ptx_batch, False)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), (new_state, metrics), alone)
+    for stream in ("reward", "cost"):  # each critic moved by its own loss
+        assert float(jnp.abs(new_state.critics[stream].params["value"] - params[f"{stream}_critic"]["value"]).max()) > 0

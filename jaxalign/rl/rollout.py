@@ -100,7 +100,7 @@ def retokenize(input_ids: np.ndarray, attention_mask: np.ndarray, source, dest,
 
 def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, params: dict, kl_coeff: jax.Array,
                      input_ids: jax.Array, attention_mask: jax.Array,
-                     retokenized: dict | None = None, stack: bool = True) -> tuple[Experience, dict]:
+                     retokenized: dict | None = None, stack: bool = False) -> tuple[Experience, dict]:
     """Scores a rollout batch with the algorithm's roles and computes each stream's advantages.
 
     params: {role: pytree} for "actor", "reference", the algorithm's scorers and critics;

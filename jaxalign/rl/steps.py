@@ -6,6 +6,13 @@
                     log-prob gap, non-finite counts)
     train      jit: PPO-clip actor update on the algorithm's advantage plus PTX (one AdamW update
                     on 0.5*(g_RL + ptx_coeff*g_PTX)), then a clipped value update of every critic
+
+With stack_roles, roles of one architecture share one batched computation (rl/stacking.py):
+actor + reference and the scorers + critics score as vmapped passes over stacked params, the actor's
+RL and PTX rows run as one policy pass when their shapes match, and critics of one module and param
+shapes update as one vmapped step. Off by default: on XLA:CPU the separate passes were faster
+(experiments/benchmark_rl.py, separate / stacked 0.92-0.95x per iteration at two sizes; the
+independent passes run concurrently on the CPU's thread pool, one batched chain does not).
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.objectives import ppo, sft
+from jaxalign.objectives.common import token_log_probs
 from jaxalign.models import lora
 from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.rl import stacking
 from jaxalign.rl.algorithms.base import Algorithm
 from jaxalign.rl.roles import RoleFns
 from jaxalign.rl.rollout import Experience, critic_values, policy_log_probs, retokenize, score_experience
@@ -128,6 +137,29 @@ def value_loss(score_fn, settings: RLSettings, params: Any, exp: Experience, old
     return ppo.critic_loss(values, old_values, returns, exp.response_mask, settings.clip_range_value)
 
 
+def can_fuse_ptx(exp: Experience, ptx_batch: dict) -> bool:
+    """The PTX rows can join the rollout rows in one policy pass: same [B,L] shape (then each
+    device's rows interleave without moving data between devices)."""
+    return ptx_batch["input_ids"].shape == exp.input_ids.shape
+
+
+def actor_rl_ptx_loss(fns: RoleFns, settings: RLSettings, params: Any, exp: Experience, advantages: jax.Array,
+                      ptx_batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """0.5*(L_RL + ptx_coeff*L_PTX) from ONE policy pass over the rollout and PTX rows interleaved
+    ([B,2,L] -> [2B,L]; both [B,L]). Its gradient is upstream's 0.5*(g_RL + ptx_coeff*g_PTX) up to
+    fp32 reassociation. -> (loss, (L_RL, L_PTX))."""
+    b, length = exp.input_ids.shape
+    both = lambda x, y: jnp.stack([x, y.astype(x.dtype)], axis=1).reshape(2 * b, length)  # noqa: E731
+    logits = fns.policy(params, both(exp.input_ids, ptx_batch["input_ids"]),
+                        both(exp.attention_mask, ptx_batch["attention_mask"]))
+    logits = logits.reshape(b, 2, *logits.shape[1:])
+    start = settings.start
+    log_probs = token_log_probs(logits[:, 0, start:-1], exp.input_ids[:, start + 1:])
+    rl = ppo.actor_loss(log_probs, exp.old_log_probs, advantages, exp.response_mask, settings.clip_range_ratio)
+    ptx = sft.sft_loss(logits[:, 1], ptx_batch["input_ids"], ptx_batch["loss_mask"])[0]
+    return 0.5 * (rl + settings.ptx_coeff * ptx), (rl, ptx)
+
+
 # ------------------------------------------------------------------------------------ steps
 
 
@@ -159,14 +191,14 @@ def health_metrics(exp: Experience, scores: dict, sample_log_probs: jax.Array | 
 def score_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, frozen: dict, state: RLState,
                input_ids: jax.Array, attention_mask: jax.Array,
                sample_log_probs: jax.Array | None = None,
-               retokenized: dict | None = None) -> tuple[Experience, dict, dict]:
+               retokenized: dict | None = None, stack: bool = False) -> tuple[Experience, dict, dict]:
     """Experience of a rollout batch. -> (experience, sequence scores {scorer: [B]}, batch means {name: []}
     with the health metrics). sample_log_probs [B,R]: the sampler's log-probs (None: no gap metrics);
     retokenized: {scorer: (ids, mask) [B,L']} for the scorers with their own tokenizer."""
     params = dict(frozen, actor=actor_params(fns, state.actor.params, frozen))
     params.update({f"{stream}_critic": critic.params for stream, critic in state.critics.items()})
     exp, stats = score_experience(fns, algorithm, settings, params, state.kl_coeff, input_ids, attention_mask,
-                                  retokenized)
+                                  retokenized, stack)
     means = {name: jnp.mean(value) for name, value in stats.items()}
     means["mean_generated_length"] = means.pop("generated_length")
     means["max_generated_length"] = jnp.max(stats["generated_length"])
@@ -176,27 +208,70 @@ def score_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, frozen:
     return exp, scores, means
 
 
+def actor_gradients(fns: RoleFns, settings: RLSettings, params: Any, exp: Experience, advantages: jax.Array,
+                    ptx_batch: dict | None, stack: bool) -> tuple[Any, dict]:
+    """The actor's gradient: g_RL, or 0.5*(g_RL + ptx_coeff*g_PTX) with PTX (upstream doubles GAS when
+    PTX is on: one update on the mean of the two backward passes). -> (grads, loss metrics)."""
+    if settings.ptx_coeff <= 0:
+        loss, grads = jax.value_and_grad(actor_rl_loss, argnums=2)(fns, settings, params, exp, advantages)
+        return grads, {"actor_loss": loss}
+    if stack and can_fuse_ptx(exp, ptx_batch):
+        (_, (loss, ptx)), grads = jax.value_and_grad(actor_rl_ptx_loss, argnums=2, has_aux=True)(
+            fns, settings, params, exp, advantages, ptx_batch)
+        return grads, {"actor_loss": loss, "ptx_loss": ptx}
+    loss, grads = jax.value_and_grad(actor_rl_loss, argnums=2)(fns, settings, params, exp, advantages)
+    ptx, ptx_grads = jax.value_and_grad(ptx_loss, argnums=1)(fns, params, ptx_batch)
+    grads = jax.tree.map(lambda g, p: 0.5 * (g + settings.ptx_coeff * p), grads, ptx_grads)
+    return grads, {"actor_loss": loss, "ptx_loss": ptx}
+
+
+def critic_updates(fns: RoleFns, settings: RLSettings, optimizers: Optimizers, critics: dict, exp: Experience,
+                   stack: bool) -> tuple[dict, dict]:
+    """One clipped value update of every critic; critics of one module and param shapes as one
+    vmapped update over stacked TrainStates. -> ({stream: TrainState}, {"<stream>_critic_loss": []})."""
+    score_fns = {f"{stream}_critic": fns.scores[f"{stream}_critic"] for stream in critics}
+    params = {f"{stream}_critic": critic.params for stream, critic in critics.items()}
+    new, metrics = {}, {}
+    for group in stacking.stack_groups(score_fns, params, stack=stack):
+        streams = [role[: -len("_critic")] for role in group]
+        if len(group) == 1:
+            (stream,), critic = streams, critics[streams[0]]
+            loss, grads = jax.value_and_grad(value_loss, argnums=2)(
+                score_fns[group[0]], settings, critic.params, exp, exp.values[stream], exp.returns[stream])
+            new[stream], metrics[f"{stream}_critic_loss"] = critic.apply_gradients(grads, optimizers.critic), loss
+            continue
+
+        def total_loss(stacked_params):
+            raw = stacking.stacked_raw(score_fns[group[0]], stacked_params, exp.input_ids, exp.attention_mask)
+            losses = []
+            for index, (role, stream) in enumerate(zip(group, streams)):
+                values = stacking.parts(score_fns[role])[2](raw[index])[:, settings.start:-1].astype(jnp.float32)
+                losses.append(ppo.critic_loss(values, exp.values[stream], exp.returns[stream], exp.response_mask,
+                                              settings.clip_range_value))
+            # Each critic's loss reads only its own slice, so the gradient of the sum is each one's own.
+            return sum(losses), losses
+
+        stacked = stacking.stack_trees([critics[stream] for stream in streams])
+        (_, losses), grads = jax.value_and_grad(total_loss, has_aux=True)(stacked.params)
+        stacked = jax.vmap(lambda critic, g: critic.apply_gradients(g, optimizers.critic))(stacked, grads)
+        for stream, critic, loss in zip(streams, stacking.unstack_trees(stacked, len(streams)), losses):
+            new[stream], metrics[f"{stream}_critic_loss"] = critic, loss
+    return {stream: new[stream] for stream in critics}, metrics
+
+
 def train_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, optimizers: Optimizers, state: RLState,
-               exp: Experience, multiplier: jax.Array, ptx_batch: dict | None) -> tuple[RLState, dict]:
+               exp: Experience, multiplier: jax.Array, ptx_batch: dict | None,
+               stack: bool = False) -> tuple[RLState, dict]:
     """One actor update (RL + PTX) and one update of each critic on an experience batch."""
     advantages = actor_advantages(algorithm, settings, exp, multiplier)
-    actor_loss, grads = jax.value_and_grad(actor_rl_loss, argnums=2)(fns, settings, state.actor.params, exp, advantages)
-    metrics = {"actor_loss": actor_loss, "actor_learning_rate": optimizers.actor_schedule(state.actor.step)}
-    if settings.ptx_coeff > 0:
-        loss, ptx_grads = jax.value_and_grad(ptx_loss, argnums=1)(fns, state.actor.params, ptx_batch)
-        # Upstream doubles GAS when PTX is on: one update on the mean of the two backward passes.
-        grads = jax.tree.map(lambda g, p: 0.5 * (g + settings.ptx_coeff * p), grads, ptx_grads)
-        metrics["ptx_loss"] = loss
+    grads, metrics = actor_gradients(fns, settings, state.actor.params, exp, advantages, ptx_batch, stack)
+    metrics["actor_learning_rate"] = optimizers.actor_schedule(state.actor.step)
     metrics["actor_grad_norm"] = optax.tree.norm(grads)
     actor = state.actor.apply_gradients(grads, optimizers.actor)
     metrics["actor_param_norm"] = optax.tree.norm(actor.params)
 
-    critics = {}
-    for stream, critic in state.critics.items():
-        loss, critic_grads = jax.value_and_grad(value_loss, argnums=2)(
-            fns.scores[f"{stream}_critic"], settings, critic.params, exp, exp.values[stream], exp.returns[stream])
-        critics[stream] = critic.apply_gradients(critic_grads, optimizers.critic)
-        metrics[f"{stream}_critic_loss"] = loss
+    critics, critic_metrics = critic_updates(fns, settings, optimizers, state.critics, exp, stack)
+    metrics.update(critic_metrics)
     if critics:
         metrics["critic_learning_rate"] = optimizers.critic_schedule(next(iter(state.critics.values())).step)
     return state.replace(actor=actor, critics=critics), metrics
@@ -246,11 +321,12 @@ def rl_state_shardings(state: RLState, param_shardings: dict, optimizers: Optimi
 
 def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, optimizers: Optimizers, mesh,
                     abstract_state: RLState, param_shardings: dict, frozen_shardings: dict,
-                    ptx_shardings: Any = None) -> RLProgram:
+                    ptx_shardings: Any = None, stack_roles: bool = False) -> RLProgram:
     """jit the three steps with batch-sharded activations and per-role parameter shardings.
 
     abstract_state: an RLState of arrays or ShapeDtypeStructs (only its structure is used).
     ptx_shardings: shardings of the PTX batch dict (None when ptx_coeff is 0).
+    stack_roles: run roles of one architecture as one batched pass (False: each alone).
     """
     state_sh = rl_state_shardings(abstract_state, param_shardings, optimizers, mesh)
     rep = mesh_lib.replicated(mesh)
@@ -269,7 +345,7 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
     retokenized_sh = (dict.fromkeys(retokenizers, (batch2, batch2)),) if retokenizers else ()
     score_jit = jax.jit(
         lambda frozen, state, ids, mask, log_probs, *retokenized: score_step(
-            fns, algorithm, settings, frozen, state, ids, mask, log_probs, *retokenized),
+            fns, algorithm, settings, frozen, state, ids, mask, log_probs, *retokenized, stack=stack_roles),
         in_shardings=(frozen_shardings, state_sh, batch2, batch2, batch2, *retokenized_sh),
         out_shardings=(exp_sh, batch1, rep),
     )
@@ -292,8 +368,7 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
         return score_jit(frozen, state, ids, mask, log_probs, retokenized)
     train = jax.jit(
         lambda state, exp, multiplier, ptx, frozen: train_step(actor_fns(fns, frozen), algorithm, settings, optimizers,
-                                                               state, exp, multiplier,
-                                                       ptx),
+                                                               state, exp, multiplier, ptx, stack_roles),
         in_shardings=(state_sh, exp_sh, rep, ptx_shardings, frozen_shardings),
         out_shardings=(state_sh, rep),
         donate_argnums=0,
