@@ -19,8 +19,10 @@
    size (abstract shapes).
 4. lora_rl: the per-device memory plan of a Llama-3.1-8B PPO-Lagrangian iteration (six roles;
    experiments/benchmark_rl.py's memory_plan: actor sampler, scoring, updates) with a LoRA actor on
-   v5e-16 (16 devices) and without LoRA on the smallest fsdp slice of 16 / 32 / 64 / 128 whose three
-   steps fit 90% of a v5e chip's 16 GiB (simulated 128 CPU devices).
+   v5e-16 (16 devices) and without LoRA on the smallest fsdp slice of 16 / 32 / 64 / 128 whose scoring
+   and update steps fit 90% of a v5e chip's 16 GiB (simulated 128 CPU devices). The sampler step
+   does not fit at any fsdp, LoRA or not: it gathers every layer's weights up front (its temp is
+   about the whole bf16 + fp32 model per device).
 
 Each part runs in a subprocess with its own XLA_FLAGS (1, 64 and 128 host devices).
 """
@@ -346,7 +348,9 @@ def lora_rl(rank: int = 16) -> list[dict]:
     for fsdp in RL_FSDP:
         plan = benchmark_rl.memory_plan(fsdp=fsdp, model=llama31_8b(), label="Llama-3.1-8B full")
         rows += plan
-        if all(row["fits"]["v5e"] for row in plan):
+        # The sampler gathers every layer's weights at once (its temp is about the whole model per device at
+        # any fsdp), so the slice is the smallest whose scoring and update steps fit.
+        if all(row["fits"]["v5e"] for row in plan if not row["step"].startswith("rollout")):
             break
     return rows
 
