@@ -440,6 +440,10 @@ class LlamaModel(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_hidden_layers,
+                # XLA:CPU runs the layers unrolled ~10% faster (fwd+bwd: no while loop whose
+                # stacked residual buffers are zeroed and copied through); a rolled loop
+                # compiles faster, which matters on accelerators with many layers.
+                unroll=cfg.num_hidden_layers if jax.default_backend() == "cpu" else 1,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
         else:
