@@ -45,7 +45,8 @@ def test_quickstart_notebook_runs_small(tmp_path, monkeypatch):
     text = _text(notebook)
     assert "jaxalign already installed from" in text and "SMALL sizes" in text  # no pip install in the suite
     for path in ["mini_stats.png", "mini_tokenizer", "sft_tiny/export", "reward_tiny/export", "cost_tiny/export",
-                 "eval_reward/distribution.png", "eval_cost/distribution.png", "rl_curves.png",
+                 "eval_reward/distribution.png", "eval_cost/distribution.png", "moderation_tiny/export",
+                 "eval_moderation/metrics.json", "eval_moderation/roc_curve.png", "rl_curves.png",
                  "arena/arena.json", "arena/arena.png", "report.md", "report.json", "judge_table.png"]:
         assert (out / path).exists(), path
     for name in ("sft", "ppo_lag", "ppo", "ppo_reward_shaping"):
@@ -54,9 +55,11 @@ def test_quickstart_notebook_runs_small(tmp_path, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     assert set(report["judge"]) == {"SFT", "PPO-Lagrangian", "PPO", "reward shaping"}
     images = [o for o in _outputs(notebook, "display_data") if "image/png" in o["data"]]
-    assert len(images) >= 6  # stats, reward, cost, RL curves, arena, judge table
+    assert len(images) >= 7  # stats, reward, cost, moderation ROC, RL curves, arena, judge table
     assert any("text/markdown" in o["data"] and "SFT" in o["data"]["text/markdown"]
                for o in _outputs(notebook, "display_data"))  # the judge table
+    assert any("text/markdown" in o["data"] and "| unsafe_f1 |" in o["data"]["text/markdown"]
+               for o in _outputs(notebook, "display_data"))  # the moderation metrics
     print(f"quickstart notebook: {time.time() - start:.0f}s")
 
 
