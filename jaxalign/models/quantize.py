@@ -56,38 +56,39 @@ def as_matrix(w, n_in: int, n_out: int):
     return w.reshape(n_in, n_out)
 
 
-def _quantize_kernel(w: jax.Array, n_contract: int, mode: str):
+def _quantize_kernel(w: jax.Array, n_contract: int, mode: str, stacked: bool):
+    """stacked: w has a leading layer axis [L, ...] (scanned layers), scaled per layer."""
     if mode == "bfloat16":
         return w.astype(jnp.bfloat16)
-    out_axes = tuple(range(n_contract, w.ndim))
+    lead = int(stacked)
+    out_axes = tuple(range(lead)) + tuple(range(lead + n_contract, w.ndim))
     return qwix.quantize(w.astype(jnp.float32), jnp.int8, channelwise_axes=out_axes)
 
 
 def decode_weights(cfg: "LlamaConfig", params: dict, mode: str) -> tuple["LlamaConfig", dict]:
     """(cfg, params) with the projection kernels and untied lm_head in `mode` (one of MODES).
-    params: llama.Llama params with per-layer (unscanned) layers, fused or not. A tied embedding
-    stays fp32 for int8 (it is also the token lookup) and goes to bf16 for "bfloat16"."""
+    params: llama.Llama params, scanned ([L, ...] under "layers") or per-layer, fused or not. A
+    tied embedding stays fp32 for int8 (it is also the token lookup) and goes to bf16 for
+    "bfloat16"."""
     if mode not in MODES:
         raise ValueError(f"decode weights {mode!r} is not one of {list(MODES)}")
-    if "layers" in params["model"]:
-        raise ValueError("decode_weights takes per-layer params (llama.unstack_layers first)")
     if mode == "float32":
         return cfg, params
 
-    def convert(tree):
+    def convert(tree, stacked=False):
         out = {}
         for key, value in tree.items():
             if key in _KERNELS and "kernel" in value:
-                out[key] = {**value, "kernel": _quantize_kernel(value["kernel"], _KERNELS[key], mode)}
+                out[key] = {**value, "kernel": _quantize_kernel(value["kernel"], _KERNELS[key], mode, stacked)}
             elif isinstance(value, dict):
-                out[key] = convert(value)
+                out[key] = convert(value, stacked or key == "layers")
             else:
                 out[key] = value
         return out
 
     params = {**params, "model": convert(params["model"])}
     if "lm_head" in params:
-        params["lm_head"] = {"kernel": _quantize_kernel(params["lm_head"]["kernel"], 1, mode)}
+        params["lm_head"] = {"kernel": _quantize_kernel(params["lm_head"]["kernel"], 1, mode, False)}
     elif mode == "bfloat16":
         table = params["model"]["embed_tokens"]["embedding"].astype(jnp.bfloat16)
         params["model"] = {**params["model"], "embed_tokens": {"embedding": table}}
