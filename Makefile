@@ -24,7 +24,7 @@ quickstart: install
 	bash experiments/quickstart.sh
 
 test: install-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf out

@@ -10,7 +10,7 @@ from configs import ppo_lag_tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ppo_lag_tiny.get_config()  # roles, threshold -3, λ settings, PTX 1.0
+    config = ppo_lag_tiny.get_config()  # roles, actor lr, threshold, λ settings and PTX of ppo_lag_tiny
     config.stage = "safe_grpo"
     config.data.batch_size = 8  # prompts per rollout: 8 x 4 = ppo_lag_tiny's 32 sequences
     config.rl.num_return_sequences = 4  # the group of each prompt

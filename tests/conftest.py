@@ -23,6 +23,18 @@ def shared_head_dir() -> pathlib.Path:
     return SHARED_HEAD
 
 
+@pytest.fixture(scope="session")
+def mini_data(tmp_path_factory) -> pathlib.Path:
+    """Read-only: the mini dataset (`data/`, 150 rows) and a 300-token BPE tokenizer (`tokenizer/`)."""
+    from jaxalign.data import mini
+    from jaxalign.models import tokenizer as tokenizer_lib
+
+    root = tmp_path_factory.mktemp("mini")
+    mini.write_mini(root / "data", rows=150, seed=0)
+    tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(root / "data"), 300, root / "tokenizer")
+    return root
+
+
 def tiny_rl_inputs(root: pathlib.Path, rows: int = 150, policy_dir: str = "sft", score_kinds=("reward", "cost")):
     """What an RL / preference stage test needs, in `root`: the mini dataset (`data/`, `rows` rows),
     a 300-token BPE tokenizer (`tok/`), a random 1-layer Llama with that tokenizer (`policy_dir/`)

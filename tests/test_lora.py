@@ -7,11 +7,9 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jaxalign import cli
 from jaxalign import config as config_lib
-from jaxalign.data import mini
 from jaxalign.models import hf, llama, loading, lora
 from jaxalign.models import tokenizer as tokenizer_lib
 from jaxalign.parallel import mesh as mesh_lib
@@ -76,14 +74,6 @@ def test_unscanned_bf16_model_gets_gradients_on_every_adapter_only():
     names = [jax.tree_util.keystr(k) for k, g in jax.tree_util.tree_leaves_with_path(grads)
              if jax.tree_util.keystr(k).endswith("['kernel_lora_b']") and float(jnp.abs(g).max()) > 0]
     assert len(names) == 2 * 7, names
-
-
-@pytest.fixture(scope="module")
-def mini_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mini")
-    mini.write_mini(root / "data", rows=150, seed=0)
-    tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(root / "data"), 300, root / "tokenizer")
-    return root
 
 
 def _sft_overrides(mini_data, steps, export="merged"):
@@ -157,9 +147,6 @@ def test_ppo_lag_with_a_lora_actor(tmp_path):
     """`jaxalign train --config configs/ppo_lag_lora_tiny.py`: one iteration; the reference stays the base,
     the checkpoint's actor is adapters, the export is the merged actor."""
     import conftest
-
-    from jaxalign.rl import algorithms, steps
-    from jaxalign.rl.settings import RLSettings
 
     tok, cfg, params = conftest.tiny_rl_inputs(tmp_path, rows=150, policy_dir="sft")
     workdir = tmp_path / "run"

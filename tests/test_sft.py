@@ -1,18 +1,14 @@
 """SFT: the loss against numpy, and the stage end to end (CLI, export, exact resume)."""
 
-import dataclasses
 import pathlib
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from configs import base
 from jaxalign import cli
 from jaxalign import config as config_lib
-from jaxalign.data import mini
 from jaxalign.models import hf, loading
 from jaxalign.models import tokenizer as tokenizer_lib
 from jaxalign.objectives import sft
@@ -48,14 +44,6 @@ def test_sft_loss_matches_numpy_token_mean():
     np.testing.assert_allclose(float(loss), total / count, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["accuracy"]), correct / count, rtol=1e-6)
     assert float(metrics["num_loss_tokens"]) == count
-
-
-@pytest.fixture(scope="module")
-def mini_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mini")
-    mini.write_mini(root / "data", rows=150, seed=0)
-    tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(root / "data"), 300, root / "tokenizer")
-    return root
 
 
 def _overrides(mini_data, steps):

@@ -8,20 +8,10 @@ import numpy as np
 import pytest
 
 from jaxalign import cli, stages
-from jaxalign.data import mini
 from jaxalign.models import hf, score
-from jaxalign.models import tokenizer as tokenizer_lib
 from jaxalign.train import metrics as metrics_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def mini_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    mini.write_mini(root / "data", rows=150, seed=0)
-    tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(root / "data"), 300, root / "tokenizer")
-    return root
 
 
 def _train(config, workdir, *overrides):
