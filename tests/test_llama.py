@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.models import attention, hf, llama
+from jaxalign.models import attention, hf, layouts, llama
 
 TINY = dict(
     vocab_size=97,
@@ -138,8 +138,8 @@ def _param_shapes(cfg):
 def test_scan_and_unscanned_layers_agree(tiny):
     cfg, params = tiny
     unscanned_cfg = dataclasses.replace(cfg, scan_layers=False)
-    unscanned = llama.unstack_layers(params)
-    restacked = llama.stack_layers(unscanned)
+    unscanned = layouts.unstack_layers(params)
+    restacked = layouts.stack_layers(unscanned)
     for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(restacked)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     expected = nn.meta.unbox(_param_shapes(unscanned_cfg))
@@ -215,14 +215,14 @@ def test_kv_cache_decode_matches_full_forward(tiny):
 
 
 def _check_decode_layout(cfg, params, prompt, prompt_mask, steps, full):
-    """The sampler's layout (llama.decode_params: unrolled, fused q/k/v and gate/up) decodes
+    """The sampler's layout (layouts.decode_params: unrolled, fused q/k/v and gate/up) decodes
     like the full forward of the training layout, with a 2-token chunk after the prefill; and
     fuse_projections / unfuse_projections round-trip exactly."""
-    round_trip = llama.unfuse_projections(cfg, llama.fuse_projections(cfg, params))
+    round_trip = layouts.unfuse_projections(cfg, layouts.fuse_projections(cfg, params))
     assert jax.tree_util.tree_structure(round_trip) == jax.tree_util.tree_structure(params)
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(round_trip)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    dcfg, dparams = llama.decode_params(cfg, params)
+    dcfg, dparams = layouts.decode_params(cfg, params)
     assert "qkv_proj" in dparams["model"]["layers_0"]["self_attn"] and "gate_up_proj" in dparams["model"]["layers_0"]["mlp"]
     apply = jax.jit(llama.Llama(dcfg).apply)
     out = apply({"params": dparams}, jnp.asarray(prompt), jnp.asarray(prompt_mask), None,
@@ -316,7 +316,7 @@ def test_bfloat16_compute_keeps_fp32_logits(tiny):
     scale = float(np.abs(np.asarray(ref)).max())
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref), atol=0.05 * scale)
     # The decode layout converts the fp32 params to bf16 once (norm scales stay fp32): same model.
-    dcfg, dparams = llama.decode_params(cfg, params)
+    dcfg, dparams = layouts.decode_params(cfg, params)
     assert dparams["lm_head"]["kernel"].dtype == jnp.bfloat16 and dparams["model"]["norm"]["scale"].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(_forward(dcfg, dparams, ids).logits), np.asarray(out.logits), atol=0.01 * scale)
 

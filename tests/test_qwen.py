@@ -13,7 +13,7 @@ import pytest
 
 from jaxalign import models
 from jaxalign.generate import sampler
-from jaxalign.models import families, hf, llama, qwen, score
+from jaxalign.models import families, hf, layouts, llama, qwen, score
 
 TINY = dict(
     vocab_size=89,
@@ -183,8 +183,8 @@ def test_remat_and_unscanned_layers_give_same_gradients():
     remat = grads(dataclasses.replace(cfg, remat_policy="full"), params)
     for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(remat)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
-    unscanned = grads(dataclasses.replace(cfg, scan_layers=False), llama.unstack_layers(params))
-    restacked = llama.stack_layers(unscanned)
+    unscanned = grads(dataclasses.replace(cfg, scan_layers=False), layouts.unstack_layers(params))
+    restacked = layouts.stack_layers(unscanned)
     for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(restacked)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
 
@@ -210,7 +210,7 @@ def test_kv_cache_decode_matches_full_forward(tiny):
         cache = out.cache
     np.testing.assert_array_equal(np.asarray(cache.lengths), [12, 9])
     # The sampler's decode layout (fused q/k/v with Qwen2's biases / Qwen3's q/k norms, unrolled).
-    dcfg, dparams = llama.decode_params(cfg, params)
+    dcfg, dparams = layouts.decode_params(cfg, params)
     apply = jax.jit(models.causal_lm(dcfg).apply)
     out = apply({"params": dparams}, jnp.asarray(prompt), jnp.asarray(prompt_mask), None, models.init_cache(dcfg, 2, 12))
     for i in range(5):

@@ -9,7 +9,7 @@ import pytest
 
 from jaxalign.generate import sampler
 from jaxalign.generate.sampler import SamplingConfig
-from jaxalign.models import hf, llama
+from jaxalign.models import hf, layouts, llama
 from jaxalign.objectives.common import token_log_probs
 
 VOCAB = 53
@@ -236,7 +236,7 @@ def test_sharded_decode_keeps_layers_scanned_and_matches_one_device(models):
         config = SamplingConfig(max_new_tokens=6, temperature=0.0, pad_token_id=PAD, weights=weights)
         alone = sampler.sample(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), config)
         with mesh_lib.sharding_context(mesh, rules):
-            assert llama.decode_params(cfg, sharded, weights)[0].scan_layers  # not unrolled
+            assert layouts.decode_params(cfg, sharded, weights)[0].scan_layers  # not unrolled
             batch = mesh_lib.batch_sharding(mesh, 2)
             out = sampler.sample(sharded, cfg, mesh_lib.put_sharded(ids, batch), mesh_lib.put_sharded(mask, batch),
                                  jax.random.PRNGKey(0), config)

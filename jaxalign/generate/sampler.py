@@ -3,7 +3,7 @@
     out = sample(params, cfg, prompt_ids, prompt_mask, rng, SamplingConfig(max_new_tokens=64))
 
 Prompts are left-padded [B, S] (rows of different lengths in one batch). The params are put
-in the decode layout once per call (llama.decode_params: unrolled layers, fused q/k/v and
+in the decode layout once per call (layouts.decode_params: unrolled layers, fused q/k/v and
 gate/up, optionally bf16 / int8 kernels), then one prefill call fills the cache, then a `lax.while_loop` decodes one token per step for every row, with
 static shapes throughout; the loop exits early once every row has emitted an EOS id.
 `sample` is a pure function of arrays with static (hashable) configs, so it can be called
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import models
-from jaxalign.models import llama, quantize
+from jaxalign.models import layouts, llama, quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ def sample(
     n = sampling.max_new_tokens
     prompt_mask = prompt_mask.astype(bool)
     eos = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
-    cfg, params = llama.decode_params(cfg, params, sampling.weights)
+    cfg, params = layouts.decode_params(cfg, params, sampling.weights)
     cache = models.init_cache(cfg, batch, prompt_len + n)
     logits, cache = _last_logits(params, cfg, prompt_ids.astype(jnp.int32), prompt_mask, cache)
 

@@ -216,7 +216,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        if cfg.fused_projections:  # one [D, F, 2] kernel (llama.fuse_projections): one matmul
+        if cfg.fused_projections:  # one [D, F, 2] kernel (layouts.fuse_projections): one matmul
             gate_up = Linear(cfg, (d,), (f, 2), ("embed", "mlp", None), bias, name="gate_up_proj")(x)
             gate, up = gate_up[..., 0], gate_up[..., 1]
         else:

@@ -37,7 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models import quantize, tensor_map
+from jaxalign.models import tensor_map
 from jaxalign.models.attention import causal_attention
 from jaxalign.models.layers import (  # noqa: F401  (re-exported: llama.Linear, llama.apply_rope, ...)
     MLP,
@@ -110,7 +110,7 @@ class LlamaConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     # q/k/v as one "qkv_proj" [D, KV, G+2, Dh] and gate/up as one "gate_up_proj" [D, F, 2]
-    # (the decode layout made by fuse_projections; HF tensors are always the unfused ones).
+    # (the decode layout made by layouts.fuse_projections; HF tensors are always the unfused ones).
     fused_projections: bool = False
     matmul_dtype: str | None = None  # matmul inputs (None: dtype); "int8" needs int8 kernels
 
@@ -411,7 +411,7 @@ class DecoderLayer(nn.Module):
         return x, new_kv
 
 
-def _unroll_layers() -> bool:
+def unroll_layers() -> bool:
     """Whether to run the layers unrolled: on XLA:CPU with whole weights on each device. It is
     ~10% faster there (fwd+bwd: no while loop whose stacked residual buffers are zeroed and
     copied through; decode: no per-step stacking of the cache). With weights sharded over a mesh
@@ -452,7 +452,7 @@ class LlamaModel(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_hidden_layers,
-                unroll=cfg.num_hidden_layers if _unroll_layers() else 1,
+                unroll=cfg.num_hidden_layers if unroll_layers() else 1,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
         else:
@@ -575,91 +575,6 @@ def _compiled_init(cfg: LlamaConfig, rng_spec: jax.ShapeDtypeStruct):
         # models unoptimised code compiles ~3x faster and still runs in well under a second.
         options["xla_backend_optimization_level"] = 0
     return lowered.compile(compiler_options=options)
-
-
-def unstack_layers(params: Mapping) -> dict:
-    """Scanned layout (params["model"]["layers"] leaves [L, ...]) -> per-layer layout
-    (params["model"]["layers_{i}"]), the params of the same model with scan_layers=False."""
-    backbone = dict(params["model"])
-    layers = backbone.pop("layers")
-    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    for i in range(n):
-        backbone[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: x[i], layers)
-    return {**params, "model": backbone}
-
-
-def stack_layers(params: Mapping) -> dict:
-    """Inverse of unstack_layers: per-layer layout -> scanned layout."""
-    backbone = dict(params["model"])
-    names = sorted((k for k in backbone if k.startswith("layers_")), key=lambda k: int(k[7:]))
-    layers = [backbone.pop(k) for k in names]
-    backbone["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
-    return {**params, "model": backbone}
-
-
-def _map_layers(params: Mapping, fn) -> dict:
-    """params with fn applied to every layer's params (scanned "layers" or "layers_{i}")."""
-    backbone = {k: fn(v) if k == "layers" or k.startswith("layers_") else v
-                for k, v in params["model"].items()}
-    return {**params, "model": backbone}
-
-
-def fuse_projections(cfg: LlamaConfig, params: Mapping) -> dict:
-    """Unfused -> fused layout (the params of the same model with fused_projections=True):
-    q/k/v kernels [D, H, Dh], [D, KV, Dh] x2 -> "qkv_proj" [D, KV, G+2, Dh] (per kv head its G
-    query heads, then k, then v; biases likewise [KV, G+2, Dh]); gate/up [D, F] -> "gate_up_proj"
-    [D, F, 2]. Scanned ([L, ...]) or per-layer params. A copy of those weights."""
-    kv, g = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-
-    def qkv(q, k, v):
-        q = q.reshape(q.shape[:-2] + (kv, g, q.shape[-1]))
-        return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
-
-    def layer(p):
-        attn, mlp = dict(p["self_attn"]), dict(p["mlp"])
-        parts = [attn.pop(n) for n in ("q_proj", "k_proj", "v_proj")]
-        attn["qkv_proj"] = {leaf: qkv(*(part[leaf] for part in parts)) for leaf in parts[0]}
-        gate, up = mlp.pop("gate_proj"), mlp.pop("up_proj")
-        mlp["gate_up_proj"] = {leaf: jnp.stack([gate[leaf], up[leaf]], axis=-1) for leaf in gate}
-        return {**p, "self_attn": attn, "mlp": mlp}
-
-    return _map_layers(params, layer)
-
-
-def unfuse_projections(cfg: LlamaConfig, params: Mapping) -> dict:
-    """Inverse of fuse_projections (fused -> the HF-shaped q/k/v and gate/up params)."""
-    h, g = cfg.num_attention_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-
-    def layer(p):
-        attn, mlp = dict(p["self_attn"]), dict(p["mlp"])
-        fused = attn.pop("qkv_proj")
-        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            attn[name] = {}
-            for leaf, x in fused.items():
-                if name == "q_proj":
-                    attn[name][leaf] = x[..., :g, :].reshape(x.shape[:-3] + (h, x.shape[-1]))
-                else:
-                    attn[name][leaf] = x[..., g + i - 1, :]
-        gate_up = mlp.pop("gate_up_proj")
-        mlp["gate_proj"] = {leaf: x[..., 0] for leaf, x in gate_up.items()}
-        mlp["up_proj"] = {leaf: x[..., 1] for leaf, x in gate_up.items()}
-        return {**p, "self_attn": attn, "mlp": mlp}
-
-    return _map_layers(params, layer)
-
-
-def decode_params(cfg: LlamaConfig, params: Mapping, weights: str = "float32") -> tuple[LlamaConfig, dict]:
-    """(cfg, params) of the same model in the decode layout: unrolled layers (when _unroll_layers;
-    else they stay scanned), fused projections, weights in the compute dtype when that is narrower (bf16 compute of fp32
-    params), kernels in `weights` (quantize.MODES; "float32" is exact). Made once per sample
-    call (a copy of the weights), so no decode step concatenates or converts weights."""
-    scan_layers = cfg.scan_layers and not _unroll_layers()  # see _unroll_layers
-    if cfg.scan_layers and not scan_layers:
-        params = unstack_layers(params)
-    if not cfg.fused_projections:
-        params = fuse_projections(cfg, params)
-    cfg = dataclasses.replace(cfg, scan_layers=scan_layers, fused_projections=True, remat_policy="none")
-    return quantize.decode_weights(cfg, quantize.cast_to_compute(cfg, params), weights)
 
 
 def resize_token_embeddings(cfg: LlamaConfig, params: dict, new_vocab_size: int):
