@@ -142,6 +142,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Rollout (spec §5.2): sequences are prompt_length + max_new_tokens long.
     rl.prompt_length = 128  # prompts are left-padded / cut to this many tokens
     rl.max_new_tokens = 384
+    # Dynamic padding (upstream pads each batch to its longest prompt): > 0 = each rollout drops the
+    # padding columns no row uses, prompts on the left before sampling, responses on the right after it
+    # (and the PTX batch on the right), keeping a multiple of length_bucket columns. Results are those
+    # of the full lengths; each new length compiles the steps once more. 0 = always prompt_length +
+    # max_new_tokens (one compile: the choice for large models, whose compiles take minutes).
+    rl.length_bucket = 0
     rl.temperature = 1.0
     rl.top_p = 1.0
     # PPO (spec §5.4-5.6).

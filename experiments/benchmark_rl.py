@@ -241,7 +241,7 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
         "scoring (6 roles, GAE)": (program.score_jit, (frozen, state, array((batch, length), jnp.int32),
                                                        array((batch, length), jnp.bool_),
                                                        array((batch, response), jnp.float32))),
-        "update (actor+PTX, 2 critics)": (program.train, (state, exp, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+        "update (actor+PTX, 2 critics)": (program.train_jit, (state, exp, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
                                                           ptx, frozen)),
     }
     if stack_roles:

@@ -213,7 +213,8 @@ def test_per_token_cost_stream_against_numpy_gae():
     ids[2, -1] = eos  # the longest answer
     table_fn = lambda params, i, m: params[i]  # noqa: E731  (logits [B,L,V] or scores [B,L] of the tokens)
     cost_fn = lambda params, i, m: jax.nn.sigmoid(params[i])  # noqa: E731
-    fns = roles.RoleFns(policy=table_fn, generate=None,
+    policy_fn = lambda params, i, m, logits_from=0: params[i[:, logits_from:]]  # noqa: E731
+    fns = roles.RoleFns(policy=policy_fn, generate=None,
                         scores={"reward": table_fn, "cost": cost_fn, "unsafe": cost_fn, "reward_critic": table_fn,
                                 "cost_critic": table_fn, "unsafe_critic": table_fn})
     params = {"actor": tables["actor"], "reference": tables["reference"], "reward": weights["reward"],

@@ -534,9 +534,11 @@ class Llama(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"))
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None) -> LlamaOutput:
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, logits_from: int = 0) -> LlamaOutput:
+        """logits_from > 0: logits of positions logits_from.. only ([B, T - logits_from, V]); RL needs
+        them on the response slots alone, and the LM head is a large share of a small model's work."""
         h, cache = self.model(input_ids, attention_mask, positions, cache)
-        logits = nn.with_logical_constraint(self.head(h), ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(self.head(h[:, logits_from:]), ("batch", "length", "vocab"))
         return LlamaOutput(logits=logits, hidden_states=h, cache=cache)
 
     def head(self, h: jax.Array) -> jax.Array:

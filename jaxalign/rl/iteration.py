@@ -88,14 +88,27 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
         prompt_ids, prompt_mask = (jnp.repeat(x, settings.num_return_sequences, axis=0)
                                    for x in (prompt_ids, prompt_mask))
     prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), program.batch_sharding)
+    prompt_length = settings.prompt_length
+    if settings.length_bucket:  # drop the left padding columns no prompt uses
+        first = int(program.used_columns(prompt_mask)[0])
+        prompt_length = settings.bucketed(settings.prompt_length - first, settings.prompt_length)
+        prompt_ids, prompt_mask = (program.columns(x, settings.prompt_length - prompt_length, settings.prompt_length)
+                                   for x in (prompt_ids, prompt_mask))
     input_ids, attention_mask, sample_log_probs = program.rollout(program.actor_params(state.actor.params, frozen),
                                                                   prompt_ids, prompt_mask,
                                                                   sample_rng)
+    if settings.length_bucket:  # and the right padding columns after the longest response
+        end = int(program.used_columns(attention_mask)[1])
+        response_length = settings.bucketed(end - prompt_length, settings.max_new_tokens)
+        input_ids, attention_mask = (program.columns(x, 0, prompt_length + response_length)
+                                     for x in (input_ids, attention_mask))
+        sample_log_probs = program.columns(sample_log_probs, 0, response_length)
     jax.block_until_ready(attention_mask)
     times["generate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    exp, scores, stats = program.score(frozen, state, input_ids, attention_mask, sample_log_probs)
+    exp, scores, stats = program.score(frozen, state, input_ids, attention_mask, sample_log_probs,
+                                       prompt_length=prompt_length)
     stats = jax.device_get(stats)
     times["score"] = time.perf_counter() - t0
 
@@ -112,9 +125,9 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
             mb = exp if settings.num_minibatches == 1 else program.take_minibatch(exp, index)
             ptx_batch = None
             if settings.ptx_coeff > 0:
-                ptx_batch = jax.device_put(next(ptx_batches), program.ptx_shardings)
+                ptx_batch = trim_ptx(program, settings, jax.device_put(next(ptx_batches), program.ptx_shardings))
             state, metrics = program.train(state, mb, algorithm.multiplier(settings, state.algorithm), ptx_batch,
-                                           frozen)
+                                           frozen, prompt_length=prompt_length)
             update_metrics.append(metrics)
     update_metrics = jax.device_get(update_metrics)
     times["train"] = time.perf_counter() - t0
@@ -138,7 +151,17 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
     metrics["time/iteration_s"] = total
     metrics["generate_tokens_per_s"] = batch_size * stats["mean_generated_length"] / max(times["generate"], 1e-9)
     metrics["tokens_per_s"] = batch_size * length / max(total, 1e-9)
+    metrics["sequence_length"] = length  # prompt_length + max_new_tokens, or less with rl.length_bucket
     return state, metrics
+
+
+def trim_ptx(program: RLProgram, settings: RLSettings, ptx_batch: dict) -> dict:
+    """The PTX batch without the right padding columns no row uses (rl.length_bucket > 0)."""
+    if not settings.length_bucket:
+        return ptx_batch
+    length = ptx_batch["attention_mask"].shape[1]
+    keep = settings.bucketed(int(program.used_columns(ptx_batch["attention_mask"])[1]), length)
+    return {key: program.columns(value, 0, keep) for key, value in ptx_batch.items()}
 
 
 def iteration_step(program: RLProgram, algorithm: Algorithm, settings: RLSettings):

@@ -29,8 +29,8 @@ from jaxalign.rl.settings import RLSettings
 
 TRAINED = ("actor",)  # plus every "<stream>_critic" role
 
-# (params, input_ids [B,L], attention_mask [B,L]) -> logits [B,L,V] fp32
-PolicyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+# (params, input_ids [B,L], attention_mask [B,L][, logits_from]) -> logits [B,L-logits_from,V] fp32
+PolicyFn = Callable[..., jax.Array]
 # (params, input_ids [B,L], attention_mask [B,L]) -> per-token scores [B,L] fp32
 ScoreFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 # (params, prompt_ids [B,S], prompt_mask [B,S], rng) ->
@@ -97,11 +97,12 @@ def policy_fn(cfg, lora_settings: lora.LoraSettings | None = None) -> PolicyFn:
     module = models.causal_lm(cfg)
     adapted = lora.wrap(module, lora_settings) if lora_settings is not None and lora_settings.enabled else None
 
-    def apply(params, input_ids, attention_mask):
+    def apply(params, input_ids, attention_mask, logits_from=0):
         if isinstance(params, lora.Adapted):
             params = lora.combine(params.base, params.adapters, cfg.compute_dtype)
-            return adapted.apply({"params": params}, input_ids, attention_mask=attention_mask).logits
-        return module.apply({"params": params}, input_ids, attention_mask=attention_mask).logits
+            return adapted.apply({"params": params}, input_ids, attention_mask=attention_mask,
+                                 logits_from=logits_from).logits
+        return module.apply({"params": params}, input_ids, attention_mask=attention_mask, logits_from=logits_from).logits
 
     return apply
 

@@ -40,8 +40,8 @@ class Experience:
 def policy_log_probs(fns: RoleFns, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
                      start: int) -> jax.Array:
     """log pi(token_{t+1} | tokens_<=t) for the response slots t >= start. -> [B,R]."""
-    logits = fns.policy(params, input_ids, attention_mask)
-    return token_log_probs(logits[:, start:-1], input_ids[:, start + 1:])
+    logits = fns.policy(params, input_ids, attention_mask, start)  # [B, L - start, V]
+    return token_log_probs(logits[:, :-1], input_ids[:, start + 1:])
 
 
 def end_scores(score_fn, params: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:

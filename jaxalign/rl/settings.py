@@ -41,6 +41,9 @@ class RLSettings:
     ppo_epochs: int  # upstream update_iters
     num_minibatches: int
     num_return_sequences: int  # responses sampled per prompt (safe_grpo's group size); 1 upstream
+    # > 0: each rollout drops the padding columns no row uses (prompts on the left, responses on the
+    # right), keeping a multiple of length_bucket; 0: every batch is prompt_length + max_new_tokens
+    length_bucket: int
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -57,6 +60,8 @@ class RLSettings:
             raise ValueError("config.rl.prompt_length and config.rl.max_new_tokens must be >= 1")
         if self.num_return_sequences < 1:
             raise ValueError(f"config.rl.num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.length_bucket < 0:
+            raise ValueError(f"config.rl.length_bucket must be >= 0 (0 = fixed lengths), got {self.length_bucket}")
         if self.episode_cost_window_size < 1:
             raise ValueError("config.rl.episode_cost_window_size must be >= 1")
 
@@ -68,6 +73,13 @@ class RLSettings:
     def start(self) -> int:
         """Shifted slot holding the prediction of the first response token (spec §5.3)."""
         return self.prompt_length - 1
+
+    def bucketed(self, used: int, cap: int) -> int:
+        """The columns kept when `used` of `cap` carry a real token: `used` rounded up to a multiple
+        of length_bucket, at most cap (cap when length_bucket is 0)."""
+        if self.length_bucket <= 0:
+            return cap
+        return min(cap, max(1, -(-used // self.length_bucket)) * self.length_bucket)
 
     @classmethod
     def from_group(cls, rl) -> "RLSettings":

@@ -18,6 +18,7 @@ independent passes run concurrently on the CPU's thread pool, one batched chain 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -97,7 +98,7 @@ def actor_fns(fns: RoleFns, frozen: dict | None) -> RoleFns:
     if not fns.actor_base:
         return fns
     policy = fns.policy
-    return dataclasses.replace(fns, policy=lambda params, ids, mask: policy(actor_params(fns, params, frozen), ids, mask))
+    return dataclasses.replace(fns, policy=lambda params, *inputs: policy(actor_params(fns, params, frozen), *inputs))
 
 
 def actor_shardings(fns: RoleFns, param_shardings: dict, frozen_shardings: dict) -> Any:
@@ -294,8 +295,11 @@ class RLProgram:
     generate: Callable  # the same without the log-probs
     score: Callable  # (frozen, state, input_ids, attention_mask[, sampler log_probs]) -> (exp, scores, means)
     score_jit: Callable  # the jitted score step (sampler log_probs [+ retokenized] required): for AOT lowering
-    train: Callable
+    train: Callable  # (state, exp, multiplier, ptx batch, frozen[, prompt_length]) -> (state, metrics)
+    train_jit: Callable  # the jitted train step at the full prompt_length: for AOT lowering
     take_minibatch: Callable
+    columns: Callable  # (x [B,L], begin, end) -> x[:, begin:end], batch-sharded (static bounds)
+    used_columns: Callable  # real_columns, replicated
     state_shardings: Any
     frozen_shardings: Any
     batch_sharding: Any
@@ -317,6 +321,23 @@ def rl_state_shardings(state: RLState, param_shardings: dict, optimizers: Optimi
         rng=rep,
         iteration=rep,
     )
+
+
+def real_columns(mask: jax.Array) -> jax.Array:
+    """[first, end]: the columns first..end-1 of a [B,L] mask hold every real token (all of them
+    when no row has one). -> [2] int32."""
+    used = jnp.any(mask, axis=0)
+    length = mask.shape[1]
+    first = jnp.where(jnp.any(used), jnp.argmax(used), 0)
+    end = jnp.where(jnp.any(used), length - jnp.argmax(used[::-1]), length)
+    return jnp.stack([first, end]).astype(jnp.int32)
+
+
+def trimmed(settings: RLSettings, prompt_length: int) -> RLSettings:
+    """settings of a batch with prompt_length prompt columns (rl.length_bucket trims padding)."""
+    if prompt_length == settings.prompt_length:
+        return settings
+    return dataclasses.replace(settings, prompt_length=prompt_length)
 
 
 def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, optimizers: Optimizers, mesh,
@@ -343,44 +364,60 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
     retokenizers = {role: tok for role, tok in fns.retokenizers.items() if role in algorithm.scorers}
     # With re-tokenised scorers the score step takes a 6th argument {scorer: (ids, mask)}.
     retokenized_sh = (dict.fromkeys(retokenizers, (batch2, batch2)),) if retokenizers else ()
-    score_jit = jax.jit(
-        lambda frozen, state, ids, mask, log_probs, *retokenized: score_step(
-            fns, algorithm, settings, frozen, state, ids, mask, log_probs, *retokenized, stack=stack_roles),
-        in_shardings=(frozen_shardings, state_sh, batch2, batch2, batch2, *retokenized_sh),
-        out_shardings=(exp_sh, batch1, rep),
-    )
+    # The score and train steps of batches with prompt_length prompt columns (fewer than
+    # settings.prompt_length when rl.length_bucket trims padding): one jit per length.
+    @functools.cache
+    def score_at(prompt_length: int):
+        at = trimmed(settings, prompt_length)
+        return jax.jit(
+            lambda frozen, state, ids, mask, log_probs, *retokenized: score_step(
+                fns, algorithm, at, frozen, state, ids, mask, log_probs, *retokenized, stack=stack_roles),
+            in_shardings=(frozen_shardings, state_sh, batch2, batch2, batch2, *retokenized_sh),
+            out_shardings=(exp_sh, batch1, rep),
+        )
+
+    @functools.cache
+    def train_at(prompt_length: int):
+        at = trimmed(settings, prompt_length)
+        return jax.jit(
+            lambda state, exp, multiplier, ptx, frozen: train_step(actor_fns(fns, frozen), algorithm, at, optimizers,
+                                                                   state, exp, multiplier, ptx, stack_roles),
+            in_shardings=(state_sh, exp_sh, rep, ptx_shardings, frozen_shardings),
+            out_shardings=(state_sh, rep),
+            donate_argnums=0,
+        )
 
     def generate(params, prompt_ids, prompt_mask, rng, frozen=None):
         """The trained actor params (+ the frozen roles for a LoRA actor) -> (input_ids, attention_mask)."""
         return rollout(actor_params(fns, params, frozen), prompt_ids, prompt_mask, rng)[:2]
 
-    def score(frozen, state, ids, mask, log_probs=None):
+    def score(frozen, state, ids, mask, log_probs=None, prompt_length=settings.prompt_length):
         # Scorers with their own tokenizer: the sequences re-tokenised on the host (spec §3.3), every
         # row on every process, placed batch-sharded like the rollout.
         if not retokenizers:
-            return score_jit(frozen, state, ids, mask, log_probs)
+            return score_at(prompt_length)(frozen, state, ids, mask, log_probs)
         from jaxalign.rl.iteration import global_rows
 
         host_ids, host_mask = global_rows(ids), global_rows(mask)
         retokenized = {role: jax.device_put(retokenize(host_ids, host_mask, fns.actor_tokenizer, tok,
                                                        settings.sequence_length), batch2)
                        for role, tok in retokenizers.items()}
-        return score_jit(frozen, state, ids, mask, log_probs, retokenized)
-    train = jax.jit(
-        lambda state, exp, multiplier, ptx, frozen: train_step(actor_fns(fns, frozen), algorithm, settings, optimizers,
-                                                               state, exp, multiplier, ptx, stack_roles),
-        in_shardings=(state_sh, exp_sh, rep, ptx_shardings, frozen_shardings),
-        out_shardings=(state_sh, rep),
-        donate_argnums=0,
-    )
+        return score_at(prompt_length)(frozen, state, ids, mask, log_probs, retokenized)
+
+    def train(state, exp, multiplier, ptx, frozen, prompt_length=settings.prompt_length):
+        return train_at(prompt_length)(state, exp, multiplier, ptx, frozen)
+
+    columns = jax.jit(lambda x, begin, end: x[:, begin:end], static_argnums=(1, 2), out_shardings=batch2)
+    used_columns = jax.jit(real_columns, out_shardings=rep)
     take_minibatch = jax.jit(
         lambda exp, index: minibatch(exp, index, settings.num_minibatches),
         static_argnums=1,
         in_shardings=(exp_sh,),
         out_shardings=exp_sh,
     )
-    return RLProgram(rollout=rollout, generate=generate, score=score, score_jit=score_jit, train=train,
-                     take_minibatch=take_minibatch,
+    return RLProgram(rollout=rollout, generate=generate, score=score, score_jit=score_at(settings.prompt_length),
+                     train=train, train_jit=train_at(settings.prompt_length),
+                     take_minibatch=take_minibatch, columns=columns, used_columns=used_columns,
                      state_shardings=state_sh, frozen_shardings=frozen_shardings, batch_sharding=batch2,
                      ptx_shardings=ptx_shardings,
                      actor_params=lambda params, frozen: actor_params(fns, params, frozen))
