@@ -120,6 +120,10 @@ def get_config() -> ml_collections.ConfigDict:
     rl.cost_critic_model_path = ""  # "" = initialise the cost critic from the cost model
     rl.normalize_reward = False  # apply the reward model's stored mean/var
     rl.normalize_cost = False  # apply the cost model's stored var (sign kept)
+    # Storage dtype of the frozen roles (the reference = a LoRA actor's base, the reward / cost models = LoRA
+    # critics' bases): "" = config.model.param_dtype | bfloat16 (half their memory; the trained roles keep
+    # model.param_dtype). With a full actor the reference is then its bf16-rounded init (KL starts at the rounding).
+    rl.frozen_param_dtype = ""
     # When cost_model_path is a moderation export (issue 10), the signal read at the answer's end as the
     # cost: unsafe (P(unsafe)) | expected_severity (sum_k k P(severity k), in [0, 3]) | severity3
     # (P(severity 3)) | category:<index> (P(harm category index), 0-18).
@@ -224,10 +228,13 @@ def get_config() -> ml_collections.ConfigDict:
     moderation.tune_category_thresholds = True
 
     # LoRA (issue 12; models/lora.py, through qwix): the trained state holds only the adapters; the base stays
-    # frozen and shared (RL: the actor's base is the reference; the critics are still fully trained).
+    # frozen and shared (RL: the actor's base is the reference; the critics are fully trained unless lora.critics).
     config.lora = lora = ml_collections.ConfigDict()
     lora.rank = 0  # 0 = off: every parameter is trained
     lora.alpha = 16.0  # the adapter's delta is x @ A @ B * alpha / rank
     lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated projections
     lora.export = "merged"  # merged: an HF dir of W + alpha/r * A @ B (every loader reads it) | adapters: HF PEFT dir
+    # RL: True = each critic is adapters (same rank / alpha / targets) + its own score head on its frozen reward /
+    # cost model (needs rl.<s>_critic_model_path = "" and a score-model critic: a moderation critic stays full).
+    lora.critics = False
     return config

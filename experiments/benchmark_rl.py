@@ -71,36 +71,49 @@ def rl_settings(**changes):
 def build(model_kwargs: dict, algorithm, settings, mesh, rules, stack_roles: bool = False, **cfg_runtime):
     """(program, abstract params by role, param shardings by role, optimizers, abstract state) for one
     model size: every role is the same architecture (as with an SFT actor and RM/CM trained from it)."""
+    import dataclasses
+
     import jax
 
-    from jaxalign.models import llama, loading, score
+    from jaxalign.models import llama, loading, lora, score
     from jaxalign.parallel import mesh as mesh_lib
     from jaxalign.rl import roles, steps
     from jaxalign.train import optim
 
     lora_settings = cfg_runtime.pop("lora", None)  # a lora.LoraSettings: the actor is adapters on the reference
+    lora_critics = cfg_runtime.pop("lora_critics", False)  # config.lora.critics: critics = adapters + head on the scorer
+    frozen_dtype = cfg_runtime.pop("frozen_param_dtype", "")  # config.rl.frozen_param_dtype
     lora_on = lora_settings is not None and lora_settings.enabled
     cfg = llama.LlamaConfig(**model_kwargs, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, **cfg_runtime)
+    frozen_cfg = dataclasses.replace(cfg, param_dtype=frozen_dtype) if frozen_dtype else cfg
     policy, scorer = llama.Llama(cfg), score.ScoreModel(cfg)
     score_fn = roles.score_role_fn(scorer)
+    critic_fn = roles.ScoreModelFn(scorer, adapted=lora.wrap(scorer, lora_settings)) if lora_critics else score_fn
+    scored = [role for role in algorithm.roles if role not in ("actor", "reference")]
+    bases = {"actor": "reference"} if lora_on else {}
+    if lora_critics:
+        bases.update({role: role[: -len("_critic")] for role in scored if role.endswith("_critic")})
     fns = roles.RoleFns(policy=roles.policy_fn(cfg, lora_settings),
                         generate=roles.sampler_fn(cfg, settings, PAD, lora_settings=lora_settings),
-                        scores={role: score_fn for role in algorithm.roles if role not in ("actor", "reference")},
-                        actor_base="reference" if lora_on else "")
+                        scores={role: critic_fn if role in bases else score_fn for role in scored}, bases=bases)
+    kind = {role: "policy" if role in ("actor", "reference") else "score" for role in algorithm.roles}
     module = {"policy": policy, "score": scorer}
     abstract = {name: loading.abstract_params(m, mesh, rules) for name, m in module.items()}
-    kind = {role: "policy" if role in ("actor", "reference") else "score" for role in algorithm.roles}
-    params_abs = {role: abstract[k] for role, k in kind.items()}
+    frozen_abstract = {name: loading.abstract_params(m.clone(cfg=frozen_cfg), mesh, rules) for name, m in module.items()}
+    trained_roles = steps.trained_roles(algorithm)
+    params_abs = {role: (abstract if role in trained_roles else frozen_abstract)[k] for role, k in kind.items()}
     if lora_on:
-        from jaxalign.models import lora
-
         params_abs["actor"] = lora.abstract_adapters(policy, lora_settings, mesh, rules)
+    for role, base in bases.items():
+        if role != "actor":  # a LoRA critic: adapters + its own (trained-dtype) score head
+            params_abs[role] = {**lora.abstract_adapters(scorer, lora_settings, mesh, rules),
+                                "score_head": abstract["score"]["score_head"]}
     shardings = {role: jax.tree.map(lambda x: x.sharding, params_abs[role]) for role in kind}
     actor = optim.OptimizerSettings(learning_rate=1e-5, lr_schedule="cosine", warmup_ratio=0.03, weight_decay=0.01)
     critic = optim.OptimizerSettings(learning_rate=5e-6, lr_schedule="constant", where="config.rl.critic")
     optimizers = steps.Optimizers(optim.make_optimizer(actor, 1000), optim.make_optimizer(critic, 1000),
                                   optim.make_schedule(actor, 1000), optim.make_schedule(critic, 1000))
-    trained = {name: params_abs[name] for name in steps.trained_roles(algorithm)}
+    trained = {name: params_abs[name] for name in trained_roles}
     abstract_state = jax.eval_shape(
         lambda p: steps.init_rl_state(algorithm, settings, p, optimizers, jax.random.PRNGKey(0)), trained)
     ptx_sh = {key: mesh_lib.batch_sharding(mesh, 2) for key in ("input_ids", "attention_mask", "loss_mask")}
@@ -200,10 +213,16 @@ def cpu_iterations(size: str, iterations: int) -> dict:
 
 
 def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 384, remat: str = "full",
-                model: dict | None = None, lora=None, label: str = "Llama-2-7B", stack_roles: bool = False) -> list[dict]:
+                model: dict | None = None, lora=None, label: str = "Llama-2-7B", stack_roles: bool = False,
+                rl: dict | None = None, only: tuple[str, ...] = (), lora_critics: bool = False,
+                frozen_param_dtype: str = "") -> list[dict]:
     """Per-device memory of the three compiled steps (see the module docstring) of `model` (default
     Llama-2-7B); lora: a lora.LoraSettings for a LoRA actor (adapters on the reference); stack_roles:
-    the scoring and update steps with roles stacked (rl/stacking.py; the rollout is the same)."""
+    the scoring and update steps with roles stacked (rl/stacking.py; the rollout is the same);
+    lora_critics: config.lora.critics (adapters + head on the reward / cost model); frozen_param_dtype:
+    config.rl.frozen_param_dtype (the reference, reward and cost models' storage dtype);
+    rl: config.rl changes (num_minibatches k: the update step sees batch / k rows, as the stage runs it);
+    only: the steps whose name starts with one of these ("" = all)."""
     import jax
     import jax.numpy as jnp
 
@@ -211,11 +230,11 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
     from jaxalign.rl import algorithms, rollout, steps as rl_steps
 
     algorithm = algorithms.make("ppo_lag", has_cost_model=True)
-    settings = rl_settings(prompt_length=prompt, max_new_tokens=new)
+    settings = rl_settings(**{"prompt_length": prompt, "max_new_tokens": new, **(rl or {})})
     mesh, rules = _mesh(fsdp)
     program, params_abs, shardings, _, abstract_state = build(
         model or LLAMA2_7B, algorithm, settings, mesh, rules, dtype="bfloat16", param_dtype="float32", remat_policy=remat,
-        lora=lora, stack_roles=stack_roles,
+        lora=lora, stack_roles=stack_roles, lora_critics=lora_critics, frozen_param_dtype=frozen_param_dtype,
         scan_layers=True)
     length, response = prompt + new, new
     rep = mesh_lib.replicated(mesh)
@@ -226,14 +245,15 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
     params = {role: mesh_lib.with_shardings(params_abs[role], shardings[role]) for role in shardings}
     frozen = {name: params[name] for name in params if name not in rl_steps.trained_roles(algorithm)}
     state = mesh_lib.with_shardings(abstract_state, program.state_shardings)
-    per_token = lambda names: {name: array((batch, response), jnp.float32) for name in names}  # noqa: E731
+    rows = batch // settings.num_minibatches  # the update step's micro-batch (stages/rl.py: PTX batches too)
+    per_token = lambda names: {name: array((rows, response), jnp.float32) for name in names}  # noqa: E731
     exp = rollout.Experience(
-        input_ids=array((batch, length), jnp.int32), attention_mask=array((batch, length), jnp.bool_),
-        response_mask=array((batch, response), jnp.bool_), old_log_probs=array((batch, response), jnp.float32),
+        input_ids=array((rows, length), jnp.int32), attention_mask=array((rows, length), jnp.bool_),
+        response_mask=array((rows, response), jnp.bool_), old_log_probs=array((rows, response), jnp.float32),
         advantages=per_token(algorithm.streams), values=per_token(algorithm.critics),
         returns=per_token(algorithm.critics))
-    ptx = {"input_ids": array((batch, length), jnp.int32), "attention_mask": array((batch, length), jnp.bool_),
-           "loss_mask": array((batch, length), jnp.bool_)}
+    ptx = {"input_ids": array((rows, length), jnp.int32), "attention_mask": array((rows, length), jnp.bool_),
+           "loss_mask": array((rows, length), jnp.bool_)}
     steps = {
         "rollout (actor sampler)": (program.rollout, (program.actor_params(params["actor"], frozen), array((batch, prompt), jnp.int32),
                                                        array((batch, prompt), jnp.bool_),
@@ -246,6 +266,8 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
     }
     if stack_roles:
         steps = {f"{name} stacked": step for name, step in steps.items() if not name.startswith("rollout")}
+    if only:
+        steps = {name: step for name, step in steps.items() if name.startswith(tuple(only))}
     results = []
     for name, (fn, args) in steps.items():
         start = time.perf_counter()
@@ -253,10 +275,12 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
             compiled = fn.lower(*args).compile()
         memory = benchmark_common.memory_of(compiled)
         results.append({
-            "model": label, "lora_rank": int(lora.rank) if lora is not None else 0,
+            "model": label, "lora_rank": int(lora.rank) if lora is not None else 0, "lora_critics": lora_critics,
+            "frozen_param_dtype": frozen_param_dtype or "float32",
             "trained_state_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)),
             "step": name, "devices": fsdp, "global_batch": batch, "prompt_length": prompt, "max_new_tokens": new,
-            "remat": remat, "compile_s": time.perf_counter() - start, **memory,
+            "remat": remat, "num_minibatches": settings.num_minibatches, "ptx_coeff": settings.ptx_coeff,
+            "compile_s": time.perf_counter() - start, **memory,
             "fits": benchmark_common.fits(memory["peak_bytes"]),
         })
         print("RESULT " + json.dumps(results[-1]), flush=True)

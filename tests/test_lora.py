@@ -1,6 +1,7 @@
 """LoRA (models/lora.py through qwix): the adapted model, gradients on the adapters only, the SFT stage
 (learns, resumes bitwise, merged and adapters exports) and an RL iteration with a LoRA actor."""
 
+import dataclasses
 import pathlib
 import shutil
 
@@ -141,6 +142,87 @@ def test_sft_with_lora_learns_resumes_exactly_and_exports(mini_data, tmp_path):
     for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(adapters)):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert (resumed / "export" / "tokenizer.json").exists()
+
+
+def test_lora_critics_start_as_the_full_critics_and_train_only_adapters_and_head(tmp_path):
+    """config.lora.critics: a fresh critic (B = 0, the scorer's head) gives the full critic's values; its
+    update changes only its adapters and head, the frozen scorer stays bitwise; rl.frozen_param_dtype
+    stores the frozen roles in bf16 while the trained ones stay fp32."""
+    import conftest
+    from configs import base
+    from jaxalign.rl import algorithms, roles, rollout, steps
+    from jaxalign.rl.settings import RLSettings
+    from jaxalign.train import optim
+
+    tok, cfg, _ = conftest.tiny_rl_inputs(tmp_path, rows=20)
+    mesh, rules = _mesh()
+    algorithm = algorithms.make("ppo_lag", has_cost_model=True)
+    settings = RLSettings.from_group(base.get_config().rl)
+    settings = dataclasses.replace(settings, prompt_length=6, max_new_tokens=6, ptx_coeff=0.0)
+    model = loading.ModelSettings(init_path=str(tmp_path / "sft"))
+    paths = roles.RolePaths(reward=str(tmp_path / "reward"), cost=str(tmp_path / "cost"))
+    load = lambda **kw: roles.load_roles(algorithm.roles, model, paths, settings, tok, mesh, rules,  # noqa: E731
+                                         jax.random.PRNGKey(0), SETTINGS, **kw)
+    fns, params, shardings, _ = load(lora_critics=True)
+    full_fns, full_params, _, _ = load()
+    assert fns.bases == {"actor": "reference", "reward_critic": "reward", "cost_critic": "cost"}
+    assert full_fns.bases == {"actor": "reference"}
+    critic = params["reward_critic"]
+    assert set(critic) == {"model", "score_head"}
+    assert all(lora.is_adapter_path(tuple(getattr(k, "key", k) for k in path))
+               for path, _ in jax.tree_util.tree_leaves_with_path(critic["model"]))
+    ids = jax.random.randint(jax.random.PRNGKey(5), (8, 12), 3, len(tok))
+    mask = jnp.ones((8, 12), bool)
+    values = jax.jit(lambda fn, p: fn(p, ids, mask), static_argnums=0)
+    for role in ("reward_critic", "cost_critic"):
+        paired = steps.role_params(fns, role, params[role], params)
+        np.testing.assert_allclose(np.asarray(values(fns.scores[role], paired)),
+                                   np.asarray(values(full_fns.scores[role], full_params[role])), atol=1e-6, rtol=0)
+
+    # one update (a made-up experience): only the critics' adapters and heads move, the scorers stay bitwise
+    trained = {name: params.pop(name) for name in steps.trained_roles(algorithm)}
+    frozen = params
+    frozen_before = jax.tree.map(np.array, frozen)
+    tx = optim.make_optimizer(optim.OptimizerSettings(learning_rate=1e-2, lr_schedule="constant"), 10)
+    optimizers = steps.Optimizers(tx, tx, optax_constant(1e-2), optax_constant(1e-2))
+    state = steps.init_rl_state(algorithm, settings, trained, optimizers, jax.random.PRNGKey(1))
+    before = jax.tree.map(np.array, state.critics)
+    program = steps.compile_program(fns, algorithm, settings, optimizers, mesh, state, shardings,
+                                    {name: shardings[name] for name in frozen})
+    response = settings.max_new_tokens
+    per_token = lambda value: {s: jnp.full((8, response), value) for s in algorithm.critics}  # noqa: E731
+    exp = rollout.Experience(input_ids=ids, attention_mask=mask, response_mask=jnp.ones((8, response), bool),
+                             old_log_probs=jnp.full((8, response), -1.0),
+                             advantages={s: jnp.ones((8, response)) for s in algorithm.streams},
+                             values=per_token(0.0), returns=per_token(1.0))
+    with mesh_lib.sharding_context(mesh, rules):
+        state = jax.device_put(state, program.state_shardings)
+        state, metrics = program.train(state, exp, jnp.float32(1.0), None, frozen)
+    assert np.isfinite(float(metrics["reward_critic_loss"]))
+    for stream in algorithm.critics:
+        new, old = state.critics[stream].params, before[stream].params
+        assert jax.tree.structure(new) == jax.tree.structure(old)  # adapters + head, nothing of the base
+        assert np.abs(np.asarray(new["score_head"]["kernel"]) - old["score_head"]["kernel"]).max() > 0
+        b = new["model"]["layers"]["mlp"]["down_proj"]["kernel_lora_b"]
+        assert np.abs(np.asarray(b)).max() > 0  # B left 0
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+    # rl.frozen_param_dtype: the frozen roles in bf16, the trained ones (adapters, critic heads) fp32
+    fns16, params16, _, _ = load(lora_critics=True, frozen_param_dtype="bfloat16")
+    dtypes = {role: {x.dtype for x in jax.tree.leaves(p)} for role, p in params16.items()}
+    assert dtypes["reference"] == dtypes["reward"] == dtypes["cost"] == {jnp.dtype(jnp.bfloat16)}
+    assert dtypes["actor"] == dtypes["reward_critic"] == {jnp.dtype(jnp.float32)}
+    got = values(fns16.scores["reward_critic"], steps.role_params(fns16, "reward_critic", params16["reward_critic"],
+                                                                  params16))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(values(full_fns.scores["reward_critic"],
+                                                                  full_params["reward_critic"])), atol=0.05)
+
+
+def optax_constant(value):
+    import optax
+
+    return optax.constant_schedule(value)
 
 
 def test_ppo_lag_with_a_lora_actor(tmp_path):

@@ -14,7 +14,8 @@ input / output dims flattened, e.g. q_proj [D, H, Dh] -> A [D, r], B [r, H*Dh]).
 
 The adapters are a tree of their own (`split` / `combine`), so the trained state holds only them
 (fp32 master weights, cast to the compute dtype at apply) while the frozen base is shared (RL:
-the actor's base is the reference). Four things of qwix 0.1.8 this module works around:
+the actor's base is the reference; with config.lora.critics a critic is adapters + its own score
+head on the frozen reward / cost model). Four things of qwix 0.1.8 this module works around:
   * the adapters take the base kernel's dtype and their delta is added without a cast
     (qwix/_src/providers/lora.py, _get_or_create_lora_params: lora_dtype; LoraProvider.dot_general
     `res + delta * scale`): fp32 adapters under a bf16 compute dtype change the scanned layer's carry
@@ -115,10 +116,11 @@ def split(params: Any) -> tuple[dict, dict]:
 
 def combine(base: Any, adapters: Any, dtype=None) -> dict:
     """The params of a `wrap`ped module: base with the adapters (cast to `dtype`, the compute dtype) beside
-    their kernels."""
+    their kernels. Other leaves of `adapters` (a LoRA critic's trained score head) replace the base's
+    as they are."""
     flat = traverse_util.flatten_dict(base)
     cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
-    flat.update({k: cast(v) for k, v in traverse_util.flatten_dict(adapters).items()})
+    flat.update({k: cast(v) if is_adapter_path(k) else v for k, v in traverse_util.flatten_dict(adapters).items()})
     return traverse_util.unflatten_dict(flat)
 
 

@@ -6,6 +6,10 @@
     <s>_critic     score models (per token), trained         params["reward_critic"], params["cost_critic"]
                    (initialised from the reward / cost model unless a critic path is given)
 
+With LoRA (config.lora) a trained role can be adapters on a frozen role's params (RoleFns.bases): the
+actor on the reference, and with config.lora.critics each critic on its reward / cost model (its
+trained params: the adapters + its own score head, a copy of the scorer's at the start).
+
 An algorithm (rl/algorithms) names the roles it uses. Params travel separately from the
 functions, so the same `RoleFns` serve every jit and a test can inject exact score functions of
 the tokens through the same interface.
@@ -54,12 +58,18 @@ class RoleFns:
     # its inputs are the actor's sequences re-tokenised (rollout.retokenize, spec §3.3)
     retokenizers: dict = dataclasses.field(default_factory=dict)
     actor_tokenizer: Any = None  # decodes the actor's sequences for re-tokenisation
-    # LoRA actor: the frozen role whose params are its base ("reference": one shared copy); the actor's
-    # trained params are then only its adapters (steps.actor_params pairs them). "" = fully trained.
-    actor_base: str = ""
+    # LoRA: {trained role: the frozen role whose params are its base} (actor -> "reference"; with
+    # config.lora.critics "<s>_critic" -> "<s>"); such a role's trained params are only its adapters
+    # (+ a critic's score head) and steps.role_params pairs them with the base. Absent = fully trained.
+    bases: dict = dataclasses.field(default_factory=dict)
 
     def __hash__(self):  # closed over by jit; identity is enough
         return id(self)
+
+    @property
+    def actor_base(self) -> str:
+        """The LoRA actor's base role ("" = a fully trained actor)."""
+        return self.bases.get("actor", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,13 +128,19 @@ class ScoreModelFn:
     module: nn.Module
     stats: dict | None = None
     score_type: str | None = None
+    # a LoRA critic: lora.wrap(module), applied to lora.Adapted(frozen scorer params, adapters + head)
+    adapted: nn.Module | None = None
 
     @property
     def stack_key(self):
-        return self.module
+        # A LoRA critic runs alone: stacking it with another would stack their frozen bases (a copy of each).
+        return self if self.adapted is not None else self.module
 
     def raw(self, params, input_ids, attention_mask):
         """-> scores [B,L,K] fp32."""
+        if isinstance(params, lora.Adapted):
+            params = lora.combine(params.base, params.adapters, self.module.cfg.compute_dtype)
+            return self.adapted.apply({"params": params}, input_ids, attention_mask=attention_mask).scores
         return self.module.apply({"params": params}, input_ids, attention_mask=attention_mask).scores
 
     def finish(self, scores):
@@ -228,57 +244,100 @@ def own_tokenizer(role: str, path: str, tokenizer):
 
 
 def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths: RolePaths, settings: RLSettings,
-               tokenizer, mesh, rules, rng: jax.Array,
-               lora_settings: lora.LoraSettings | None = None) -> tuple[RoleFns, dict, dict, Any]:
+               tokenizer, mesh, rules, rng: jax.Array, lora_settings: lora.LoraSettings | None = None,
+               lora_critics: bool = False, frozen_param_dtype: str = "") -> tuple[RoleFns, dict, dict, Any]:
     """Every role in `role_names`, placed on the mesh. -> (fns, params, shardings, actor cfg),
     params and shardings keyed by role. The actor and the reference are loaded separately so they
     never share buffers (the train step donates the actor). With LoRA (lora_settings.rank > 0) the
-    policy is loaded once, as the reference, and the actor's params are fresh adapters on it."""
+    policy is loaded once, as the reference, and the actor's params are fresh adapters on it;
+    lora_critics: each critic is fresh adapters + a copy of its scorer's head on the frozen scorer.
+    frozen_param_dtype: the storage dtype of the frozen roles (reference, scorers; "" = model.param_dtype)."""
+    lora_on = lora_settings is not None and lora_settings.enabled
+    if lora_critics and not lora_on:
+        raise ValueError("config.lora.critics=True needs LoRA on: set config.lora.rank > 0")
+    frozen_model = dataclasses.replace(model, param_dtype=frozen_param_dtype) if frozen_param_dtype else model
     special = loading.special_ids(tokenizer)
-    reference = loading.load_policy(model, mesh, rules, vocab_size=len(tokenizer), special=special, rng=rng)
-    if lora_settings is not None and lora_settings.enabled:
+    reference = loading.load_policy(frozen_model, mesh, rules, vocab_size=len(tokenizer), special=special, rng=rng)
+    bases = {}
+    if lora_on:
         actor = reference
         adapters, adapter_shardings = lora.init_adapters(reference.module, lora_settings, jax.random.fold_in(rng, 7),
                                                          mesh, rules)
         params = {"actor": adapters, "reference": reference.params}
         shardings = {"actor": adapter_shardings, "reference": reference.shardings}
+        bases["actor"] = "reference"
         logging.info("actor: LoRA rank %d on the reference (%d trained of %d parameters)", lora_settings.rank,
                      param_count(adapters), param_count(reference.params))
     else:
         actor = loading.load_policy(model, mesh, rules, vocab_size=len(tokenizer), special=special, rng=rng)
         params = {"actor": actor.params, "reference": reference.params}
         shardings = {"actor": actor.shardings, "reference": actor.shardings}
-    score_fns, retokenizers = {}, {}
+    score_fns, retokenizers, modules = {}, {}, {}
     loaded_moderation = {}  # frozen scorers of one moderation export share its params
-    for role in role_names:
+    # scorers first: a LoRA critic is adapters on its scorer's params
+    for role in sorted(role_names, key=lambda name: name.endswith("_critic")):
         if role in params:
             continue
         path = paths.path(role)
         if not path:
             raise ValueError(f"the {role} role needs a model: set config.rl.{role}_model_path")
+        is_critic = role.endswith("_critic")
         if moderation.is_moderation_dir(path):  # issue 10: a moderation model as the cost (P(unsafe))
-            score_fns[role], params[role], shardings[role] = moderation_role(role, path, model, tokenizer, mesh, rules,
+            if is_critic and lora_critics:
+                raise ValueError(f"config.lora.critics: the {role} is a moderation backbone + a fresh head ({path} is a "
+                                 f"moderation export), which stays fully trained: set config.lora.critics=False")
+            score_fns[role], params[role], shardings[role] = moderation_role(role, path, model if is_critic else frozen_model,
+                                                                             tokenizer, mesh, rules,
                                                                              jax.random.fold_in(rng, 10),
                                                                              signal=paths.signal(role),
                                                                              loaded=loaded_moderation)
             logging.info("%s: %s (moderation model%s, %d parameters)", role, path,
-                         "" if role.endswith("_critic") else f", signal {paths.signal(role)}", param_count(params[role]))
+                         "" if is_critic else f", signal {paths.signal(role)}", param_count(params[role]))
             continue
-        is_critic = role.endswith("_critic")
         own = own_tokenizer(role, path, tokenizer)
         if own is not None:  # a reward / cost model with its own tokenizer: re-tokenised inputs
             retokenizers[role] = own
             logging.info("%s: %s has its own tokenizer (%d tokens): sequences are re-tokenised", role, path, len(own))
-        placed = loading.load_score_model(path, mesh, rules, model, score_type="critic" if is_critic else role,
+        if is_critic and lora_critics:
+            score_fns[role], params[role], shardings[role] = lora_critic(role, paths, model, lora_settings, params,
+                                                                         shardings, modules, mesh, rules,
+                                                                         jax.random.fold_in(rng, 11))
+            bases[role] = role[: -len("_critic")]
+            continue
+        placed = loading.load_score_model(path, mesh, rules, model if is_critic else frozen_model,
+                                          score_type="critic" if is_critic else role,
                                           min_vocab_size=len(own if own is not None else tokenizer))
         normalize = {"reward": settings.normalize_reward, "cost": settings.normalize_cost}.get(role, False)
         score_fns[role] = score_role_fn(placed.module, placed.stats if normalize else None, placed.head.score_type)
-        params[role], shardings[role] = placed.params, placed.shardings
+        params[role], shardings[role], modules[role] = placed.params, placed.shardings, placed.module
         logging.info("%s: %s (%s, %d parameters)", role, path, placed.head.score_type, param_count(placed.params))
     check_sequence_length(actor.cfg, settings)
     masked = (tokenizer.pad_token_id, getattr(tokenizer, "unk_token_id", None))
     fns = RoleFns(policy=policy_fn(actor.cfg, lora_settings),
                   generate=sampler_fn(actor.cfg, settings, tokenizer.pad_token_id, masked, lora_settings),
-                  scores=score_fns, retokenizers=retokenizers, actor_tokenizer=tokenizer,
-                  actor_base="reference" if lora_settings is not None and lora_settings.enabled else "")
+                  scores=score_fns, retokenizers=retokenizers, actor_tokenizer=tokenizer, bases=bases)
     return fns, params, shardings, actor.cfg
+
+
+def lora_critic(role: str, paths: RolePaths, model: loading.ModelSettings, lora_settings: lora.LoraSettings,
+                params: dict, shardings: dict, modules: dict, mesh, rules, rng: jax.Array) -> tuple[ScoreFn, dict, dict]:
+    """A LoRA critic on its frozen scorer (loaded before, in params / shardings / modules) -> (fn, trained
+    params, their shardings): fresh adapters (B = 0) + a copy of the scorer's score head in
+    model.param_dtype, so a fresh critic's values are the full critic's."""
+    scorer = role[: -len("_critic")]
+    if getattr(paths, role, ""):
+        raise ValueError(f"config.lora.critics: a LoRA {role} is adapters on the frozen {scorer} model, so it starts "
+                         f"from it: set config.rl.{role}_model_path='' (or config.lora.critics=False)")
+    if scorer not in modules:
+        raise ValueError(f"config.lora.critics: the {role} needs the {scorer} role's score model as its base "
+                         f"(this algorithm has no {scorer} model): set config.lora.critics=False")
+    module = modules[scorer]
+    adapters, adapter_shardings = lora.init_adapters(module, lora_settings, rng, mesh, rules)
+    dtype = jnp.dtype(model.param_dtype)
+    # a copy (own buffers, trained dtype): the train step donates the critic, never the frozen scorer
+    head = jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params[scorer]["score_head"])
+    trained = {**adapters, "score_head": head}
+    trained_shardings = {**adapter_shardings, "score_head": shardings[scorer]["score_head"]}
+    logging.info("%s: LoRA rank %d on the %s model + its own score head (%d trained of %d parameters)", role,
+                 lora_settings.rank, scorer, param_count(trained), param_count(params[scorer]))
+    return ScoreModelFn(module, None, "critic", adapted=lora.wrap(module, lora_settings)), trained, trained_shardings

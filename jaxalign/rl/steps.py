@@ -86,19 +86,29 @@ def trained_roles(algorithm: Algorithm) -> tuple[str, ...]:
     return ("actor", *(f"{stream}_critic" for stream in algorithm.critics))
 
 
+def role_params(fns: RoleFns, role: str, params: Any, frozen: dict | None) -> Any:
+    """What a trained role's function takes: its trained params, or for a LoRA role (fns.bases: the
+    actor, LoRA critics) lora.Adapted(its frozen base, its adapters [+ a critic's score head])."""
+    return lora.Adapted(frozen[fns.bases[role]], params) if role in fns.bases else params
+
+
 def actor_params(fns: RoleFns, params: Any, frozen: dict | None) -> Any:
-    """What the policy and the sampler take for the actor: its trained params, or for a LoRA actor
-    (fns.actor_base) lora.Adapted(its frozen base, its adapters)."""
-    return lora.Adapted(frozen[fns.actor_base], params) if fns.actor_base else params
+    """role_params of the actor (the policy and the sampler)."""
+    return role_params(fns, "actor", params, frozen)
 
 
-def actor_fns(fns: RoleFns, frozen: dict | None) -> RoleFns:
-    """fns whose policy takes the actor's trained params (a LoRA actor: only the adapters, so
-    gradients are taken w.r.t. them alone); the reference is not used by the update."""
-    if not fns.actor_base:
+def trained_fns(fns: RoleFns, frozen: dict | None) -> RoleFns:
+    """fns whose policy and critic score functions take the trained params (a LoRA role: only its
+    adapters [+ head], so gradients are taken w.r.t. them alone); the frozen roles are not updated."""
+    if not fns.bases:
         return fns
-    policy = fns.policy
-    return dataclasses.replace(fns, policy=lambda params, *inputs: policy(actor_params(fns, params, frozen), *inputs))
+
+    def paired(role, fn):
+        return lambda params, *inputs: fn(role_params(fns, role, params, frozen), *inputs)
+
+    scores = {role: paired(role, fn) if role in fns.bases else fn for role, fn in fns.scores.items()}
+    policy = paired("actor", fns.policy) if fns.actor_base else fns.policy
+    return dataclasses.replace(fns, policy=policy, scores=scores)
 
 
 def actor_shardings(fns: RoleFns, param_shardings: dict, frozen_shardings: dict) -> Any:
@@ -197,7 +207,8 @@ def score_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, frozen:
     with the health metrics). sample_log_probs [B,R]: the sampler's log-probs (None: no gap metrics);
     retokenized: {scorer: (ids, mask) [B,L']} for the scorers with their own tokenizer."""
     params = dict(frozen, actor=actor_params(fns, state.actor.params, frozen))
-    params.update({f"{stream}_critic": critic.params for stream, critic in state.critics.items()})
+    params.update({f"{stream}_critic": role_params(fns, f"{stream}_critic", critic.params, frozen)
+                   for stream, critic in state.critics.items()})
     exp, stats = score_experience(fns, algorithm, settings, params, state.kl_coeff, input_ids, attention_mask,
                                   retokenized, stack)
     means = {name: jnp.mean(value) for name, value in stats.items()}
@@ -380,7 +391,7 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
     def train_at(prompt_length: int):
         at = trimmed(settings, prompt_length)
         return jax.jit(
-            lambda state, exp, multiplier, ptx, frozen: train_step(actor_fns(fns, frozen), algorithm, at, optimizers,
+            lambda state, exp, multiplier, ptx, frozen: train_step(trained_fns(fns, frozen), algorithm, at, optimizers,
                                                                    state, exp, multiplier, ptx, stack_roles),
             in_shardings=(state_sh, exp_sh, rep, ptx_shardings, frozen_shardings),
             out_shardings=(state_sh, rep),

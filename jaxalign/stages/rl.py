@@ -10,7 +10,9 @@ roles ride along, never donated nor checkpointed) -> WORKDIR/export (the actor a
 
 With config.lora.rank > 0 the actor is adapters on the reference (one frozen copy of the policy):
 the RL state and checkpoints hold only the actor's adapters (and the critics); the export merges
-them (or writes them as an HF PEFT dir, config.lora.export).
+them (or writes them as an HF PEFT dir, config.lora.export). With config.lora.critics each critic is
+adapters + its own score head on its frozen reward / cost model. config.rl.frozen_param_dtype stores
+the frozen roles in another dtype (bfloat16: half their memory).
 """
 
 from __future__ import annotations
@@ -113,6 +115,17 @@ def check_cost_per_token(config, algorithm: algorithms.Algorithm, settings: RLSe
     if not moderation.is_moderation_dir(config.rl.cost_model_path):
         raise ValueError(f"config.rl.cost_per_token needs config.rl.cost_model_path to be a moderation export (its "
                          f"streaming head scores every prefix), got {config.rl.cost_model_path!r}")
+
+
+FROZEN_DTYPES = ("", "float32", "bfloat16")
+
+
+def frozen_param_dtype(config) -> str:
+    """config.rl.frozen_param_dtype: "" (= config.model.param_dtype), float32 or bfloat16."""
+    dtype = str(config.rl.frozen_param_dtype)
+    if dtype not in FROZEN_DTYPES:
+        raise ValueError(f"config.rl.frozen_param_dtype: expected one of {FROZEN_DTYPES}, got {dtype!r}")
+    return dtype
 
 
 def make_optimizers(config, num_updates: int) -> steps.Optimizers:
@@ -234,7 +247,8 @@ def run(config, workdir) -> loop.LoopResult:
     lora_export = common.lora_export(config)
     fns, params, shardings, actor_cfg = roles.load_roles(algorithm.roles, common.model_settings(config),
                                                          role_paths(config, constraint_signals), settings, tokenizer,
-                                                         mesh, rules, rng, lora_settings)
+                                                         mesh, rules, rng, lora_settings, bool(config.lora.critics),
+                                                         frozen_param_dtype(config))
     trained = {name: params.pop(name) for name in steps.trained_roles(algorithm)}
     frozen = params  # reference and score models: passed to every step, never donated or checkpointed
     abstract = jax.eval_shape(lambda p: steps.init_rl_state(algorithm, settings, p, optimizers, rng), trained)
