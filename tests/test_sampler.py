@@ -155,8 +155,39 @@ def test_lower_precision_decode_weights_stay_close_to_the_fp32_forward(models):
 
 
 def _draws(logits, sampling, n=4000):
-    filtered = sampler.filter_logits(jnp.asarray(logits)[None], sampling)
-    return np.asarray(jax.random.categorical(jax.random.PRNGKey(0), filtered, axis=-1, shape=(n, 1)))
+    """n draws of the sampler's next token from one row of logits (each row its own uniform)."""
+    rows = jnp.tile(jnp.asarray(logits, jnp.float32)[None], (n, 1))
+    return np.asarray(sampler.sample_token(rows, jax.random.PRNGKey(0), sampling))
+
+
+def test_inverse_cdf_draws_follow_the_softmax_and_never_pick_zero_probability_tokens():
+    """One uniform per row, inverse CDF over blocks of the vocab: token frequencies match the
+    softmax (chi-square), tokens of probability 0 (filtered, -inf) are never drawn, not even at
+    u = 0 or at the largest u below 1, and the log-probs are the raw log-softmax."""
+    from scipy import stats
+
+    vocab, n = 300, 20000  # 3 blocks, the last one partial
+    logits = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (vocab,))) * 2.0
+    zero = np.r_[0:5, 126:131, 250:vocab]  # a block's start and end, and the vocab's tail
+    logits[zero] = -np.inf
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    config = SamplingConfig(max_new_tokens=1)
+    rows = jnp.tile(jnp.asarray(logits, jnp.float32)[None], (n, 1))
+    tokens, log_probs = sampler.sample_with_log_probs(rows, jax.random.uniform(jax.random.PRNGKey(6), (n,)), config)
+    tokens = np.asarray(tokens)
+    assert not np.isin(tokens, zero).any()
+    np.testing.assert_allclose(np.asarray(log_probs), np.log(probs[tokens]), rtol=1e-5, atol=1e-5)
+    likely = probs * n >= 5  # the chi-square cells; the rest are pooled into one
+    observed = np.bincount(tokens, minlength=vocab)
+    observed = np.r_[observed[likely], observed[~likely].sum()]
+    expected = np.r_[probs[likely], probs[~likely].sum()] * n
+    statistic = ((observed - expected) ** 2 / expected).sum()
+    assert statistic < stats.chi2.ppf(0.999, len(observed) - 1), statistic
+    edges = jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))], jnp.float32)
+    first, last = np.asarray(sampler.sample_with_log_probs(rows[:2], edges, config)[0])
+    positive = np.flatnonzero(probs > 0)
+    assert (first, last) == (positive[0], positive[-1])
 
 
 @pytest.mark.parametrize(

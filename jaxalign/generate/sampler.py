@@ -89,12 +89,65 @@ def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
     return logits
 
 
+# Inverse-CDF draws walk the vocab in blocks of this many entries (see _inverse_cdf).
+_BLOCK = 128
+
+
+def _first_above(cdf: jax.Array, weights: jax.Array, x: jax.Array) -> jax.Array:
+    """[B] first index i with cdf[:, i] > x among entries of positive weight; the last
+    positive-weight index when there is none (x rounded up to the total). cdf, weights [B, N]."""
+    n = cdf.shape[-1]
+    iota = jnp.arange(n, dtype=jnp.int32)
+    first = jnp.min(jnp.where((cdf > x[:, None]) & (weights > 0), iota, n), axis=-1)
+    last = jnp.max(jnp.where(weights > 0, iota, -1), axis=-1)
+    return jnp.where(first == n, last, first)
+
+
+def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """Index [B] drawn with probability weights / weights.sum(-1), from unnormalised weights
+    [B, V] >= 0 (a positive entry per row) and one uniform u [B] in [0, 1) per row: the first
+    index whose cumulative weight exceeds u * total. Never an index of weight 0. Two levels
+    (block of _BLOCK entries, then the entry inside it): a prefix sum over the whole vocab is
+    an associative scan that costs XLA:CPU more than the rest of the step's sampling."""
+    b, v = weights.shape
+    blocks = jnp.pad(weights, ((0, 0), (0, -v % _BLOCK))).reshape(b, -1, _BLOCK)
+    block_sums = jnp.sum(blocks, axis=-1)
+    block_cdf = jnp.cumsum(block_sums, axis=-1)
+    x = u * block_cdf[:, -1]
+    block = _first_above(block_cdf, block_sums, x)
+    inner = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+    x = x - jnp.take_along_axis(block_cdf - block_sums, block[:, None], axis=1)[:, 0]
+    return block * _BLOCK + _first_above(jnp.cumsum(inner, axis=-1), inner, x)
+
+
+def sample_with_log_probs(logits: jax.Array, u: jax.Array, sampling: SamplingConfig):
+    """(next token ids [B] int32, their raw log-probs [B] fp32) from logits [B, V] and one
+    uniform u [B] in [0, 1) per row: argmax when temperature == 0 (u unused), else the
+    inverse-CDF draw of u from the filtered distribution (one uniform per row rather than a
+    Gumbel per vocab entry). The log-prob is log_softmax(logits) of the token at temperature 1
+    without filters (SampleOutput.log_probs)."""
+    logits = logits.astype(jnp.float32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    raw = jnp.exp(logits - top)
+    log_z = top[:, 0] + jnp.log(jnp.sum(raw, axis=-1))
+    vocab = logits.shape[-1]
+    if sampling.temperature == 0.0:  # argmax: the first index of the row's maximum
+        token = jnp.min(jnp.where(logits == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    else:
+        unfiltered = sampling.temperature == 1.0 and not 0 < sampling.top_k < vocab and sampling.top_p == 1.0
+        if unfiltered:  # the sampling weights are the log-prob's exponentials
+            weights = raw
+        else:
+            filtered = filter_logits(logits, sampling)
+            weights = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))
+        token = _inverse_cdf(weights, u)
+    token_logit = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+    return token, token_logit - log_z
+
+
 def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
     """Next token ids [B] int32 from logits [B, V] (argmax when temperature == 0)."""
-    if sampling.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits, sampling)
-    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+    return sample_with_log_probs(logits, jax.random.uniform(rng, logits.shape[:1]), sampling)[0]
 
 
 def _last_logits(params, cfg, ids, mask, cache):
@@ -121,13 +174,17 @@ def sample(
     prompt_mask = prompt_mask.astype(bool)
     eos = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
     cfg, params = layouts.decode_params(cfg, params, sampling.weights)
+    # Materialised once, for the prefill and the loop alike (else XLA fuses the layout copy
+    # into each of its consumers: two copies of the weights per call).
+    params = jax.lax.optimization_barrier(params)
     cache = models.init_cache(cfg, batch, prompt_len + n)
     logits, cache = _last_logits(params, cfg, prompt_ids.astype(jnp.int32), prompt_mask, cache)
 
-    def emit(i, logits, key, tokens, log_probs, live):
+    uniforms = jax.random.uniform(rng, (n, batch))  # one per row and step, drawn up front
+
+    def emit(i, logits, tokens, log_probs, live):
         """Samples token i for rows still live; returns updated buffers and liveness."""
-        token = sample_token(logits, key, sampling)
-        token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], -1)[:, 0]
+        token, token_lp = sample_with_log_probs(logits, uniforms[i], sampling)
         token = jnp.where(live, token, sampling.pad_token_id)
         tokens = tokens.at[:, i].set(token)
         log_probs = log_probs.at[:, i].set(jnp.where(live, token_lp, 0.0))
@@ -139,26 +196,24 @@ def sample(
     log_probs = jnp.zeros((batch, n), jnp.float32)
     response_mask = jnp.zeros((batch, n), bool)
     live = jnp.ones((batch,), bool)
-    rng, key = jax.random.split(rng)
-    token, tokens, log_probs, mask_0, live = emit(0, logits, key, tokens, log_probs, live)
+    token, tokens, log_probs, mask_0, live = emit(0, logits, tokens, log_probs, live)
     response_mask = response_mask.at[:, 0].set(mask_0)
 
     def cond(state):
-        i, _, _, _, _, _, live, _ = state
+        i, _, _, _, _, _, live = state
         return (i < n) & jnp.any(live)
 
     def body(state):
-        i, token, tokens, log_probs, response_mask, cache, live, rng = state
+        i, token, tokens, log_probs, response_mask, cache, live = state
         # The previous token is real for rows that were live when it was emitted.
         fed = response_mask[:, i - 1]
         logits, cache = _last_logits(params, cfg, token[:, None], fed[:, None], cache)
-        rng, key = jax.random.split(rng)
-        token, tokens, log_probs, mask_i, live = emit(i, logits, key, tokens, log_probs, live)
+        token, tokens, log_probs, mask_i, live = emit(i, logits, tokens, log_probs, live)
         response_mask = response_mask.at[:, i].set(mask_i)
-        return i + 1, token, tokens, log_probs, response_mask, cache, live, rng
+        return i + 1, token, tokens, log_probs, response_mask, cache, live
 
-    state = (jnp.int32(1), token, tokens, log_probs, response_mask, cache, live, rng)
-    _, _, tokens, log_probs, response_mask, _, _, _ = jax.lax.while_loop(cond, body, state)
+    state = (jnp.int32(1), token, tokens, log_probs, response_mask, cache, live)
+    _, _, tokens, log_probs, response_mask, _, _ = jax.lax.while_loop(cond, body, state)
     prompt_ids = jnp.where(prompt_mask, prompt_ids, sampling.pad_token_id).astype(jnp.int32)
     return SampleOutput(
         sequences=jnp.concatenate([prompt_ids, tokens], axis=1),
