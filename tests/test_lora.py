@@ -225,10 +225,12 @@ def optax_constant(value):
     return optax.constant_schedule(value)
 
 
-def test_ppo_lag_with_a_lora_actor(tmp_path):
-    """`jaxalign train --config configs/ppo_lag_lora_tiny.py`: one iteration; the reference stays the base,
-    the checkpoint's actor is adapters, the export is the merged actor."""
+def test_ppo_lag_with_lora_actor_and_critics(tmp_path):
+    """`jaxalign train --config configs/ppo_lag_lora_tiny.py` (LoRA actor and critics, frozen roles in bf16):
+    two iterations; the reference stays the base, the checkpoint holds only adapters and the critics' heads,
+    the resume from iteration 1 is exact, the export is the merged actor."""
     import conftest
+    import orbax.checkpoint as ocp
 
     tok, cfg, params = conftest.tiny_rl_inputs(tmp_path, rows=150, policy_dir="sft")
     workdir = tmp_path / "run"
@@ -236,21 +238,44 @@ def test_ppo_lag_with_a_lora_actor(tmp_path):
             f"--config.model.init_path={tmp_path / 'sft'}", f"--config.data.source={tmp_path / 'data'}",
             f"--config.rl.reward_model_path={tmp_path / 'reward'}", f"--config.rl.cost_model_path={tmp_path / 'cost'}",
             "--config.rl.prompt_length=40", "--config.rl.max_new_tokens=8", "--config.data.batch_size=8",
-            "--config.train.num_steps=1", "--config.rl.ptx_coeff=0.5"]
+            "--config.train.num_steps=2", "--config.checkpoint.save_every=1", "--config.rl.ptx_coeff=0.5",
+            "--config.rl.frozen_param_dtype=bfloat16"]
     assert cli.main(argv) == 0
-    record = metrics_lib.read_metrics(workdir)[-1]
+    records = metrics_lib.read_metrics(workdir)
+    record = records[0]
     for key in ("reward", "cost", "actor_loss", "ptx_loss", "reward_critic_loss", "cost_critic_loss", "kl_divergence"):
         assert np.isfinite(record[key]), key
     # the first rollout is scored before any update: the actor (B = 0) is its reference, the base
     assert abs(record["kl_divergence"]) < 1e-5
     assert record["logprob_gap_max"] < 1e-3  # the sampler (merged weights) and the scorer (base + adapters) agree
+
+    # the checkpoint's trained params: the actor's adapters, each critic's adapters + score head
+    metadata = ocp.StandardCheckpointer().metadata(workdir / "checkpoints" / "2" / "state")
+    tree = getattr(metadata, "item_metadata", metadata)
+    names = {"/".join(str(getattr(k, "key", k)) for k in path)
+             for path, _ in jax.tree_util.tree_leaves_with_path(dict(tree))}
+    params_names = [n for n in names if "/params/" in f"/{n}"]
+    assert params_names and all(n.split("/")[-1] in lora.SUFFIXES or "/score_head/" in n for n in params_names), \
+        sorted(params_names)
+    assert any(n.startswith("critics/reward/params/score_head/") for n in params_names)
+
+    # resume: the run cut back to its iteration-1 checkpoint, then the same command: the same metrics
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    for path in [resumed / "export", resumed / "checkpoints" / "2"]:
+        shutil.rmtree(path)
+    assert cli.main([*argv[:3], "--workdir", str(resumed), *argv[5:]]) == 0
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/") and "per_s" not in k}  # noqa: E731
+    assert [strip(r) for r in metrics_lib.read_metrics(resumed)] == [strip(r) for r in records]
+
     _, exported = hf.from_pretrained(workdir / "export")
     # the actor learned: its merged projections moved, what LoRA does not touch (embeddings, norms) did not
+    # (the base is stored in bf16: the export is the bf16 base merged)
+    as_base = lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32)  # noqa: E731
     q = "model", "layers", "self_attn", "q_proj", "kernel"
-    moved = np.abs(_get(exported, q) - _get(params, q)).max()
-    assert moved > 0
-    np.testing.assert_array_equal(exported["model"]["embed_tokens"]["embedding"],
-                                  params["model"]["embed_tokens"]["embedding"])
+    assert np.abs(_get(exported, q).astype(np.float32) - as_base(_get(params, q))).max() > 0
+    embedding = "model", "embed_tokens", "embedding"
+    np.testing.assert_array_equal(_get(exported, embedding).astype(np.float32), as_base(_get(params, embedding)))
 
 
 def _get(tree, path):
