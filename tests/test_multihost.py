@@ -142,7 +142,7 @@ def _ppo_argv(root, workdir, steps):
             f"--config.train.num_steps={steps}", "--config.train.lr_schedule=constant",
             "--config.train.warmup_ratio=0.0", "--config.rl.episode_cost_window_size=16",
             "--config.rl.lambda_lr=0.05", "--config.checkpoint.save_every=1",
-            "--config.rl.eval_every=0", "--config.data.eval_split="]
+            "--config.rl.eval_every=2", "--config.data.eval_split=test", "--config.rl.eval_prompts=8"]
 
 
 def _half_of_a_batch(reads: list[list[int]], reference: list[list[int]], half: int) -> bool:
@@ -198,14 +198,24 @@ def test_two_processes_train_sft_and_ppo_lag_like_one(inputs, tmp_path, monkeypa
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=1e-5)
 
     # PPO-Lagrangian: every iteration's metrics, lambda included.
-    want = {r["step"]: r for r in metrics_lib.read_metrics(tmp_path / "ref_ppo")}
-    got = {r["step"]: r for r in metrics_lib.read_metrics(ppo)}
+    want = {r["step"]: r for r in metrics_lib.read_metrics(tmp_path / "ref_ppo") if "lambda" in r}
+    got = {r["step"]: r for r in metrics_lib.read_metrics(ppo) if "lambda" in r}
     assert sorted(got) == sorted(want) == [1, 2]
     for step in want:
         for key in RL_KEYS:
             np.testing.assert_allclose(got[step][key], want[step][key], rtol=RTOL, atol=1e-5,
                                        err_msg=f"{key} at step {step}")
     assert want[2]["lambda"] != want[1]["lambda"]  # lambda moved, so the comparison means something
+    # The in-loop evaluation after the last iteration: rows sampled and scored on both hosts, gathered.
+    want_eval, got_eval = ([r for r in metrics_lib.read_metrics(path) if "eval/reward" in r] for path in
+                           (tmp_path / "ref_ppo", ppo))
+    # (the 2-process run also evaluated at the end of its part 1, step 1)
+    assert [r["step"] for r in got_eval] == [1, 2] and [r["step"] for r in want_eval] == [2]
+    for key in ("eval/reward", "eval/cost", "eval/generated_length"):
+        np.testing.assert_allclose(got_eval[1][key], want_eval[0][key], rtol=RTOL, atol=1e-5, err_msg=key)
+    # rl.length_bucket (16 in ppo_lag_tiny): the used columns are read from a replicated reduction, the
+    # same on every host (these prompts use all 40 columns, so nothing is trimmed).
+    assert got[2]["sequence_length"] == want[2]["sequence_length"] == 40 + 8
 
     # The lambda window: both processes observe all 8 rollout costs (the same on both, and their
     # halves differ), so the window mean lambda steps on is the same everywhere and covers both hosts.

@@ -199,6 +199,16 @@ def put_sharded(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: np.asarray(array[index]))
 
 
+def global_rows(x: jax.Array) -> np.ndarray:
+    """Every row of a batch-sharded array [B, ...], the same numpy array on every process
+    (process_allgather across hosts: device_get alone fails on rows that other hosts hold)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def with_shardings(tree: Any, shardings: Any) -> Any:
     """Abstract twin of `tree`: ShapeDtypeStructs carrying `shardings` (restore/AOT targets)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -68,9 +68,10 @@ def make_eval_fn(generate: Callable, score_fns: Mapping[str, Callable], prompts:
                 ids = mesh_lib.put_sharded(arrays["input_ids"][rows], in_sharding)
                 mask = mesh_lib.put_sharded(arrays["attention_mask"][rows], in_sharding)
                 seq, seq_mask = generate(state.actor.params, ids, mask, jax.random.fold_in(rng, start), frozen)
-                for name, value in jax.device_get(score(scored, seq, seq_mask)).items():
-                    values[name].append(np.asarray(value)[:keep])
-                seq, seq_mask = jax.device_get((seq, seq_mask))
+                # Batch-sharded outputs: every row on every process (device_get alone fails across hosts).
+                for name, value in score(scored, seq, seq_mask).items():
+                    values[name].append(mesh_lib.global_rows(value)[:keep])
+                seq, seq_mask = mesh_lib.global_rows(seq), mesh_lib.global_rows(seq_mask)
                 response_mask = np.asarray(seq_mask)[:, settings.prompt_length:]
                 lengths.append(response_mask.sum(-1)[:keep])
                 if settings.use_judge:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.objectives import ppo
+from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl.algorithms.base import Algorithm
 from jaxalign.rl.settings import RLSettings
 from jaxalign.rl.steps import RLProgram, RLState
@@ -49,32 +50,6 @@ class RLBatches:
         self.prompt_iter.set_state(state["prompt"])
         if self.ptx_iter is not None:
             self.ptx_iter.set_state(state["ptx"])
-
-
-def process_local_rows(x: jax.Array) -> np.ndarray:
-    """The rows of a batch-sharded [B] array held by this process, in order, without repeats."""
-    shards = {}
-    for shard in x.addressable_shards:
-        shards.setdefault(shard.index[0].start or 0, shard)
-    return np.concatenate([np.asarray(shards[key].data) for key in sorted(shards)])
-
-
-def global_rows(x: jax.Array) -> np.ndarray:
-    """Every row of a batch-sharded [B] array, the same numpy array on every process.
-
-    The algorithm observes the whole rollout on every host, so its state (PPO-Lagrangian's cost
-    window) is identical everywhere: a replicated array that Orbax saves from process 0 and every
-    host restores, and a lambda that does not depend on how the devices are split into processes
-    (1 x 8 devices == 2 x 4). The window is thus global: the last W sequence costs of the run.
-    Upstream keeps one window of W per GPU and averages over the N GPUs, which is the same as a
-    global window of W x N when W is a multiple of the per-GPU rollout batch (upstream: 128 and 16):
-    set rl.episode_cost_window_size = 128 x N to reproduce an N-GPU upstream run.
-    """
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings, frozen: dict, state: RLState,
@@ -113,8 +88,15 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
     times["score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    # The algorithm observes the whole rollout on every host, so its state (PPO-Lagrangian's cost
+    # window) is identical everywhere: a replicated array that Orbax saves from process 0 and every
+    # host restores, and a lambda that does not depend on how the devices are split into processes
+    # (1 x 8 devices == 2 x 4). The window is thus global: the last W sequence costs of the run.
+    # Upstream keeps one window of W per GPU and averages over the N GPUs, which is the same as a
+    # global window of W x N when W is a multiple of the per-GPU rollout batch (upstream: 128 and 16):
+    # set rl.episode_cost_window_size = 128 x N to reproduce an N-GPU upstream run.
     algorithm_state = algorithm.observe(settings, state.algorithm,
-                                        {name: global_rows(value) for name, value in scores.items()})
+                                        {name: mesh_lib.global_rows(value) for name, value in scores.items()})
     state = state.replace(algorithm=algorithm_state, rng=rng)
     update_metrics, hook_metrics = [], {}
     ptx_batches = iter(batch["ptx"] or [])

@@ -407,9 +407,7 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
         # row on every process, placed batch-sharded like the rollout.
         if not retokenizers:
             return score_at(prompt_length)(frozen, state, ids, mask, log_probs)
-        from jaxalign.rl.iteration import global_rows
-
-        host_ids, host_mask = global_rows(ids), global_rows(mask)
+        host_ids, host_mask = mesh_lib.global_rows(ids), mesh_lib.global_rows(mask)
         retokenized = {role: jax.device_put(retokenize(host_ids, host_mask, fns.actor_tokenizer, tok,
                                                        settings.sequence_length), batch2)
                        for role, tok in retokenizers.items()}

@@ -103,7 +103,7 @@ class Algorithm:
 
     def observe(self, settings: RLSettings, state: Any, local_scores: dict[str, np.ndarray]) -> Any:
         """Sees the sequence scores {scorer: [B]} of a new rollout: every row, the same on every process
-        (rl/iteration.py global_rows), so the algorithm's state is identical on every host."""
+        (parallel/mesh.py global_rows), so the algorithm's state is identical on every host."""
         del settings, local_scores
         return state
 
