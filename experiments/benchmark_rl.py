@@ -81,7 +81,7 @@ def build(model_kwargs: dict, algorithm, settings, mesh, rules, stack_roles: boo
     from jaxalign.train import optim
 
     lora_settings = cfg_runtime.pop("lora", None)  # a lora.LoraSettings: the actor is adapters on the reference
-    lora_critics = cfg_runtime.pop("lora_critics", False)  # config.lora.critics: critics = adapters + head on the scorer
+    lora_critics = cfg_runtime.pop("lora_critics", False)  # config.lora.critics: adapters + head on the scorer
     frozen_dtype = cfg_runtime.pop("frozen_param_dtype", "")  # config.rl.frozen_param_dtype
     lora_on = lora_settings is not None and lora_settings.enabled
     cfg = llama.LlamaConfig(**model_kwargs, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, **cfg_runtime)
@@ -99,7 +99,8 @@ def build(model_kwargs: dict, algorithm, settings, mesh, rules, stack_roles: boo
     kind = {role: "policy" if role in ("actor", "reference") else "score" for role in algorithm.roles}
     module = {"policy": policy, "score": scorer}
     abstract = {name: loading.abstract_params(m, mesh, rules) for name, m in module.items()}
-    frozen_abstract = {name: loading.abstract_params(m.clone(cfg=frozen_cfg), mesh, rules) for name, m in module.items()}
+    frozen_abstract = {name: loading.abstract_params(m.clone(cfg=frozen_cfg), mesh, rules)
+                       for name, m in module.items()}
     trained_roles = steps.trained_roles(algorithm)
     params_abs = {role: (abstract if role in trained_roles else frozen_abstract)[k] for role, k in kind.items()}
     if lora_on:

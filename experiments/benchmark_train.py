@@ -18,11 +18,16 @@
    step times and the trained-state bytes (params + AdamW moments) of both, at tiny and Llama-3.1-8B
    size (abstract shapes).
 4. lora_rl: the per-device memory plan of a Llama-3.1-8B PPO-Lagrangian iteration (six roles;
-   experiments/benchmark_rl.py's memory_plan: actor sampler, scoring, updates) with a LoRA actor on
-   v5e-16 (16 devices) and without LoRA on the smallest fsdp slice of 16 / 32 / 64 / 128 whose scoring
-   and update steps fit 90% of a v5e chip's 16 GiB (simulated 128 CPU devices). The sampler step
-   does not fit at any fsdp, LoRA or not: it gathers every layer's weights up front (its temp is
-   about the whole bf16 + fp32 model per device).
+   experiments/benchmark_rl.py's memory_plan: actor sampler, scoring, updates; global batch 128,
+   128 + 384 tokens, bf16 compute, remat full) on v5e-16 (fsdp 16), options added one at a time:
+   a LoRA r16 actor (adapters on the reference); + LoRA critics (config.lora.critics: adapters +
+   score head on the frozen reward / cost models); + the frozen roles stored in bf16
+   (config.rl.frozen_param_dtype); + config.rl.num_minibatches 2 / 4 / 8 (the update step's
+   micro-batch is 128 / k rows; the rollout and scoring steps do not change); then without LoRA on
+   the smallest fsdp slice of 16 / 32 / 64 / 128 whose scoring and update steps fit 90% of a v5e
+   chip's 16 GiB (simulated 128 CPU devices). Each row names its options. XLA:CPU runs bf16 dots in
+   fp32: bf16-stored weights get f32 copies (hoisted out of the layer loop) that a TPU does not make,
+   so the bf16 rows' temp is an upper bound; the num_minibatches rows are also given with fp32 frozen roles.
 
 Each part runs in a subprocess with its own XLA_FLAGS (1, 64 and 128 host devices).
 """
@@ -336,23 +341,42 @@ def lora_sft(steps: int, rank: int = 8, batch_size: int = 16, seq_len: int = 64)
 RL_FSDP = (16, 32, 64, 128)
 
 
-def lora_rl(rank: int = 16) -> list[dict]:
-    """experiments/benchmark_rl.py's memory_plan for Llama-3.1-8B: a LoRA actor on 16 devices, then
-    without LoRA on the smallest of RL_FSDP that fits a v5e chip."""
+def lora_rl(rank: int = 16, minibatches: tuple[int, ...] = (2, 4, 8)) -> list[dict]:
+    """experiments/benchmark_rl.py's memory_plan for Llama-3.1-8B on 16 devices: a LoRA actor, + LoRA
+    critics, + bf16 frozen roles, + rl.num_minibatches (the update step only; also with fp32 frozen
+    roles); then without LoRA on the smallest of RL_FSDP that fits a v5e chip."""
     import benchmark_rl
 
     from jaxalign.models import lora
 
     settings = lora.LoraSettings(rank=rank, alpha=2.0 * rank)
-    rows = benchmark_rl.memory_plan(fsdp=16, model=llama31_8b(), lora=settings, label=f"Llama-3.1-8B LoRA r{rank}")
+    plan = lambda **kw: benchmark_rl.memory_plan(fsdp=16, model=llama31_8b(), lora=settings,  # noqa: E731
+                                                 label="Llama-3.1-8B", **kw)
+    rows = plan()
+    rows += plan(lora_critics=True, only=("scoring", "update"))  # the rollout has no critic
+    rows += plan(lora_critics=True, frozen_param_dtype="bfloat16")  # the rollout's base is the bf16 reference
+    for frozen in ("bfloat16", ""):
+        for k in minibatches:
+            rows += plan(lora_critics=True, frozen_param_dtype=frozen, rl={"num_minibatches": k}, only=("update",))
     for fsdp in RL_FSDP:
-        plan = benchmark_rl.memory_plan(fsdp=fsdp, model=llama31_8b(), label="Llama-3.1-8B full")
-        rows += plan
-        # The sampler gathers every layer's weights at once (its temp is about the whole model per device at
-        # any fsdp), so the slice is the smallest whose scoring and update steps fit.
-        if all(row["fits"]["v5e"] for row in plan if not row["step"].startswith("rollout")):
+        full = benchmark_rl.memory_plan(fsdp=fsdp, model=llama31_8b(), label="Llama-3.1-8B")
+        rows += full
+        if all(row["fits"]["v5e"] for row in full if not row["step"].startswith("rollout")):
             break
     return rows
+
+
+def plan_label(row: dict) -> str:
+    """A memory_plan row's options and step, e.g. 'LoRA r16 actor + LoRA critics, frozen bf16, 4 minibatches:
+    update'."""
+    options = [f"LoRA r{row['lora_rank']} actor" if row["lora_rank"] else "full"]
+    if row.get("lora_critics"):
+        options[0] += " + LoRA critics"
+    if row.get("frozen_param_dtype", "float32") != "float32":
+        options.append(f"frozen {row['frozen_param_dtype'].replace('bfloat16', 'bf16')}")
+    if row.get("num_minibatches", 1) > 1:
+        options.append(f"{row['num_minibatches']} minibatches")
+    return f"{', '.join(options)}: {row['step'].split(' (')[0]}"
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -432,10 +456,11 @@ def _print_lora_sft(r: dict) -> None:
 
 def _print_lora_rl(rows: list[dict]) -> None:
     for row in rows:
-        row["label"] = f"{row['model']}: {row['step']}"
+        row["label"] = plan_label(row)
     benchmark_common.print_memory_table(
         "Per-device memory of a Llama-3.1-8B PPO-Lagrangian iteration (six roles; AOT, simulated CPU mesh; fp32 "
-        "params, bf16 compute, remat full)", rows, "label", 56)
+        "trained params + AdamW, bf16 compute, remat full, batch 128 x (128 + 384) tokens, PTX on)", rows, "label",
+        max(len(row["label"]) for row in rows))
 
 
 if __name__ == "__main__":

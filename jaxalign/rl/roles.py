@@ -284,13 +284,11 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
         is_critic = role.endswith("_critic")
         if moderation.is_moderation_dir(path):  # issue 10: a moderation model as the cost (P(unsafe))
             if is_critic and lora_critics:
-                raise ValueError(f"config.lora.critics: the {role} is a moderation backbone + a fresh head ({path} is a "
-                                 f"moderation export), which stays fully trained: set config.lora.critics=False")
-            score_fns[role], params[role], shardings[role] = moderation_role(role, path, model if is_critic else frozen_model,
-                                                                             tokenizer, mesh, rules,
-                                                                             jax.random.fold_in(rng, 10),
-                                                                             signal=paths.signal(role),
-                                                                             loaded=loaded_moderation)
+                raise ValueError(f"config.lora.critics: the {role} is a moderation backbone + a fresh head ({path} is "
+                                 f"a moderation export), which stays fully trained: set config.lora.critics=False")
+            score_fns[role], params[role], shardings[role] = moderation_role(
+                role, path, model if is_critic else frozen_model, tokenizer, mesh, rules, jax.random.fold_in(rng, 10),
+                signal=paths.signal(role), loaded=loaded_moderation)
             logging.info("%s: %s (moderation model%s, %d parameters)", role, path,
                          "" if is_critic else f", signal {paths.signal(role)}", param_count(params[role]))
             continue
@@ -320,7 +318,8 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
 
 
 def lora_critic(role: str, paths: RolePaths, model: loading.ModelSettings, lora_settings: lora.LoraSettings,
-                params: dict, shardings: dict, modules: dict, mesh, rules, rng: jax.Array) -> tuple[ScoreFn, dict, dict]:
+                params: dict, shardings: dict, modules: dict, mesh, rules,
+                rng: jax.Array) -> tuple[ScoreFn, dict, dict]:
     """A LoRA critic on its frozen scorer (loaded before, in params / shardings / modules) -> (fn, trained
     params, their shardings): fresh adapters (B = 0) + a copy of the scorer's score head in
     model.param_dtype, so a fresh critic's values are the full critic's."""
