@@ -8,6 +8,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxalign import cli
 from jaxalign import config as config_lib
@@ -165,6 +166,12 @@ def test_lora_critics_start_as_the_full_critics_and_train_only_adapters_and_head
                                          jax.random.PRNGKey(0), SETTINGS, **kw)
     fns, params, shardings, _ = load(lora_critics=True)
     full_fns, full_params, _, _ = load()
+    with pytest.raises(ValueError, match=r"config.rl.reward_critic_model_path=''"):  # a critic of its own is full
+        roles.load_roles(algorithm.roles, model, dataclasses.replace(paths, reward_critic=paths.reward), settings,
+                         tok, mesh, rules, jax.random.PRNGKey(0), SETTINGS, lora_critics=True)
+    with pytest.raises(ValueError, match=r"config.lora.critics=True needs LoRA on: set config.lora.rank > 0"):
+        roles.load_roles(algorithm.roles, model, paths, settings, tok, mesh, rules, jax.random.PRNGKey(0),
+                         lora.LoraSettings(rank=0), lora_critics=True)
     assert fns.bases == {"actor": "reference", "reward_critic": "reward", "cost_critic": "cost"}
     assert full_fns.bases == {"actor": "reference"}
     critic = params["reward_critic"]
