@@ -190,8 +190,9 @@ def test_lora_critics_start_as_the_full_critics_and_train_only_adapters_and_head
     trained = {name: params.pop(name) for name in steps.trained_roles(algorithm)}
     frozen = params
     frozen_before = jax.tree.map(np.array, frozen)
-    tx = optim.make_optimizer(optim.OptimizerSettings(learning_rate=1e-2, lr_schedule="constant"), 10)
-    optimizers = steps.Optimizers(tx, tx, optax_constant(1e-2), optax_constant(1e-2))
+    constant = optim.OptimizerSettings(learning_rate=1e-2, lr_schedule="constant")
+    tx, schedule = optim.make_optimizer(constant, 10), optim.make_schedule(constant, 10)
+    optimizers = steps.Optimizers(tx, tx, schedule, schedule)
     state = steps.init_rl_state(algorithm, settings, trained, optimizers, jax.random.PRNGKey(1))
     before = jax.tree.map(np.array, state.critics)
     program = steps.compile_program(fns, algorithm, settings, optimizers, mesh, state, shardings,
@@ -224,12 +225,6 @@ def test_lora_critics_start_as_the_full_critics_and_train_only_adapters_and_head
                                                                   params16))
     np.testing.assert_allclose(np.asarray(got), np.asarray(values(full_fns.scores["reward_critic"],
                                                                   full_params["reward_critic"])), atol=0.05)
-
-
-def optax_constant(value):
-    import optax
-
-    return optax.constant_schedule(value)
 
 
 def test_ppo_lag_with_lora_actor_and_critics(tmp_path):
