@@ -4,8 +4,10 @@
 
 Prompts are left-padded [B, S] (rows of different lengths in one batch). The params are put
 in the decode layout once per call (layouts.decode_params: unrolled layers, fused q/k/v and
-gate/up, optionally bf16 / int8 kernels), then one prefill call fills the cache, then a `lax.while_loop` decodes one token per step for every row, with
-static shapes throughout; the loop exits early once every row has emitted an EOS id.
+gate/up, optionally bf16 / int8 kernels), one prefill call fills the cache, then a
+`lax.while_loop` decodes one token per step for every row, with static shapes throughout; the
+loop exits early once every row has emitted an EOS id. Each step draws one uniform per row
+(inverse CDF, see sample_with_log_probs), all drawn before the loop.
 `sample` is a pure function of arrays with static (hashable) configs, so it can be called
 inside a larger jit (e.g. a jitted PPO rollout). The model comes from cfg's family
 (`models.causal_lm(cfg)`, `models.init_cache`): Llama, Qwen2 and Qwen3 sample the same way.
