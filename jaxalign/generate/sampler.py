@@ -175,15 +175,9 @@ def sample(
     n = sampling.max_new_tokens
     prompt_mask = prompt_mask.astype(bool)
     eos = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
-    decode_cfg, decode_params = layouts.decode_params(cfg, params, sampling.weights)
-    cache = models.init_cache(decode_cfg, batch, prompt_len + n)
-    if sampling.weights != "float32":  # the prefill runs the same lower-precision model
-        cfg, params = decode_cfg, decode_params
-    # In fp32 the decode layout holds the params' own numbers: the prefill reads them as they
-    # are, and only the loop reads the decode layout (else XLA builds that copy twice, once
-    # fused into the prefill's matmuls and once for the loop).
+    cfg, params = layouts.decode_params(cfg, params, sampling.weights)
+    cache = models.init_cache(cfg, batch, prompt_len + n)
     logits, cache = _last_logits(params, cfg, prompt_ids.astype(jnp.int32), prompt_mask, cache)
-    cfg, params = decode_cfg, decode_params
 
     uniforms = jax.random.uniform(rng, (n, batch))  # one per row and step, drawn up front
 
