@@ -27,6 +27,8 @@ sharding rules in jaxalign/parallel/mesh.py can map them onto mesh axes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -423,6 +425,22 @@ def unroll_layers() -> bool:
     return jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
 
 
+_FORWARD_ONLY = contextvars.ContextVar("jaxalign_forward_only", default=False)
+
+
+@contextlib.contextmanager
+def forward_only():
+    """Functions traced inside keep the layer loop rolled even where unroll_layers() holds: on
+    XLA:CPU a forward alone runs 1.1-1.3x faster rolled, while fwd+bwd runs 1.06-1.18x faster
+    unrolled (hidden 512, 8 layers; [8, 64] .. [4, 512] tokens). For scoring and evaluation steps:
+    enter it inside the jitted function, where tracing happens. Same params, same numbers."""
+    token = _FORWARD_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_ONLY.reset(token)
+
+
 def _layer_class(cfg: LlamaConfig):
     policy_name = _REMAT_POLICIES[cfg.remat_policy]
     if policy_name is None:
@@ -452,7 +470,7 @@ class LlamaModel(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_hidden_layers,
-                unroll=cfg.num_hidden_layers if unroll_layers() else 1,
+                unroll=cfg.num_hidden_layers if unroll_layers() and not _FORWARD_ONLY.get() else 1,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
         else:

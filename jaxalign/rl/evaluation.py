@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxalign.data import pipeline, views
 from jaxalign.evaluate import judge
+from jaxalign.models import llama
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl.rollout import end_scores
 
@@ -53,8 +54,10 @@ def make_eval_fn(generate: Callable, score_fns: Mapping[str, Callable], prompts:
     arrays, _ = pipeline.tokenize_examples("prompt", examples, tokenizer, max_length=settings.prompt_length)
     in_sharding = mesh_lib.batch_sharding(mesh, 2)
     size = settings.batch_size
-    score = jax.jit(lambda frozen, ids, mask: {name: end_scores(score_fns[name], frozen[name], ids, mask)
-                                               for name in frozen})
+    @jax.jit
+    def score(frozen, ids, mask):
+        with llama.forward_only():
+            return {name: end_scores(score_fns[name], frozen[name], ids, mask) for name in frozen}
 
     def eval_fn(state, frozen: Mapping[str, Any]) -> dict[str, float]:
         scored = {name: frozen[name] for name in SCORED if name in frozen and name in score_fns}

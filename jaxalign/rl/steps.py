@@ -28,7 +28,7 @@ import optax
 
 from jaxalign.objectives import ppo, sft
 from jaxalign.objectives.common import token_log_probs
-from jaxalign.models import lora
+from jaxalign.models import llama, lora
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl import stacking
 from jaxalign.rl.algorithms.base import Algorithm
@@ -380,9 +380,14 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
     @functools.cache
     def score_at(prompt_length: int):
         at = trimmed(settings, prompt_length)
+
+        def step(frozen, state, ids, mask, log_probs, *retokenized):
+            with llama.forward_only():  # forwards only: the layer loop rolled is faster on XLA:CPU
+                return score_step(fns, algorithm, at, frozen, state, ids, mask, log_probs, *retokenized,
+                                  stack=stack_roles)
+
         return jax.jit(
-            lambda frozen, state, ids, mask, log_probs, *retokenized: score_step(
-                fns, algorithm, at, frozen, state, ids, mask, log_probs, *retokenized, stack=stack_roles),
+            step,
             in_shardings=(frozen_shardings, state_sh, batch2, batch2, batch2, *retokenized_sh),
             out_shardings=(exp_sh, batch1, rep),
         )
