@@ -105,7 +105,8 @@ def test_safe_grpo_raises_lambda_and_lowers_cost(tmp_path):
     print("safe_grpo cost", np.round(cost, 3).tolist())
     print("safe_grpo lambda", np.round(lam, 3).tolist())
     assert cost[:4].mean() > 0.05  # starts in violation
-    assert lam.max() > 1.5 and lam[5] > lam[0]  # λ rises while the constraint is violated ...
+    # λ rises at every step while the windowed cost is above the threshold (the first 4 iterations) ...
+    assert np.all(np.diff(lam[:4]) > 0) and lam.max() > lam[0] + 0.1
     assert lam[-1] < lam.max() - 0.3  # ... and falls back once the cost is below the threshold
     assert cost[-4:].mean() < cost[:4].mean() - 0.08
     assert cost[-4:].mean() < 0.05
