@@ -31,7 +31,7 @@ import optax
 import tqdm
 
 from jaxalign.generate import sampler
-from jaxalign.models import llama, quantize
+from jaxalign.models import layer_loop, llama, quantize
 from jaxalign.objectives import common
 
 CONFIG = dict(
@@ -108,7 +108,7 @@ def jax_fns(cfg: llama.LlamaConfig) -> dict:
 
     @jax.jit
     def forward_fn(p, x):
-        with llama.forward_only():  # the layer loop rolled: faster for a forward alone on XLA:CPU
+        with layer_loop.forward_only():  # the layer loop rolled: faster for a forward alone on XLA:CPU
             return model.apply({"params": p}, x).logits
 
     prompt = jax.random.randint(jax.random.PRNGKey(2), (SAMPLE_BATCH, PROMPT), 0, cfg.vocab_size)

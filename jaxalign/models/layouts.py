@@ -10,7 +10,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models import llama, quantize
+from jaxalign.models import layer_loop, llama, quantize
 
 
 def unstack_layers(params: Mapping) -> dict:
@@ -85,11 +85,11 @@ def unfuse_projections(cfg: llama.LlamaConfig, params: Mapping) -> dict:
 
 
 def decode_params(cfg: llama.LlamaConfig, params: Mapping, weights: str = "float32") -> tuple[llama.LlamaConfig, dict]:
-    """(cfg, params) of the same model in the decode layout: unrolled layers (when llama.unroll_layers;
+    """(cfg, params) of the same model in the decode layout: unrolled layers (when layer_loop.unroll_layers;
     else they stay scanned), fused projections, weights in the compute dtype when that is narrower (bf16 compute of fp32
     params), kernels in `weights` (quantize.MODES; "float32" is exact). Made once per sample
     call (a copy of the weights), so no decode step concatenates or converts weights."""
-    scan_layers = cfg.scan_layers and not llama.unroll_layers()  # see llama.unroll_layers
+    scan_layers = cfg.scan_layers and not layer_loop.unroll_layers()  # see layer_loop.unroll_layers
     if cfg.scan_layers and not scan_layers:
         params = unstack_layers(params)
     if not cfg.fused_projections:

@@ -27,8 +27,6 @@ sharding rules in jaxalign/parallel/mesh.py can map them onto mesh axes.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
@@ -39,7 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models import tensor_map
+from jaxalign.models import layer_loop, tensor_map
 from jaxalign.models.attention import causal_attention
 from jaxalign.models.layers import (  # noqa: F401  (re-exported: llama.Linear, llama.apply_rope, ...)
     MLP,
@@ -413,34 +411,6 @@ class DecoderLayer(nn.Module):
         return x, new_kv
 
 
-def unroll_layers() -> bool:
-    """Whether to run the layers unrolled: on XLA:CPU with whole weights on each device. It is
-    ~10% faster there (fwd+bwd: no while loop whose stacked residual buffers are zeroed and
-    copied through; decode: no per-step stacking of the cache). With weights sharded over a mesh
-    the layers stay a loop, so each layer's weights are gathered inside its own iteration:
-    unrolled inside the sampler's loop, XLA hoists every layer's gather out of it and holds the
-    whole model on every device (7B at fsdp 64: 3.3 -> 50 GiB per device). A rolled loop also
-    compiles faster, which matters on accelerators with many layers."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
-
-
-_FORWARD_ONLY = contextvars.ContextVar("jaxalign_forward_only", default=False)
-
-
-@contextlib.contextmanager
-def forward_only():
-    """Functions traced inside keep the layer loop rolled even where unroll_layers() holds: on
-    XLA:CPU a forward alone runs 1.1-1.3x faster rolled, while fwd+bwd runs 1.06-1.18x faster
-    unrolled (hidden 512, 8 layers; [8, 64] .. [4, 512] tokens). For scoring and evaluation steps:
-    enter it inside the jitted function, where tracing happens. Same params, same numbers."""
-    token = _FORWARD_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _FORWARD_ONLY.reset(token)
-
-
 def _layer_class(cfg: LlamaConfig):
     policy_name = _REMAT_POLICIES[cfg.remat_policy]
     if policy_name is None:
@@ -470,7 +440,7 @@ class LlamaModel(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_hidden_layers,
-                unroll=cfg.num_hidden_layers if unroll_layers() and not _FORWARD_ONLY.get() else 1,
+                unroll=cfg.num_hidden_layers if layer_loop.unroll_training() else 1,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
         else:

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxalign.data import pipeline, views
 from jaxalign.evaluate import judge
-from jaxalign.models import llama
+from jaxalign.models import layer_loop
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl.rollout import end_scores
 
@@ -56,7 +56,7 @@ def make_eval_fn(generate: Callable, score_fns: Mapping[str, Callable], prompts:
     size = settings.batch_size
     @jax.jit
     def score(frozen, ids, mask):
-        with llama.forward_only():
+        with layer_loop.forward_only():
             return {name: end_scores(score_fns[name], frozen[name], ids, mask) for name in frozen}
 
     def eval_fn(state, frozen: Mapping[str, Any]) -> dict[str, float]:

@@ -28,7 +28,7 @@ import optax
 
 from jaxalign.objectives import ppo, sft
 from jaxalign.objectives.common import token_log_probs
-from jaxalign.models import llama, lora
+from jaxalign.models import layer_loop, lora
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl import stacking
 from jaxalign.rl.algorithms.base import Algorithm
@@ -382,7 +382,7 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
         at = trimmed(settings, prompt_length)
 
         def step(frozen, state, ids, mask, log_probs, *retokenized):
-            with llama.forward_only():  # forwards only: the layer loop rolled is faster on XLA:CPU
+            with layer_loop.forward_only():  # forwards only: the layer loop rolled is faster on XLA:CPU
                 return score_step(fns, algorithm, at, frozen, state, ids, mask, log_probs, *retokenized,
                                   stack=stack_roles)
 

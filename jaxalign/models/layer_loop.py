@@ -1,0 +1,46 @@
+"""Whether a Llama's layer loop (nn.scan over the stacked layers) runs unrolled.
+
+On single-device XLA:CPU an unrolled loop is faster for fwd+bwd (1.06-1.18x: no while loop whose
+stacked residual buffers are zeroed and copied) and for decoding, while a forward alone is faster
+rolled (1.1-1.3x; hidden 512, 8 layers, [8, 64] .. [4, 512] tokens). Elsewhere the loop stays
+rolled: see unroll_layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+
+_FORWARD_ONLY = contextvars.ContextVar("jaxalign_forward_only", default=False)
+
+
+def unroll_layers() -> bool:
+    """Whether to run the layers unrolled: on XLA:CPU with whole weights on each device. It is
+    ~10% faster there (fwd+bwd: no while loop whose stacked residual buffers are zeroed and
+    copied through; decode: no per-step stacking of the cache). With weights sharded over a mesh
+    the layers stay a loop, so each layer's weights are gathered inside its own iteration:
+    unrolled inside the sampler's loop, XLA hoists every layer's gather out of it and holds the
+    whole model on every device (7B at fsdp 64: 3.3 -> 50 GiB per device). A rolled loop also
+    compiles faster, which matters on accelerators with many layers."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
+
+
+@contextlib.contextmanager
+def forward_only():
+    """Functions traced inside keep the layer loop rolled even where unroll_layers() holds: on
+    XLA:CPU a forward alone runs 1.1-1.3x faster rolled, while fwd+bwd runs 1.06-1.18x faster
+    unrolled (hidden 512, 8 layers; [8, 64] .. [4, 512] tokens). For scoring and evaluation steps:
+    enter it inside the jitted function, where tracing happens. Same params, same numbers."""
+    token = _FORWARD_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_ONLY.reset(token)
+
+
+def unroll_training() -> bool:
+    """The rule LlamaModel's layer scan follows: unroll_layers(), except inside forward_only()."""
+    return unroll_layers() and not _FORWARD_ONLY.get()
