@@ -440,7 +440,7 @@ class LlamaModel(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_hidden_layers,
-                unroll=cfg.num_hidden_layers if layer_loop.unroll_training() else 1,
+                unroll=cfg.num_hidden_layers if layer_loop.unroll_training(cfg.hidden_size) else 1,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
         else:
