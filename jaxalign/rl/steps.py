@@ -382,7 +382,7 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
         at = trimmed(settings, prompt_length)
 
         def step(frozen, state, ids, mask, log_probs, *retokenized):
-            with layer_loop.forward_only():  # forwards only: the layer loop rolled is faster on XLA:CPU
+            with layer_loop.forward_only():  # forwards only: rolled is faster on XLA:CPU for models >= 512 wide
                 return score_step(fns, algorithm, at, frozen, state, ids, mask, log_probs, *retokenized,
                                   stack=stack_roles)
 
