@@ -32,7 +32,7 @@ import tqdm
 
 from jaxalign.generate import sampler
 from jaxalign.models import layer_loop, llama, quantize
-from jaxalign.objectives import common
+from jaxalign.objectives import common, sft
 
 CONFIG = dict(
     vocab_size=8192,
@@ -90,9 +90,9 @@ def jax_fns(cfg: llama.LlamaConfig) -> dict:
     ids = jax.random.randint(jax.random.PRNGKey(1), (BATCH, SEQ), 0, cfg.vocab_size)
     tx = optax.adamw(1e-4, weight_decay=0.0)
 
-    def loss_fn(params, ids):
+    def loss_fn(params, ids):  # the SFT loss over every token, as HF's labels=input_ids
         logits = model.apply({"params": params}, ids).logits
-        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+        return sft.sft_loss(logits, ids, jnp.ones(ids.shape, bool))[0]
 
     @jax.jit
     def train_step(params, opt_state, ids):

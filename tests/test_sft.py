@@ -46,6 +46,27 @@ def test_sft_loss_matches_numpy_token_mean():
     assert float(metrics["num_loss_tokens"]) == count
 
 
+def test_next_token_log_probs_matches_numpy_and_leaves_the_last_slot_without_gradient():
+    from jaxalign.objectives import common
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 5, 9)).astype(np.float32) * 2
+    ids = rng.integers(0, 9, size=(2, 5))
+    got = np.asarray(common.next_token_log_probs(jnp.asarray(logits), jnp.asarray(ids)))
+    x = logits.astype(np.float64)
+    log_softmax = x - (np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) + x.max(-1, keepdims=True))
+    expected = np.take_along_axis(log_softmax[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+    assert got.shape == (2, 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    weights = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
+    grad = jax.grad(lambda lg: jnp.sum(common.next_token_log_probs(lg, jnp.asarray(ids)) * weights))(jnp.asarray(logits))
+    sliced = jax.grad(lambda lg: jnp.sum(common.token_log_probs(lg[:, :-1], jnp.asarray(ids)[:, 1:]) * weights))(
+        jnp.asarray(logits))
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(sliced), atol=1e-6)
+    assert not np.asarray(grad)[:, -1].any()  # the last slot predicts nothing
+
+
 def _overrides(mini_data, steps):
     return [
         f"--config.data.source={mini_data / 'data'}",

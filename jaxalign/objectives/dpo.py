@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from jaxalign.models.llama import last_true_index
 from jaxalign.objectives import lagrange as lagrange_lib
-from jaxalign.objectives.common import token_log_probs
+from jaxalign.objectives.common import next_token_log_probs
 
 # (params, input_ids [N,L], attention_mask [N,L]) -> logits [N,L,V]
 PolicyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -56,7 +56,7 @@ def sequence_log_probs(logits: jax.Array, input_ids: jax.Array, attention_mask: 
 
     logits: [N, L, V]; input_ids, attention_mask: [N, L]; start: [N] int. -> [N] fp32.
     """
-    log_probs = token_log_probs(logits[:, :-1], input_ids[:, 1:])  # slot t scores token t+1
+    log_probs = next_token_log_probs(logits, input_ids)  # slot t scores token t+1
     tokens = jnp.arange(1, input_ids.shape[1])[None, :]
     window = (tokens >= start[:, None]) & attention_mask[:, 1:].astype(bool)
     return jnp.sum(jnp.where(window, log_probs, 0.0), axis=-1)

@@ -21,11 +21,11 @@ def sft_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> t
     loss_mask: [B, T] bool, True where input_ids[:, t] is a response token to predict.
     Returns (loss scalar, {"accuracy", "num_loss_tokens"}).
     """
-    log_probs = common.token_log_probs(logits[:, :-1], input_ids[:, 1:])
+    log_probs = common.next_token_log_probs(logits, input_ids)
     mask = loss_mask[:, 1:].astype(jnp.float32)
     num_tokens = jnp.sum(mask)
     loss = -jnp.sum(log_probs * mask) / jnp.maximum(num_tokens, 1.0)
-    correct = (jnp.argmax(logits[:, :-1], axis=-1) == input_ids[:, 1:]).astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1)[:, :-1] == input_ids[:, 1:]).astype(jnp.float32)
     accuracy = jnp.sum(correct * mask) / jnp.maximum(num_tokens, 1.0)
     return loss, {"accuracy": accuracy, "num_loss_tokens": num_tokens}
 

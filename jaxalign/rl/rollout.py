@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxalign.models.llama import last_true_index
 from jaxalign.objectives import dpo
-from jaxalign.objectives.common import masked_row_mean, token_log_probs
+from jaxalign.objectives.common import masked_row_mean, next_token_log_probs
 from jaxalign.rl import stacking
 from jaxalign.rl.algorithms.base import Algorithm
 from jaxalign.rl.roles import RoleFns
@@ -41,7 +41,7 @@ def policy_log_probs(fns: RoleFns, params: Any, input_ids: jax.Array, attention_
                      start: int) -> jax.Array:
     """log pi(token_{t+1} | tokens_<=t) for the response slots t >= start. -> [B,R]."""
     logits = fns.policy(params, input_ids, attention_mask, start)  # [B, L - start, V]
-    return token_log_probs(logits[:, :-1], input_ids[:, start + 1:])
+    return next_token_log_probs(logits, input_ids[:, start:])
 
 
 def end_scores(score_fn, params: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.objectives import ppo, sft
-from jaxalign.objectives.common import token_log_probs
+from jaxalign.objectives.common import next_token_log_probs
 from jaxalign.models import layer_loop, lora
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl import stacking
@@ -165,7 +165,7 @@ def actor_rl_ptx_loss(fns: RoleFns, settings: RLSettings, params: Any, exp: Expe
                         both(exp.attention_mask, ptx_batch["attention_mask"]))
     logits = logits.reshape(b, 2, *logits.shape[1:])
     start = settings.start
-    log_probs = token_log_probs(logits[:, 0, start:-1], exp.input_ids[:, start + 1:])
+    log_probs = next_token_log_probs(logits[:, 0, start:], exp.input_ids[:, start:])
     rl = ppo.actor_loss(log_probs, exp.old_log_probs, advantages, exp.response_mask, settings.clip_range_ratio)
     ptx = sft.sft_loss(logits[:, 1], ptx_batch["input_ids"], ptx_batch["loss_mask"])[0]
     return 0.5 * (rl + settings.ptx_coeff * ptx), (rl, ptx)
