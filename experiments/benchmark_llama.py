@@ -31,7 +31,7 @@ import optax
 import tqdm
 
 from jaxalign.generate import sampler
-from jaxalign.models import layer_loop, llama, quantize
+from jaxalign.models import layer_loop, layouts, llama, quantize
 from jaxalign.objectives import common, sft
 
 CONFIG = dict(
@@ -120,13 +120,61 @@ def jax_fns(cfg: llama.LlamaConfig) -> dict:
         config = dataclasses.replace(sampling, weights=mode)
         return lambda: sampler.sample(params, cfg, prompt, mask, next(keys), config).sequences.block_until_ready()
 
+    prefill_only = dataclasses.replace(sampling, max_new_tokens=1)  # the prompt's forward + one draw
+    matrices = decode_matrices(cfg, params)
+    floor = jax.jit(lambda ms: jax.lax.fori_loop(0, NEW, lambda _, x: decode_matmul_step(ms, x, jnp),
+                                                 jnp.full((SAMPLE_BATCH, cfg.hidden_size), 0.01)))
     fns = {
         "train": train,
         "forward": lambda: forward_fn(params, ids).block_until_ready(),
         "peak": jax_peak_fn(),
+        "floor_decode_matmuls": lambda: floor(matrices).block_until_ready(),
+        "floor_prefill": lambda: sampler.sample(params, cfg, prompt, mask, next(keys),
+                                                prefill_only).sequences.block_until_ready(),
     }
     fns.update({_sample_metric(mode): sampler_fn(mode) for mode in quantize.MODES})
     return fns
+
+
+def decode_matrices(cfg: llama.LlamaConfig, params) -> list:
+    """What one fp32 decode step must read, as arrays: per layer [qkv, o, gate_up, down] (the
+    sampler's decode-layout kernels as 2-D matrices) and the layer's K and V cache filled to the
+    average length of a sampling run (PROMPT + NEW / 2 slots; k [B, KV, Dh, S], v [B, KV, S, Dh]),
+    then the lm_head."""
+    _, dparams = layouts.decode_params(cfg, params, "float32")
+    model = dparams["model"]
+    as_2d = lambda w, n_in: np.asarray(w).reshape(int(np.prod(w.shape[:n_in])), -1)  # noqa: E731
+    rng = np.random.default_rng(0)
+    kv, dh, filled = cfg.num_key_value_heads, cfg.head_dim, PROMPT + NEW // 2
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        attn, mlp = model[f"layers_{i}"]["self_attn"], model[f"layers_{i}"]["mlp"]
+        out += [as_2d(attn["qkv_proj"]["kernel"], 1), as_2d(attn["o_proj"]["kernel"], 2),
+                as_2d(mlp["gate_up_proj"]["kernel"], 1), as_2d(mlp["down_proj"]["kernel"], 1),
+                rng.standard_normal((SAMPLE_BATCH, kv, dh, filled), np.float32),
+                rng.standard_normal((SAMPLE_BATCH, kv, filled, dh), np.float32)]
+    head = dparams["lm_head"]["kernel"] if "lm_head" in dparams else model["embed_tokens"]["embedding"].T
+    return out + [np.asarray(head)]
+
+
+def decode_matmul_step(matrices: list, x, xp):
+    """One decode step's products alone, x [rows, D] -> [rows, D] (xp: jax.numpy or torch): each
+    layer's 16-row products on its real kernels and the two products over its filled KV cache,
+    with only the reshapes and adds that chain them (no softmax, norms, RoPE, cache writes or
+    sampling). Its time per step is the floor of an fp32 decode step on this machine."""
+    rows, d = x.shape
+    *layers, head = matrices
+    for i in range(0, len(layers), 6):
+        qkv, o, gate_up, down, k, v = layers[i:i + 6]
+        kv, dh, filled = k.shape[1:]
+        q = (x @ qkv)[:, : o.shape[0]].reshape(rows, kv, -1, dh)  # the query heads of each kv head
+        attended = ((q @ k) @ v) / filled  # [rows, KV, G, Dh]
+        x = x + attended.reshape(rows, -1) @ o
+        f = down.shape[0]
+        gu = (x @ gate_up).reshape(rows, f, 2)  # gate_up columns interleave (f, gate|up)
+        x = x + (gu[:, :, 0] * gu[:, :, 1]) @ down
+    x = (x @ head)[:, :d]
+    return x / ((x * x).mean() + 1e-6) ** 0.5  # unit scale: no denormals over the steps (torch does not flush them)
 
 
 def _sample_metric(mode: str) -> str:
@@ -195,7 +243,16 @@ def torch_fns(cfg: llama.LlamaConfig) -> dict:
             )
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    return {"train": train, "forward": forward, "sample": sample, "peak": lambda: torch.mm(a, b)}
+    matrices = [torch.from_numpy(np.array(m)) for m in decode_matrices(cfg, llama.init_params(cfg, jax.random.PRNGKey(0)))]
+
+    def floor_decode_matmuls():
+        with torch.no_grad():
+            x = torch.full((SAMPLE_BATCH, cfg.hidden_size), 0.01)
+            for _ in range(NEW):
+                x = decode_matmul_step(matrices, x, torch)
+
+    return {"train": train, "forward": forward, "sample": sample, "peak": lambda: torch.mm(a, b),
+            "floor_decode_matmuls": floor_decode_matmuls}
 
 
 def main() -> None:
@@ -223,7 +280,7 @@ def main() -> None:
             continue
         if metric == "sample":  # every decode mode and HF generate, interleaved
             reps = max(3, args.reps // 2)
-            pair = {f"{name} {m}": f[m] for name, f in fns.items() for m in f if m.startswith("sample")}
+            pair = {f"{name} {m}": f[m] for name, f in fns.items() for m in f if m.startswith(("sample", "floor"))}
             # int8 weight-only is ~10x slower on XLA:CPU (the dequantised kernels are materialised
             # every step): one timed run after warmup is enough to place it.
             slow = "jax sample_int8_weight_only"
@@ -248,6 +305,8 @@ def main() -> None:
         for m, value in sec.items():
             if m.startswith("sample"):
                 out[f"{m}_tokens_per_s"] = SAMPLE_BATCH * NEW / value
+                out[f"{m}_ms_per_step"] = 1e3 * value / NEW
+            if m.startswith("floor"):
                 out[f"{m}_ms_per_step"] = 1e3 * value / NEW
         if "peak" in sec and "train" in sec:
             out["train_mfu"] = 3 * flops_token * out["train_tokens_per_s"] / out["peak_flops"]
@@ -287,6 +346,14 @@ def main() -> None:
             print(f"| {mode} | {tps:,.0f} | {ms:.1f} | {ratio} | {results['jax']['sample_log_prob_gap'][mode]:.2e} |")
         if hf:
             print(f"| HF generate fp32 | {hf:,.0f} | {results['torch']['sample_ms_per_step']:.1f} | 1.00x | - |")
+        jx, th = results["jax"], results["torch"]
+        # The best any fp32 sampler can do here: the prompt's forward, then NEW steps of matmuls alone.
+        best_ms = jx["floor_prefill_ms_per_step"] + jx["floor_decode_matmuls_ms_per_step"]
+        jx["fp32_ceiling_vs_hf"] = th["sample_ms_per_step"] / best_ms if hf else None
+        print(f"\nfp32 floor per step: the decode products alone {jx['floor_decode_matmuls_ms_per_step']:.1f} ms (jax)"
+              + (f", {th['floor_decode_matmuls_ms_per_step']:.1f} ms (torch)" if hf else "")
+              + f"; the prompt's forward {jx['floor_prefill_ms_per_step']:.1f} ms per generated token"
+              + (f"; fp32 ceiling vs HF generate: {jx['fp32_ceiling_vs_hf']:.2f}x" if hf else ""))
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
