@@ -210,6 +210,40 @@ def test_filters_never_emit_outside_allowed_set(top_k, top_p, allowed):
     assert seen == allowed_ids
 
 
+def test_decode_segments_sample_the_same_tokens_and_log_probs(models):
+    """The decode loop in segments (each over a cache only as long as it has filled) samples exactly
+    what one loop over the whole cache does: left padding, an EOS mid-run, temperature sampling."""
+    _, cfg, params = models
+    ids, mask = _left_padded([7, 2, 5], 7, seed=4)
+    n = 40
+    base = SamplingConfig(max_new_tokens=n, temperature=1.0, pad_token_id=PAD, cache_segments=1)
+    one = sampler.sample(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(7), base)
+    row0 = np.asarray(one.sequences)[0, 7:]
+    eos = int(row0[12])  # a token row 0 emits mid-run: its first occurrence ends row 0 early
+    stop = int(np.flatnonzero(row0 == eos)[0])
+    outs = {}
+    for segments in (1, 3, 0, 50):  # 0 = auto (2 for 40 new tokens); 50 = one step per segment
+        sampling = dataclasses.replace(base, cache_segments=segments, eos_token_ids=(eos,))
+        outs[segments] = sampler.sample(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(7),
+                                        sampling)
+    assert not np.asarray(outs[1].response_mask)[0, stop + 1:].any()
+    for segments, out in outs.items():
+        np.testing.assert_array_equal(np.asarray(out.sequences), np.asarray(outs[1].sequences), err_msg=str(segments))
+        np.testing.assert_array_equal(np.asarray(out.response_mask), np.asarray(outs[1].response_mask))
+        # the softmax sums over fewer masked slots: the same numbers to fp32 rounding
+        np.testing.assert_allclose(np.asarray(out.log_probs), np.asarray(outs[1].log_probs), rtol=1e-5, atol=1e-5)
+    assert sampler.decode_segments(128, 0) == [33, 65, 97, 128]  # auto: one per 32 steps, at most 4
+    assert sampler.decode_segments(32, 0) == [32] and sampler.decode_segments(1, 0) == []
+    assert sampler.decode_segments(4, 10) == [2, 3, 4]  # never more segments than steps
+    cache = llama.init_cache(cfg, 2, 5)
+    grown = llama.grow_cache(cache, 9)
+    assert grown.mask.shape == (2, 9) and grown.k[0].shape[-1] == 9 and grown.v[0].shape[-2] == 9
+    with pytest.raises(ValueError, match="already has 9 slots"):
+        llama.grow_cache(grown, 5)
+    with pytest.raises(ValueError, match="cache_segments"):
+        SamplingConfig(max_new_tokens=4, cache_segments=-1)
+
+
 def test_greedy_and_config_validation():
     logits = jnp.asarray([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
     greedy = SamplingConfig(max_new_tokens=1, temperature=0.0)

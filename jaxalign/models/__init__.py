@@ -37,6 +37,13 @@ def init_cache(cfg, batch_size: int, max_length: int, dtype=None):
     return families.of(cfg).init_cache(cfg, batch_size, max_length, dtype)
 
 
+def grow_cache(cfg, cache, max_length: int):
+    """cfg's family cache `cache` with room for max_length tokens per row (empty slots appended)."""
+    from jaxalign.models import families
+
+    return families.of(cfg).grow_cache(cache, max_length)
+
+
 def init_params(cfg, rng) -> dict:
     """Random causal-LM params of cfg's family (plain pytree)."""
     from jaxalign.models import families

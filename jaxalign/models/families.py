@@ -42,13 +42,15 @@ class Backbone(Protocol):
 class Family:
     """config_class: the family's config (its model_type / hf_architecture class constants name
     it in config.json); hf_layer_map(cfg): the HF tensors of one decoder layer; causal_lm /
-    backbone: flax module classes taking the config; init_cache(cfg, batch, max_length)."""
+    backbone: flax module classes taking the config; init_cache(cfg, batch, max_length);
+    grow_cache(cache, max_length): the cache with more empty slots."""
 
     config_class: type[llama.LlamaConfig]
     hf_layer_map: Callable[[llama.LlamaConfig], list[tensor_map.HFTensor]]
     causal_lm: Callable[..., CausalLM]
     backbone: Callable[..., Backbone]
     init_cache: Callable[..., Any]
+    grow_cache: Callable[..., Any]
 
     @property
     def model_type(self) -> str:
@@ -69,7 +71,8 @@ class Family:
         return llama.init_params(cfg, rng)
 
 
-_DECODER = dict(causal_lm=llama.Llama, backbone=llama.LlamaModel, init_cache=llama.init_cache)
+_DECODER = dict(causal_lm=llama.Llama, backbone=llama.LlamaModel, init_cache=llama.init_cache,
+                grow_cache=llama.grow_cache)
 
 FAMILIES: dict[str, Family] = {
     family.model_type: family

@@ -321,6 +321,18 @@ def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype=None) -
     )
 
 
+def grow_cache(cache: KVCache, max_length: int) -> KVCache:
+    """The same cache with room for max_length >= its current slots (empty slots appended).
+    The sampler decodes in segments, each over a cache only as long as that segment fills, so
+    a step's attention reads the slots filled so far rather than the whole final length."""
+    extra = max_length - cache.mask.shape[1]
+    if extra < 0:
+        raise ValueError(f"grow_cache: the cache already has {cache.mask.shape[1]} slots > max_length {max_length}")
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])  # noqa: E731
+    return cache.replace(k=tuple(pad(k, 3) for k in cache.k), v=tuple(pad(v, 2) for v in cache.v),
+                         mask=pad(cache.mask, 1))
+
+
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Attention of T new queries over a layer's whole cache (the new tokens already written).
     q [B, T, H, Dh] (scaled); k [B, KV, Dh, S], v [B, KV, S, Dh]; mask [B, T, S] -> [B, T, H, Dh].
