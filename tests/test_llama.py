@@ -211,6 +211,11 @@ def test_kv_cache_decode_matches_full_forward(tiny):
     assert int(cache.index) == 12
     np.testing.assert_array_equal(np.asarray(cache.lengths), [12, 9])
     np.testing.assert_array_equal(np.asarray(cache.mask), full_mask)
+    # scanned layers keep one stacked cache, which the scan reads and writes as it is
+    assert cfg.scan_layers and cache.k.shape == (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim, 12)
+    per_layer = llama.init_cache(dataclasses.replace(cfg, scan_layers=False), 2, 12)
+    with pytest.raises(ValueError, match="per layer but scan_layers=True"):
+        apply({"params": params}, jnp.asarray(prompt), None, None, per_layer)
     _check_decode_layout(cfg, params, prompt, prompt_mask, steps, full)
 
 

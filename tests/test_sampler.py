@@ -237,7 +237,7 @@ def test_decode_segments_sample_the_same_tokens_and_log_probs(models):
     assert sampler.decode_segments(4, 10) == [2, 3, 4]  # never more segments than steps
     cache = llama.init_cache(cfg, 2, 5)
     grown = llama.grow_cache(cache, 9)
-    assert grown.mask.shape == (2, 9) and grown.k[0].shape[-1] == 9 and grown.v[0].shape[-2] == 9
+    assert grown.mask.shape == (2, 9) and grown.k[0].shape[-1] == 9 and grown.v[0].shape[-2] == 9  # per-layer (unrolled) or stacked
     with pytest.raises(ValueError, match="already has 9 slots"):
         llama.grow_cache(grown, 5)
     with pytest.raises(ValueError, match="cache_segments"):

@@ -293,14 +293,16 @@ def last_true_index(mask: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class KVCache:
-    """Decoding cache, one buffer per layer laid out for the decode matmuls (keys transposed):
-    k: L x [B, KV, Dh, S]; v: L x [B, KV, S, Dh]; mask: [B, S] (slot holds a real token);
+    """Decoding cache, laid out for the decode matmuls (keys transposed): k: L x [B, KV, Dh, S];
+    v: L x [B, KV, S, Dh], a tuple of per-layer buffers, or one [L, ...] array each when the
+    layers are scanned (the scan reads and writes it as it is: no per-step stacking of the
+    cache); mask: [B, S] (slot holds a real token);
     index: int32 [] next slot to write (shared by the batch); lengths: [B] int32 real
     tokens seen per row (= the next position). `empty` (static) marks a fresh cache, so
     the prefill skips attending to its slots (none is valid)."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     mask: jax.Array
     index: jax.Array
     lengths: jax.Array
@@ -308,12 +310,16 @@ class KVCache:
 
 
 def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """An empty cache with room for max_length tokens (prompt + generated) per row."""
+    """An empty cache with room for max_length tokens (prompt + generated) per row, stacked
+    [L, ...] when cfg.scan_layers."""
     dtype = cfg.compute_dtype if dtype is None else dtype
     kv, dh, n = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    k, v = (batch_size, kv, dh, max_length), (batch_size, kv, max_length, dh)
+    layers = (lambda shape: jnp.zeros((n, *shape), dtype)) if cfg.scan_layers else (
+        lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(n)))
     return KVCache(
-        k=tuple(jnp.zeros((batch_size, kv, dh, max_length), dtype) for _ in range(n)),
-        v=tuple(jnp.zeros((batch_size, kv, max_length, dh), dtype) for _ in range(n)),
+        k=layers(k),
+        v=layers(v),
         mask=jnp.zeros((batch_size, max_length), bool),
         index=jnp.zeros((), jnp.int32),
         lengths=jnp.zeros((batch_size,), jnp.int32),
@@ -328,9 +334,9 @@ def grow_cache(cache: KVCache, max_length: int) -> KVCache:
     extra = max_length - cache.mask.shape[1]
     if extra < 0:
         raise ValueError(f"grow_cache: the cache already has {cache.mask.shape[1]} slots > max_length {max_length}")
-    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])  # noqa: E731
-    return cache.replace(k=tuple(pad(k, 3) for k in cache.k), v=tuple(pad(v, 2) for v in cache.v),
-                         mask=pad(cache.mask, 1))
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == x.ndim + axis else 0) for a in range(x.ndim)])  # noqa: E731
+    return cache.replace(k=jax.tree.map(lambda k: pad(k, -1), cache.k), v=jax.tree.map(lambda v: pad(v, -2), cache.v),
+                         mask=pad(cache.mask, -1))
 
 
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -483,23 +489,25 @@ class LlamaModel(nn.Module):
 
         x = self.embed_tokens(input_ids)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        if cfg.scan_layers:
-            stacked = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
-            x, new_kv = self.layers(x, cos, sin, new_mask, cache_mask, index, stacked)
-            if cache is not None:
-                new_kv = [(new_kv[0][i], new_kv[1][i]) for i in range(cfg.num_hidden_layers)]
+        if cache is not None and isinstance(cache.k, tuple) == cfg.scan_layers:
+            raise ValueError(f"the KV cache is {'per layer' if isinstance(cache.k, tuple) else 'stacked'} but "
+                             f"scan_layers={cfg.scan_layers}: make it with init_cache of this config")
+        if cfg.scan_layers:  # the stacked cache is the scan's per-layer input and output as it is
+            x, new_kv = self.layers(x, cos, sin, new_mask, cache_mask, index,
+                                    None if cache is None else (cache.k, cache.v))
         else:
-            new_kv = []
+            layer_kvs = []
             for i, layer in enumerate(self.layers):
                 layer_kv = None if cache is None else (cache.k[i], cache.v[i])
                 x, layer_kv = layer(x, cos, sin, new_mask, cache_mask, index, layer_kv)
-                new_kv.append(layer_kv)
+                layer_kvs.append(layer_kv)
+            new_kv = None if cache is None else (tuple(k for k, _ in layer_kvs), tuple(v for _, v in layer_kvs))
         x = self.norm(x)
 
         if cache is not None:
             cache = KVCache(
-                k=tuple(k for k, _ in new_kv),
-                v=tuple(v for _, v in new_kv),
+                k=new_kv[0],
+                v=new_kv[1],
                 mask=full_mask,
                 index=cache.index + t,
                 lengths=cache.lengths + jnp.sum(mask, axis=-1, dtype=jnp.int32),
