@@ -35,7 +35,8 @@ class SamplingConfig:
     decode matmuls (models.quantize.MODES: "float32" exact, "bfloat16", "int8",
     "int8_weight_only"); the log-probs come from that model. cache_segments: the decode loop runs
     in this many segments, each attending over a cache only as long as it has filled (0 = auto:
-    one per 32 steps or part of them, at most 4; each segment compiles the step once more)."""
+    one per 32 steps or part of them, at most 4, on the unrolled single-device path; one loop
+    when the layers stay scanned; each segment compiles the step once more)."""
 
     max_new_tokens: int
     temperature: float = 1.0
@@ -200,7 +201,9 @@ def sample(
     prompt_mask = prompt_mask.astype(bool)
     eos = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
     cfg, params = layouts.decode_params(cfg, params, sampling.weights)
-    segment_ends = decode_segments(n, sampling.cache_segments)
+    # auto keeps one loop where the layers stay scanned (sharded weights): there every growth copies
+    # the whole stacked cache, and the 8B LoRA plan's rollout grew from 9.2 to 14.8 GiB per chip.
+    segment_ends = decode_segments(n, sampling.cache_segments or (1 if cfg.scan_layers else 0))
     cache = models.init_cache(cfg, batch, prompt_len + (segment_ends[0] if segment_ends else n))
     logits, cache = _last_logits(params, cfg, prompt_ids.astype(jnp.int32), prompt_mask, cache)
 
