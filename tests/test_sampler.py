@@ -286,7 +286,8 @@ def test_sharded_decode_keeps_layers_scanned_and_matches_one_device(models):
     """On a mesh of 8 devices (fsdp 4 x tensor 2) the decode layout keeps the layers scanned (an
     unrolled layer stack inside the decode loop made XLA gather every layer's weights onto every
     device: 3.3 -> 50 GiB per device for the 7B rollout) and samples what one device samples
-    unrolled, in fp32, bf16 and with int8 kernels quantised per layer."""
+    unrolled, in fp32, bf16 and with int8 kernels quantised per layer; its stacked cache also grows
+    across decode segments."""
     from jaxalign.models import loading
     from jaxalign.parallel import mesh as mesh_lib
 
@@ -297,8 +298,10 @@ def test_sharded_decode_keeps_layers_scanned_and_matches_one_device(models):
     shardings = loading.param_shardings(llama.Llama(cfg), mesh, rules)
     sharded = loading.place(jax.device_get(params), shardings)
     ids, mask = _left_padded([8, 3, 5, 6], 8, seed=2)
-    for weights in ("float32", "bfloat16", "int8"):
-        config = SamplingConfig(max_new_tokens=6, temperature=0.0, pad_token_id=PAD, weights=weights)
+    # float32 twice: also in 3 segments, each growing the stacked (scanned) cache
+    for weights, segments in (("float32", 0), ("float32", 3), ("bfloat16", 0), ("int8", 0)):
+        config = SamplingConfig(max_new_tokens=6, temperature=0.0, pad_token_id=PAD, weights=weights,
+                                cache_segments=segments)
         alone = sampler.sample(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), config)
         with mesh_lib.sharding_context(mesh, rules):
             assert layouts.decode_params(cfg, sharded, weights)[0].scan_layers  # not unrolled
