@@ -19,7 +19,8 @@ _FORWARD_ONLY = contextvars.ContextVar("jaxalign_forward_only", default=False)
 def unroll_layers() -> bool:
     """Whether to run the layers unrolled: on XLA:CPU with whole weights on each device. It is
     ~10% faster there (fwd+bwd: no while loop whose stacked residual buffers are zeroed and
-    copied through; decode: no per-step stacking of the cache). With weights sharded over a mesh
+    copied through; decode: no per-layer slices of the weights and the stacked cache in the
+    loop, 1.8x faster here). With weights sharded over a mesh
     the layers stay a loop, so each layer's weights are gathered inside its own iteration:
     unrolled inside the sampler's loop, XLA hoists every layer's gather out of it and holds the
     whole model on every device (7B at fsdp 64: 3.3 -> 50 GiB per device). A rolled loop also

@@ -334,6 +334,8 @@ def grow_cache(cache: KVCache, max_length: int) -> KVCache:
     extra = max_length - cache.mask.shape[1]
     if extra < 0:
         raise ValueError(f"grow_cache: the cache already has {cache.mask.shape[1]} slots > max_length {max_length}")
+    if extra == 0:  # no copy of the cache (one segment: the scanned, sharded decode)
+        return cache
     pad = lambda x, axis: jnp.pad(x, [(0, extra if a == x.ndim + axis else 0) for a in range(x.ndim)])  # noqa: E731
     return cache.replace(k=jax.tree.map(lambda k: pad(k, -1), cache.k), v=jax.tree.map(lambda v: pad(v, -2), cache.v),
                          mask=pad(cache.mask, -1))
