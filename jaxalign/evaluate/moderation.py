@@ -98,6 +98,7 @@ def make_scorer(module, mesh: jax.sharding.Mesh, rules):
             scores.pop("first_flag"), scores.pop("response_length")
         return scores
 
+    scorer.forward = jitted  # (params, ids, mask, response_mask, threshold): the step jaxalign.plan compiles
     return scorer
 
 

@@ -47,9 +47,12 @@ def check_signal(signal: str, field: str) -> None:
 CONSTRAINT_KEYS = ("lambda_init", "lambda_lr", "window_size")
 
 
-def parse_constraints(config) -> tuple[tuple[algorithms.Constraint, ...], tuple[tuple[str, str], ...]]:
+def parse_constraints(config, check_paths: bool = True) -> tuple[tuple[algorithms.Constraint, ...],
+                                                                  tuple[tuple[str, str], ...]]:
     """config.rl.constraints ("severity3<=0.01;lambda_lr=0.5,unsafe<=0.05", see configs/base.py) ->
-    (the multi_lag Constraints, their (role, moderation signal) pairs; "cost" has none)."""
+    (the multi_lag Constraints, their (role, moderation signal) pairs; "cost" has none).
+    check_paths=False skips checking that config.rl.cost_model_path is a moderation export (a plan
+    of a run whose exports do not exist yet)."""
     rl, field = config.rl, "config.rl.constraints"
     spec = str(rl.constraints).strip()
     if config.stage != "multi_lag":
@@ -86,7 +89,7 @@ def parse_constraints(config) -> tuple[tuple[algorithms.Constraint, ...], tuple[
     names = [c.name for c in constraints]
     if len(set(names)) != len(names):
         raise ValueError(f"{field}: each constraint needs its own name, got {names}")
-    if signals and not moderation.is_moderation_dir(rl.cost_model_path):
+    if check_paths and signals and not moderation.is_moderation_dir(rl.cost_model_path):
         raise ValueError(f"{field}: {', '.join(s for _, s in signals)} read a moderation model but "
                          f"config.rl.cost_model_path={rl.cost_model_path!r} is not a moderation export")
     return tuple(constraints), tuple(signals)
