@@ -1,4 +1,5 @@
-"""Cost model of Qwen3-8B on PKU-SafeRLHF v1: cost_llama2_7b's upstream `scripts/cost-model.sh` values (safety-preference pairs with the sign terms) on the SFT export's backbone.
+"""Cost model of Qwen3-8B on PKU-SafeRLHF v1: cost_llama2_7b's upstream `scripts/cost-model.sh` values
+(safety-preference pairs with the sign terms) on the SFT export's backbone.
 
 The model's config.json fields are in configs/models_8b.py (shapes for a plan before any checkpoint
 exists) and checkpoint paths; init_path is the stage input named below.

@@ -1,4 +1,6 @@
-"""PPO-Lagrangian (Safe RLHF) of Qwen3-8B on PKU-SafeRLHF v1: ppo_lag_llama2_7b's upstream `scripts/ppo-lag.sh` values (128 prompts x (128 + 384) tokens, six roles, PTX 16) with the SFT, reward and cost exports.
+"""PPO-Lagrangian (Safe RLHF) of Qwen3-8B on PKU-SafeRLHF v1: ppo_lag_llama2_7b's upstream
+`scripts/ppo-lag.sh` values (128 prompts x (128 + 384) tokens, six roles, PTX 16) with the SFT,
+reward and cost exports.
 
 The model's config.json fields are in configs/models_8b.py (shapes for a plan before any checkpoint
 exists) and checkpoint paths; init_path is the stage input named below.

@@ -1,4 +1,5 @@
-"""Reward model of Qwen3-8B on PKU-SafeRLHF v1: reward_llama2_7b's upstream `scripts/reward-model.sh` values (128 pairs, lr 2e-5 cosine, wd 0.1, 2 epochs) on the SFT export's backbone.
+"""Reward model of Qwen3-8B on PKU-SafeRLHF v1: reward_llama2_7b's upstream `scripts/reward-model.sh`
+values (128 pairs, lr 2e-5 cosine, wd 0.1, 2 epochs) on the SFT export's backbone.
 
 The model's config.json fields are in configs/models_8b.py (shapes for a plan before any checkpoint
 exists) and checkpoint paths; init_path is the stage input named below.

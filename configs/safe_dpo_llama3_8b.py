@@ -1,4 +1,5 @@
-"""SafeDPO (Kim et al., arXiv 2505.20065) of Llama-3.1-8B on PKU-SafeRLHF v1: safe_dpo_llama2_7b's values (dpo.sh: lr 1e-6, wd 0.05, beta 0.1; margin 2) from the SFT export, frozen reference.
+"""SafeDPO (Kim et al., arXiv 2505.20065) of Llama-3.1-8B on PKU-SafeRLHF v1: safe_dpo_llama2_7b's
+values (dpo.sh: lr 1e-6, wd 0.05, beta 0.1; margin 2) from the SFT export, frozen reference.
 
 The model's config.json fields are in configs/models_8b.py (shapes for a plan before any checkpoint
 exists) and checkpoint paths; init_path is the stage input named below.

@@ -1,4 +1,5 @@
-"""SFT of Qwen3-8B on PKU-SafeRLHF v1: the upstream `scripts/sft.sh` values of sft_llama2_7b (32 sequences x 8 accumulation steps, lr 2e-5 cosine, 3 epochs, max_length 512).
+"""SFT of Qwen3-8B on PKU-SafeRLHF v1: the upstream `scripts/sft.sh` values of sft_llama2_7b (32
+sequences x 8 accumulation steps, lr 2e-5 cosine, 3 epochs, max_length 512).
 
 The model's config.json fields are in configs/models_8b.py (shapes for a plan before any checkpoint
 exists) and checkpoint paths; init_path is the HF checkpoint you download (nothing here downloads).

@@ -7,7 +7,7 @@ compiler's memory per chip, flops and roofline of each step the stage runs, from
 this machine (libtpu's compile-only devices; no TPU, nothing allocated).
 
   llama2   configs/{sft,reward,cost,ppo_lag}_llama2_7b.py on v4, v5e and v5p, at the chip counts the
-           configs name (SFT 32, reward / cost 16) and PPO-Lagrangian at 64 chips (fsdp 64), next to
+           configs name (SFT 32, reward / cost 16; their train steps) and PPO-Lagrangian at 64 chips (fsdp 64), next to
            the old plans of XLA:CPU on a simulated mesh (OLD_CPU_GIB: the README's tables before the
            TPU compiler, experiments/benchmark_train.py / benchmark_rl.py at commit 5dc618b)
   rl8b     configs/ppo_lag_llama3_8b.py (Llama-3.1-8B, batch 128 x (128 + 384)) with a LoRA r16 actor
@@ -58,7 +58,8 @@ def cases(parts: list[str]) -> list[tuple[str, str, str, list[str]]]:
             for generation in GENERATIONS:
                 topology = chips.smallest_slices(chips.CHIPS[generation], count)[0]
                 out.append((f"{config} {topology.name}", f"configs/{config}.py", topology.name,
-                            [f"--config.mesh.fsdp={count}", "--config.mesh.data=1", "--config.mesh.tensor=1"]))
+                            [f"--config.mesh.fsdp={count}", "--config.mesh.data=1", "--config.mesh.tensor=1",
+                             "--config.data.eval_split="]))  # the train step, as the old tables had it
     if "rl8b" in parts:
         for name, extra in (("lora16", LORA16), ("full", [])):
             for topology in RL8B_SLICES:
@@ -127,6 +128,7 @@ def main() -> int:
     parser.add_argument("--out", default="out/plan_tables.json")
     parser.add_argument("--parts", default="llama2,rl8b,configs")
     parser.add_argument("--only", default="", help="(re)compute only the case with this name")
+    parser.add_argument("--reverse", action="store_true", help="the cases in reverse order (a second worker)")
     args = parser.parse_args()
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5e-1")
@@ -135,7 +137,8 @@ def main() -> int:
     jax.config.update("jax_platforms", "cpu")
     out = pathlib.Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    for name, config_file, topology, overrides in cases(args.parts.split(",")):
+    todo = cases(args.parts.split(","))
+    for name, config_file, topology, overrides in reversed(todo) if args.reverse else todo:
         if (args.only and name != args.only) or (not args.only and name in results):
             continue
         print(f"{name}: jaxalign plan --config {config_file} --topology {topology} {' '.join(overrides)}",

@@ -63,7 +63,7 @@ def _tokenizer(config):
     return None
 
 
-def model_config(config, tokenizer=None, param_dtype: str = ""):
+def model_config(config, tokenizer=None):
     """The config's model: init_path's config.json if present, else config.model.hf_config; the
     tokenizer's vocabulary and special ids when there is one."""
     settings = common.model_settings(config)
@@ -71,8 +71,6 @@ def model_config(config, tokenizer=None, param_dtype: str = ""):
         log.info("config.model.init_path %s has no config.json yet: shapes from config.model.hf_config",
                  settings.init_path)
         settings = dataclasses.replace(settings, init_path="")
-    if param_dtype:
-        settings = dataclasses.replace(settings, param_dtype=param_dtype)
     if tokenizer is None:
         cfg = loading.model_config(settings)
         return cfg if cfg.pad_token_id is not None else dataclasses.replace(cfg, pad_token_id=0)
@@ -115,7 +113,7 @@ def _optimizer(config):
     return optim.make_optimizer(common.optimizer_settings(config), steps)
 
 
-def _supervised(config, mesh, rules, *, kind, module, loss_fn, eval_fn, eval_args, init_fn, frozen=None, extra=None,
+def _supervised(config, mesh, rules, *, kind, loss_fn, eval_fn, eval_args, init_fn, frozen=None, extra=None,
                 passes_per_row, eval_passes_per_row):
     """The train and eval steps of a supervised stage."""
     batch_size = common.check_batch_size(config, mesh)
@@ -155,7 +153,7 @@ def sft_steps(config, mesh, rules, cfg):
         init_fn, frozen = lora.adapter_init_fn(module, lora_settings), loading.abstract_params(module, mesh, rules)
     counts, length = _counts(module, mesh, rules), int(config.data.max_length)
     frozen_args = () if frozen is None else (frozen,)
-    return _supervised(config, mesh, rules, kind="sft", module=module, loss_fn=loss_fn, eval_fn=jax.jit(metrics_fn),
+    return _supervised(config, mesh, rules, kind="sft", loss_fn=loss_fn, eval_fn=jax.jit(metrics_fn),
                        eval_args=lambda state, batch, _: (state.params, batch, state.extra, *frozen_args),
                        init_fn=init_fn, frozen=frozen,
                        passes_per_row=[_row_pass(counts, 1, length, "train_frozen" if frozen else "train")],
@@ -174,7 +172,7 @@ def score_steps(config, mesh, rules, cfg):
         side = supervised.batch_spec("sft", 2 * size, length, mesh)
         return state.params, side["input_ids"], side["attention_mask"]
 
-    return _supervised(config, mesh, rules, kind=kind, module=module, loss_fn=loss_fn, eval_fn=forward,
+    return _supervised(config, mesh, rules, kind=kind, loss_fn=loss_fn, eval_fn=forward,
                        eval_args=eval_args, init_fn=loading.init_fn(module),
                        extra={"normalizer": score.init_normalizer(head.score_dim)},
                        passes_per_row=[_row_pass(counts, 2, length, "train")],
@@ -208,8 +206,8 @@ def dpo_steps(config, mesh, rules, cfg):
         return dict(metrics, loss=loss)
 
     reference = _row_pass(counts, 2, length, "forward")
-    return _supervised(config, mesh, rules, kind="safety_preference" if stage == "safe_dpo" else "preference",
-                       module=module, loss_fn=loss_fn, eval_fn=jax.jit(loss_and_metrics),
+    kind = "safety_preference" if stage == "safe_dpo" else "preference"
+    return _supervised(config, mesh, rules, kind=kind, loss_fn=loss_fn, eval_fn=jax.jit(loss_and_metrics),
                        eval_args=lambda state, batch, _: (state.params, batch, state.extra, frozen),
                        init_fn=loading.init_fn(module), frozen=frozen, extra=extra,
                        passes_per_row=[_row_pass(counts, 2, length, "train"), reference, *scorer_passes],
@@ -228,7 +226,7 @@ def moderation_steps(config, mesh, rules, cfg, tokenizer=None):
         threshold = jax.ShapeDtypeStruct((), jax.numpy.float32, sharding=mesh_lib.replicated(mesh))
         return state.params, batch["input_ids"], batch["attention_mask"], batch["response_mask"], threshold
 
-    return _supervised(config, mesh, rules, kind="qa", module=module, loss_fn=loss_fn, eval_fn=forward,
+    return _supervised(config, mesh, rules, kind="qa", loss_fn=loss_fn, eval_fn=forward,
                        eval_args=eval_args, init_fn=loading.init_fn(module),
                        passes_per_row=[_row_pass(counts, 1, length, "train")],
                        eval_passes_per_row=[_row_pass(counts, 1, length, "forward")])
