@@ -87,13 +87,17 @@ class _Interrupts:
     def __call__(self, signum, frame) -> None:
         del signum, frame
         self.count += 1
+        # os.write: a print here could land inside a print of the main thread (a reentrant write).
         if self.phase == "loading" or self.count > 1:
-            sys.stdout.flush()
-            print("\njaxalign chat: interrupted", file=sys.stderr, flush=True)
+            try:
+                sys.stdout.flush()
+            except (RuntimeError, OSError, ValueError):  # the signal interrupted a write to stdout
+                pass
+            os.write(sys.stderr.fileno(), b"\njaxalign chat: interrupted\n")
             os._exit(130)
         self.stop.set()
         if self.phase == "prompt":
-            print("\n(Ctrl-C again to leave, or /quit)\n>>> ", end="", flush=True)
+            os.write(sys.stdout.fileno(), b"\n(Ctrl-C again to leave, or /quit)\n>>> ")
 
     def new_line(self) -> None:
         """A line was entered: Ctrl-C counts from zero again."""
