@@ -1,5 +1,5 @@
-"""The arena (upstream `safe_rlhf/evaluate/arena.py`): policies answer the same prompts; the reward and cost models (and, on the
-mini dataset, the exact judge) compare them.
+"""The arena (upstream `safe_rlhf/evaluate/arena.py`): policies answer the same prompts; the reward
+and cost models (and, on the mini dataset, the exact judge) compare them.
 
     prompts = read_prompts("out/mini", split="test")             # release rows, .jsonl rows or one prompt a line
     answers = {name: judge.sample_answers(policy.load(path), prompts, settings) for name, path in policies}

@@ -119,7 +119,8 @@ class Policy:
                 mask = mesh_lib.put_sharded(arrays["attention_mask"][rows], in_sharding)
                 out = sampler.sample(self.params, self.cfg, ids, mask, jax.random.fold_in(rng, start), sampling)
                 out = mesh_lib.global_rows(out.sequences), mesh_lib.global_rows(out.response_mask)
-                answers.extend(decode_responses(self.tokenizer, *out, prompt_length, self.eos_token_ids)[: total - start])
+                texts_of_batch = decode_responses(self.tokenizer, *out, prompt_length, self.eos_token_ids)
+                answers.extend(texts_of_batch[: total - start])
         return answers
 
     def stream(self, prompt_ids: Sequence[int], sampling: sampler.SamplingConfig, rng: jax.Array,

@@ -79,7 +79,8 @@ def make_eval_fn(generate: Callable, score_fns: Mapping[str, Callable], prompts:
                 response_mask = np.asarray(seq_mask)[:, settings.prompt_length:]
                 lengths.append(response_mask.sum(-1)[:keep])
                 if settings.use_judge:
-                    texts.extend(policy_lib.decode_responses(tokenizer, seq, response_mask, settings.prompt_length)[:keep])
+                    texts.extend(policy_lib.decode_responses(tokenizer, seq, response_mask,
+                                                             settings.prompt_length)[:keep])
         metrics = {name: float(np.mean(np.concatenate(v))) for name, v in values.items()}
         if "cost" in values:
             metrics["cost_positive_rate"] = float(np.mean(np.concatenate(values["cost"]) > 0))
