@@ -4,6 +4,7 @@ the embedding refused, prompt + new tokens past the positions refused, and `jaxa
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from jaxalign import cli
@@ -37,7 +38,7 @@ def test_eos_set_and_pad_are_resolved_once_from_config_and_tokenizer(policy_dir,
     greedy = sampler.SamplingConfig(max_new_tokens=4, temperature=0.0)
     prompt = policy.encode("How do I bake bread?")
     first = next(iter(policy.stream(prompt, greedy, jax.random.PRNGKey(0))))
-    assert policy.generate(["How do I bake bread?"], greedy)[0] != ""
+    assert first != tok.eos_token_id and tok.decode([first], skip_special_tokens=True) != ""
     config = json.loads((policy_dir / "config.json").read_text())
     (tmp_path / "model").mkdir()
     for file in policy_dir.iterdir():
@@ -88,7 +89,9 @@ def test_special_tokens_the_loader_adds_are_resized_into_the_embedding(mini_data
     hf.save_pretrained(tmp_path / "model", cfg, llama.init_params(cfg, jax.random.PRNGKey(1)))
     policy = policy_lib.load(tmp_path / "model")
     assert policy.cfg.vocab_size == len(tok) and policy.pad_token_id == tok.pad_token_id == cfg.vocab_size
-    assert len(policy.generate(["How do I bake bread?"], sampler.SamplingConfig(max_new_tokens=3))) == 1
+    embedding = np.asarray(policy.params["model"]["embed_tokens"]["embedding"])
+    assert embedding.shape[0] == len(tok)
+    np.testing.assert_allclose(embedding[-1], embedding[:-1].mean(0), atol=1e-6)
 
 
 def test_prompt_plus_new_tokens_past_the_positions_is_refused(policy_dir, capsys):
