@@ -121,6 +121,12 @@ def test_loops_are_counted_and_collectives_read_from_the_tpu_program():
     per_layer = {"all-reduce": 2 * full * 3 / 4, "reduce-scatter": full / 4 * 3}[reduction.kind]
     assert reduction.count == layers and reduction.bytes == pytest.approx(layers * per_layer)
 
+    # HBM traffic of an elementwise update of a 16 MiB-per-chip array: read it once, write it once
+    big = jax.ShapeDtypeStruct((4096, 4096), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+    compiled = jax.jit(lambda a: a * 2.0 + 1.0).lower(big).compile()
+    assert hlo.program_cost(compiled.as_text(), compiled.cost_analysis(), 4).hbm_bytes == pytest.approx(
+        2 * 4096 * 4096 * 4 / 4, rel=0.05)
+
     gather = jax.jit(jax.shard_map(lambda a: jax.lax.all_gather(a, "x", tiled=True), mesh=mesh, in_specs=P("x"),
                                    out_specs=P(), check_vma=False))
     compiled = gather.lower(jax.ShapeDtypeStruct((1024, 256), jnp.float32, sharding=NamedSharding(mesh, P("x")))).compile()
@@ -245,9 +251,11 @@ def test_search_names_the_smallest_slice_that_fits(capsys):
     # the search's order on a synthetic stage: a peak of 40 GiB / chips per step; RL updates halve with k
     def fake(topology, layout, k, only):
         peak = (40 * GIB / topology.chips) * (1 if k is None or only != ("update",) else 1 / k)
-        plans = [steps_lib.StepPlan(name, "", topology.name, topology.chips, int(peak), 0, 0, 0, 0,
-                                    topology.chip.hbm_bytes, 1.0, 0, 0, (), 0, 0, 0, 0, 0, 0)
-                 for name in (only or ("train",))]
+        plans = [steps_lib.StepPlan(
+            name=name, note="", topology=topology.name, chips=topology.chips, argument_bytes=int(peak), output_bytes=0,
+            alias_bytes=0, temp_bytes=0, code_bytes=0, hbm_bytes=topology.chip.hbm_bytes, peak_flops=1.0, flops=0,
+            hbm_traffic=0, bytes_accessed=0, collectives=(), compute_s=0, memory_s=0, ici_s=0, tokens=0,
+            model_flops=0, compile_s=0) for name in (only or ("train",))]
         return plans
 
     found = search.smallest_fit(chips.CHIPS["v5e"], fake, min_bytes=1, batch_rows=64, progress=False)

@@ -14,6 +14,13 @@ bound N: an upper bound). A loop body's own cost comes from XLA's HloCostAnalysi
 whose entry is that body (the optimised text re-parsed; analysed with the host CPU client, which
 gives the same flops as the TPU's analysis on the whole module).
 
+XLA's "bytes accessed" counts every operand and output of every fusion in full, including operands
+the TPU keeps in on-chip memory (layouts with S(1)) and whole stacked [L, ...] buffers of which a
+loop iteration reads or writes one layer. `hbm_bytes` is this module's estimate of HBM traffic
+instead: per instruction outside fusions, the bytes of its operands and outputs that live in HBM
+(memory space 0), a fusion parameter read only through dynamic-slice counted as the slices, an
+in-place dynamic-update-slice as its update, async starts once; times how often the computation runs.
+
 Collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, sync or async)
 are listed with the bytes each device receives: all-gather S(n-1)/n of its output S, reduce-scatter
 S(n-1) of its output, all-reduce 2S(n-1)/n (ring), all-to-all S(n-1)/n, collective-permute S.
@@ -34,6 +41,9 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 _COMPUTATION = re.compile(r"^(ENTRY )?%([^\s(]+) \(", re.M)
 _INSTRUCTION = re.compile(r"^\s*(ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_ARRAY_LAYOUT = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
+               "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency"}
 _CALLED = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%([^\s,)}]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 
@@ -53,7 +63,8 @@ class ProgramCost:
 
     flops: float
     transcendentals: float
-    bytes_accessed: float
+    bytes_accessed: float  # XLA's HloCostAnalysis, loops counted
+    hbm_bytes: float  # this module's estimate of HBM traffic (see the module docstring)
     collectives: tuple[Collective, ...]
     loop_trip_counts: tuple[int, ...]  # of every while loop, outermost first
 
@@ -66,6 +77,16 @@ def shape_bytes(shape: str) -> float:
     """Bytes of an HLO shape string (an array or a tuple of arrays), layouts ignored."""
     return sum(_DTYPE_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
                for dtype, dims in _ARRAY.findall(re.sub(r"\{[^{}]*\}", "", shape)))
+
+
+def hbm_shape_bytes(shape: str) -> float:
+    """Bytes of the arrays of an HLO shape string that live in HBM (no memory space S(n), n > 0)."""
+    total = 0.0
+    for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
+        space = re.search(r"S\((\d+)\)", layout or "")
+        if space is None or space.group(1) == "0":
+            total += _DTYPE_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
+    return total
 
 
 @dataclasses.dataclass
@@ -174,6 +195,50 @@ class _Module:
         source = by_name.get(operands[index]) if index < len(operands) else None
         return _constant_value(source) if source is not None and source.opcode == "constant" else None
 
+    def hbm_traffic(self, name: str) -> float:
+        """Estimated HBM bytes one run of computation `name` moves, not counting what it calls."""
+        shapes = {i.name: i.shape for i in self.instructions[name]}
+        total = 0.0
+        for inst in self.instructions[name]:
+            if inst.opcode in _NO_TRAFFIC or inst.opcode.endswith("-done"):
+                continue
+            if inst.opcode.endswith("-start"):  # (operands..., results..., context): each buffer once
+                total += hbm_shape_bytes(inst.shape)
+                continue
+            out = hbm_shape_bytes(inst.shape)
+            operands = [hbm_shape_bytes(shapes.get(o, "")) for o in _operands(inst)]
+            if inst.opcode == "fusion":
+                out = self._fusion_traffic(inst, operands, out)
+            elif inst.opcode == "dynamic-slice" and operands:
+                operands[0] = out
+            elif inst.opcode == "dynamic-update-slice" and len(operands) > 1:
+                operands[0], out = 0.0, operands[1]
+            total += out + sum(operands)
+        return total
+
+    def _fusion_traffic(self, inst: _Instruction, operands: list[float], out: float) -> float:
+        """Adjusts a fusion's operand bytes in place (parameters read only through dynamic-slice: the
+        slices; the buffer an in-place dynamic-update-slice root writes into: nothing) -> its output bytes."""
+        body = self.instructions.get(dict(self.called(inst)).get("calls", ""), [])
+        params = {i.name: int(re.match(r"\s*(\d+)\)", i.rest).group(1)) for i in body if i.opcode == "parameter"}
+        users: dict[str, list[tuple[_Instruction, int]]] = {}
+        for i in body:
+            for k, name in enumerate(_operands(i)):
+                users.setdefault(name, []).append((i, k))
+        for name, index in params.items():
+            used = users.get(name, [])
+            if index < len(operands) and operands[index] and used and all(
+                    u.opcode == "dynamic-slice" and k == 0 for u, k in used):
+                operands[index] = sum(shape_bytes(u.shape) for u, _ in used)
+        root = next((i for i in body if i.root), None)
+        if root is not None and root.opcode == "dynamic-update-slice":
+            target, update = (_operands(root) + ["", ""])[:2]
+            if target in params and params[target] < len(operands):
+                operands[params[target]] = 0.0
+            update_inst = next((i for i in body if i.name == update), None)
+            return shape_bytes(update_inst.shape) if update_inst is not None else out
+        return out
+
     def with_entry(self, name: str) -> str:
         """The module's text with computation `name` as its entry."""
         parts = ["HloModule sub\n", self.preamble.split("\n", 1)[1] if "\n" in self.preamble else ""]
@@ -256,6 +321,10 @@ def program_cost(hlo_text: str, compiled_cost: dict | None, num_devices: int) ->
     nbytes = float(compiled.get("bytes accessed", entry_once[2])) + entry_full[2] - entry_once[2]
 
     counts = _multiplicities(module)
+    fused = {callee for instructions in module.instructions.values() for inst in instructions
+             if inst.opcode not in ("call", "while", "conditional")
+             for role, callee in module.called(inst) if role in ("calls", "to_apply")}
+    traffic = sum(times * module.hbm_traffic(name) for name, times in counts.items() if name not in fused)
     found: dict[str, list[float]] = {}
     trips = []
     for computation, times in counts.items():
@@ -268,8 +337,8 @@ def program_cost(hlo_text: str, compiled_cost: dict | None, num_devices: int) ->
                 entry[0] += times * _received_bytes(inst, kind, num_devices)
                 entry[1] += times
     collectives = tuple(Collective(kind, value[0], int(value[1])) for kind, value in sorted(found.items()))
-    return ProgramCost(flops=flops, transcendentals=trans, bytes_accessed=nbytes, collectives=collectives,
-                       loop_trip_counts=tuple(trips))
+    return ProgramCost(flops=flops, transcendentals=trans, bytes_accessed=nbytes, hbm_bytes=traffic,
+                       collectives=collectives, loop_trip_counts=tuple(trips))
 
 
 def _analysis(module: _Module, name: str) -> tuple[float, float, float]:

@@ -61,11 +61,11 @@ def render(plans: list[steps_lib.StepPlan], topology: chips_lib.Topology, mesh: 
             _table(["step", "arguments", "temp", "outputs", "peak", "fits", "compile s"], rows)]
     rows = []
     for p in plans:
-        rows.append([p.name, f"{p.flops / 1e12:.3g}", f"{p.bytes_accessed / 1e9:.3g}",
+        rows.append([p.name, f"{p.flops / 1e12:.3g}", f"{p.hbm_traffic / 1e9:.3g}",
                      f"{sum(c.bytes for c in p.collectives) / 1e9:.3g}",
                      f"{_seconds(p.roofline_s)} ({p.bound})", f"{p.tokens_per_s_per_chip:,.0f}",
                      f"{100 * p.mfu:.1f}%"])
-    out += ["", "cost per chip and roofline (estimates: max(flops/peak, bytes/HBM bw) + collectives/ICI bw)",
+    out += ["", "cost per chip and roofline (estimates: max(flops/peak, HBM bytes/HBM bw) + collectives/ICI bw)",
             _table(["step", "TFLOP", "HBM GB", "ICI GB", "roofline", "tokens/s/chip", "MFU"], rows)]
     for p in plans:
         kinds = ", ".join(f"{c.kind} {c.bytes / 1e9:.3g} GB ({c.count}x)" for c in p.collectives) or "none"

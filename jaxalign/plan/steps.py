@@ -12,9 +12,9 @@ alias donated arguments are counted once, so peak = arguments + temporaries + ou
 A step fits when its peak is at most FIT_FRACTION of the chip's HBM (the rest is left to the runtime
 and fragmentation).
 
-Roofline time (per step, the chips working in parallel): max(flops / bf16 peak, bytes / HBM
-bandwidth) + collective bytes / ICI bandwidth (chips.ici_seconds), flops and bytes per chip with
-every loop iteration counted (hlo.program_cost). The collectives are added, not overlapped: an upper
+Roofline time (per step, the chips working in parallel): max(flops / bf16 peak, HBM bytes / HBM
+bandwidth) + collective bytes / ICI bandwidth (chips.ici_seconds), flops and HBM bytes per chip with
+every loop iteration counted (hlo.program_cost; the HBM bytes are an estimate from the program). The collectives are added, not overlapped: an upper
 bound on communication that XLA may hide behind compute. tokens/s per chip = tokens / time / chips;
 MFU = model flops (flops.model_flops of the step's passes) / (time x chips x peak). These are
 estimates from the compiler's program and the vendor's figures, not measured times.
@@ -68,7 +68,8 @@ class StepPlan:
     hbm_bytes: int
     peak_flops: float  # the chip's bf16 FLOP/s
     flops: float  # per chip, loops counted
-    bytes_accessed: float  # per chip
+    hbm_traffic: float  # per chip: the estimated HBM bytes moved (hlo.py)
+    bytes_accessed: float  # per chip: XLA's bytes accessed, loops counted (an upper bound)
     collectives: tuple[hlo.Collective, ...]
     compute_s: float
     memory_s: float
@@ -131,8 +132,8 @@ def analyse(step: Step, compiled: Any, topology: chips_lib.Topology, compile_s: 
         argument_bytes=memory["argument"], output_bytes=memory["output"], alias_bytes=memory["alias"],
         temp_bytes=memory["temp"], code_bytes=memory["generated_code"], hbm_bytes=chip.hbm_bytes,
         peak_flops=chip.bf16_flops,
-        flops=cost.flops, bytes_accessed=cost.bytes_accessed, collectives=cost.collectives,
-        compute_s=cost.flops / chip.bf16_flops, memory_s=cost.bytes_accessed / chip.hbm_bandwidth,
+        flops=cost.flops, hbm_traffic=cost.hbm_bytes, bytes_accessed=cost.bytes_accessed, collectives=cost.collectives,
+        compute_s=cost.flops / chip.bf16_flops, memory_s=cost.hbm_bytes / chip.hbm_bandwidth,
         ici_s=chips_lib.ici_seconds(topology, cost.collective_bytes), tokens=step.tokens,
         model_flops=flops_lib.model_flops(list(step.passes)), compile_s=compile_s)
 
