@@ -14,6 +14,7 @@ this machine (libtpu's compile-only devices; no TPU, nothing allocated).
            (full critics) and without LoRA, on v5e-16, v5p-8 and v6e-8
   configs  every configs/*_{llama3,qwen3}_8b.py on the slice its "# planned:" comment names; the peaks
            of the fresh plan against the comment's (tests/test_plan.py checks one of them in the suite)
+  tiny     every configs/*_tiny.py on v5e-4, every step compiled (the suite lowers their updates only)
 
 Results are cached in --out by case name (a re-run compiles only missing cases; --only NAME redoes one).
 """
@@ -65,6 +66,9 @@ def cases(parts: list[str]) -> list[tuple[str, str, str, list[str]]]:
             for topology in RL8B_SLICES:
                 out.append((f"ppo_lag_llama3_8b {name} {topology}", "configs/ppo_lag_llama3_8b.py", topology,
                             ["--config.mesh.fsdp=-1", *extra]))
+    if "tiny" in parts:
+        for path in sorted((REPO / "configs").glob("*_tiny.py")):
+            out.append((f"{path.stem} v5e-4", f"configs/{path.name}", "v5e-4", []))
     if "configs" in parts:
         for path in sorted((REPO / "configs").glob("*_8b.py")):
             match = PLANNED.search(path.read_text())
@@ -123,12 +127,41 @@ def print_tables(results: dict) -> None:
         print(f"{name:42s} {r['wall_s']:6.0f} s  " + " | ".join(cells), flush=True)
 
 
+def roofline(step: dict) -> str:
+    """'812 ms (compute) | 41%', or '– | –' for a result computed before the HBM-traffic estimate."""
+    if "hbm_traffic" not in step:
+        return "– | –"
+    return f"{step['roofline_s'] * 1e3:.0f} ms ({step['bound']}) | {100 * step['mfu']:.0f}%"
+
+
+def markdown(results: dict) -> str:
+    """The docs/tpu.md tables of the cached results: peaks per chip (GiB), fits, the old CPU plan and
+    how far off it was ((CPU - TPU) / TPU), the roofline; and the compile times."""
+    lines = ["| case | slice | step | peak GiB/chip | fits | old CPU plan | CPU off by | roofline | MFU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        old = old_peaks(name)
+        for s in r.get("steps", []):
+            peak = s["peak_bytes"] / GIB
+            cpu = old.get(s["name"])
+            off = f"{100 * (cpu - peak) / peak:+.0f}%" if cpu else ""
+            lines.append(f"| {name.split(' ')[0]}{' ' + name.split(' ')[1] if 'lora' in name or 'full' in name else ''} "
+                         f"| {r['topology']} | {s['name']} | {peak:.2f} | {'yes' if s['fits'] else '**no**'} "
+                         f"| {f'{cpu:.2f}' if cpu else ''} | {off} | {roofline(s)} |")
+    times = [(name, r["cpu_s"], r["wall_s"], len(r["steps"])) for name, r in results.items() if r.get("steps")]
+    lines += ["", "| case | steps | compile + analysis CPU s | wall s |", "|---|---|---|---|"]
+    lines += [f"| {name} | {n} | {cpu:.0f} | {wall:.0f} |" for name, cpu, wall, n in times]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/plan_tables.json")
     parser.add_argument("--parts", default="llama2,rl8b,configs")
     parser.add_argument("--only", default="", help="(re)compute only the case with this name")
     parser.add_argument("--reverse", action="store_true", help="the cases in reverse order (a second worker)")
+    parser.add_argument("--merge", nargs="*", default=[], help="other workers' --out files to merge into --out")
+    parser.add_argument("--markdown", action="store_true", help="print the cached results as docs/tpu.md tables")
     args = parser.parse_args()
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5e-1")
@@ -137,6 +170,13 @@ def main() -> int:
     jax.config.update("jax_platforms", "cpu")
     out = pathlib.Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
+    for other in args.merge:
+        results.update({k: v for k, v in json.loads(pathlib.Path(other).read_text()).items() if v.get("steps")})
+    if args.merge:
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        print(markdown({name: r for name, r in results.items() if r.get("steps")}))
+        return 0
     todo = cases(args.parts.split(","))
     for name, config_file, topology, overrides in reversed(todo) if args.reverse else todo:
         if (args.only and name != args.only) or (not args.only and name in results):
