@@ -134,6 +134,27 @@ def test_loops_are_counted_and_collectives_read_from_the_tpu_program():
     assert collective.kind == "all-gather" and collective.bytes == pytest.approx(1024 * 256 * 4 * 3 / 4)
 
 
+def test_a_step_the_compiler_refuses_for_lack_of_hbm_is_reported_with_what_it_needs():
+    """libtpu refuses a program whose temporaries exceed the chip's HBM; the plan reports the step as not
+    fitting, with the temporaries the compiler said it needs and the arguments it would hold."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxalign.plan import chips, steps as steps_lib
+
+    topology = chips.topology("v5e-1")
+    mesh = jax.sharding.Mesh(np.array(chips.compile_only_devices(topology)), ("x",))
+    n = 56000  # a bf16 [n, n] is 5.84 GiB; two products of it need ~23 GiB of temporaries
+    a = jax.ShapeDtypeStruct((n, n), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    step = steps_lib.Step("products", jax.jit(lambda x: ((jnp.sin(x) @ x) @ jnp.cos(x)).astype(jnp.float32)), (a,),
+                          tokens=n)
+    (plan,) = steps_lib.compile_steps([step], topology, mesh, (), progress=False)
+    assert plan.oom and not plan.fits
+    assert plan.temp_bytes > 16 * GIB and plan.argument_bytes == pytest.approx(n * n * 2, rel=0.01)
+    assert plan.peak_bytes > plan.temp_bytes and plan.flops == pytest.approx(4 * n**3, rel=0.05)
+
+
 def test_gpu_programs_are_read_the_same_way():
     """An H100 program (jax's CUDA plugin, compiled without a GPU for 2 x H100: a 5-step scan of a
     [256, 512] x [512, 512] bf16 matmul with the weight sharded; tests/data/h100_scan.hlo): its

@@ -55,7 +55,8 @@ def render(plans: list[steps_lib.StepPlan], topology: chips_lib.Topology, mesh: 
     out = [f"plan of {config_path or 'the config'} on {topology.name}: {topology.chips} x {chip.device_kind} "
            f"({chip.hbm_gib:.0f} GiB HBM each; fits = peak <= {budget:.1f} GiB), mesh {mesh}"]
     rows = [[p.name, f"{p.argument_bytes / GIB:.2f}", f"{p.temp_bytes / GIB:.2f}", f"{p.output_bytes / GIB:.2f}",
-             f"{p.peak_bytes / GIB:.2f}", "yes" if p.fits else "NO", f"{p.compile_s:.1f}"] for p in plans]
+             f"{'>= ' if p.oom else ''}{p.peak_bytes / GIB:.2f}", "yes" if p.fits else "NO", f"{p.compile_s:.1f}"]
+            for p in plans]
     compiler = "TPU compiler (libtpu)" if chip.platform == "tpu" else "GPU compiler (jax's CUDA plugin)"
     out += ["", f"memory per chip (GiB, from the {compiler})",
             _table(["step", "arguments", "temp", "outputs", "peak", "fits", "compile s"], rows)]
@@ -70,6 +71,9 @@ def render(plans: list[steps_lib.StepPlan], topology: chips_lib.Topology, mesh: 
     for p in plans:
         kinds = ", ".join(f"{c.kind} {c.bytes / 1e9:.3g} GB ({c.count}x)" for c in p.collectives) or "none"
         out.append(f"  {p.name}: {p.note}; collectives: {kinds}")
+        if p.oom:
+            out.append(f"  {p.name}: the compiler refused it: its temporaries alone need {p.temp_bytes / GIB:.2f} GiB "
+                       f"of the chip's {p.hbm_bytes / GIB:.0f} GiB (arguments and outputs come on top)")
     out += ["", "chips (per chip)", chip_table(), "", "launch", launch_command(topology, config_path, overrides)]
     return "\n".join(out)
 

@@ -10,7 +10,10 @@ NamedShardings on a mesh of compile-only devices): lowering and compiling it all
 Memory (per chip, from `compiled.memory_analysis()`): arguments, outputs, temporaries; outputs that
 alias donated arguments are counted once, so peak = arguments + temporaries + outputs - aliased.
 A step fits when its peak is at most FIT_FRACTION of the chip's HBM (the rest is left to the runtime
-and fragmentation).
+and fragmentation). The TPU compiler refuses a program whose temporaries exceed the HBM
+("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (23.28G)
+exceeds available HBM (15.75G)"): such a step is compiled again with xla_tpu_no_crash_on_oom for its
+arguments, outputs and cost, and its temporaries are the compiler's stated requirement (`oom`).
 
 Roofline time (per step, the chips working in parallel): max(flops / bf16 peak, HBM bytes / HBM
 bandwidth) + collective bytes / ICI bandwidth (chips.ici_seconds), flops and HBM bytes per chip with
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -38,6 +42,7 @@ from jaxalign.plan import flops as flops_lib
 from jaxalign.plan import hlo
 
 FIT_FRACTION = 0.9
+GIB = chips_lib.GIB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,7 @@ class StepPlan:
     tokens: int
     model_flops: float  # all chips
     compile_s: float
+    oom: bool = False  # the compiler refused it: temp_bytes is what it said the program needs
 
     @property
     def peak_bytes(self) -> int:
@@ -84,7 +90,7 @@ class StepPlan:
 
     @property
     def fits(self) -> bool:
-        return self.peak_bytes <= FIT_FRACTION * self.hbm_bytes
+        return not self.oom and self.peak_bytes <= FIT_FRACTION * self.hbm_bytes
 
     @property
     def roofline_s(self) -> float:
@@ -117,11 +123,31 @@ def argument_bytes(step: Step) -> int:
     return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(step.args)))
 
 
-def analyse(step: Step, compiled: Any, topology: chips_lib.Topology, compile_s: float) -> StepPlan:
-    """The StepPlan of `step` compiled for `topology`."""
+_OOM = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                  r"\(([\d.]+)G\) exceeds available HBM")
+
+
+def compile_step(step: Step) -> tuple[Any, int | None]:
+    """(compiled, None), or for a step the TPU compiler refuses for lack of HBM (compiled with
+    xla_tpu_no_crash_on_oom, the temporaries it said it needs)."""
+    lowered = step.fn.lower(*step.args)
+    try:
+        return lowered.compile(), None
+    except jax.errors.JaxRuntimeError as error:
+        match = _OOM.search(str(error))
+        if match is None:
+            raise
+        return lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": True}), int(float(match.group(1)) * GIB)
+
+
+def analyse(step: Step, compiled: Any, topology: chips_lib.Topology, compile_s: float,
+            required_temp: int | None = None) -> StepPlan:
+    """The StepPlan of `step` compiled for `topology` (required_temp: see compile_step)."""
     stats = compiled.memory_analysis()
     memory = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
               for name in ("argument", "output", "alias", "temp", "generated_code")}
+    if required_temp is not None:
+        memory["temp"] = required_temp
     cost_analysis = compiled.cost_analysis()
     if isinstance(cost_analysis, list):  # older jax: one dict per program
         cost_analysis = cost_analysis[0]
@@ -135,7 +161,7 @@ def analyse(step: Step, compiled: Any, topology: chips_lib.Topology, compile_s: 
         flops=cost.flops, hbm_traffic=cost.hbm_bytes, bytes_accessed=cost.bytes_accessed, collectives=cost.collectives,
         compute_s=cost.flops / chip.bf16_flops, memory_s=cost.hbm_bytes / chip.hbm_bandwidth,
         ici_s=chips_lib.ici_seconds(topology, cost.collective_bytes), tokens=step.tokens,
-        model_flops=flops_lib.model_flops(list(step.passes)), compile_s=compile_s)
+        model_flops=flops_lib.model_flops(list(step.passes)), compile_s=compile_s, oom=required_temp is not None)
 
 
 def compile_steps(steps: list[Step], topology: chips_lib.Topology, mesh, rules, progress: bool = True) -> list[StepPlan]:
@@ -147,7 +173,7 @@ def compile_steps(steps: list[Step], topology: chips_lib.Topology, mesh, rules, 
         bar.set_postfix_str(step.name)
         start = time.perf_counter()
         with mesh_lib.sharding_context(mesh, rules):
-            compiled = step.fn.lower(*step.args).compile()
-        plans.append(analyse(step, compiled, topology, time.perf_counter() - start))
+            compiled, required_temp = compile_step(step)
+        plans.append(analyse(step, compiled, topology, time.perf_counter() - start, required_temp))
     bar.close()
     return plans
