@@ -9,7 +9,7 @@ Mesh: TPU v5p-16 (8 chips on 2 hosts), fsdp=8, the state and frozen models fully
     jaxalign train --config configs/cost_qwen3_8b.py --workdir out/cost_qwen3_8b
 """
 
-# planned: v5p-16, peak GiB per chip: PLANNED_cost_qwen3_8b
+# planned: v5p-16, peak GiB per chip: train 30.55, eval 7.26
 
 import ml_collections
 
