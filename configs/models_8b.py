@@ -33,6 +33,22 @@ MODELS = {
 }
 
 
+def fork(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """A config of one 8B model (e.g. configs/reward_llama3_8b.py) for the other model `name`: the
+    model swapped (`use`) and every stage input that named the other model renamed (out/sft_llama3_8b/
+    export -> out/sft_qwen3_8b/export)."""
+    (other,) = [key for key in MODELS if key != name]
+    paths = {"model.init_path": config.model.init_path, **{f"rl.{k}": config.rl[k] for k in config.rl
+                                                              if k.endswith("_model_path")},
+             **{f"dpo.{k}": config.dpo[k] for k in config.dpo if k.endswith("_model_path")}}
+    use(config, name)
+    for key, value in paths.items():
+        group, field = key.split(".")
+        if value and value != MODELS[other]["path"]:
+            config[group][field] = value.replace(other, name)
+    return config
+
+
 def use(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     """config with config.model set to the 8B model `name` (llama3_8b | qwen3_8b), bf16 compute on
     fp32 master weights, full remat, scanned layers; the stage's own init_path is left to the caller."""

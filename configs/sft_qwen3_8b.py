@@ -1,9 +1,5 @@
-"""SFT of Qwen3-8B on PKU-SafeRLHF v1: the upstream `scripts/sft.sh` values of sft_llama2_7b (32
-sequences x 8 accumulation steps, lr 2e-5 cosine, 3 epochs, max_length 512).
-
-The model's config.json fields are in configs/models_8b.py (shapes for a plan before any checkpoint
-exists) and checkpoint paths; init_path is the HF checkpoint you download (nothing here downloads).
-Mesh: TPU v5p-16 (8 chips on 2 hosts), fsdp=8, the state and frozen models fully sharded.
+"""SFT of Qwen3-8B on PKU-SafeRLHF v1: configs/sft_llama3_8b.py with the model swapped
+(configs/models_8b.py: Qwen3-8B's config.json fields; stage inputs out/*_qwen3_8b/export).
 
     jaxalign plan --config configs/sft_qwen3_8b.py --topology v5p-16     # memory per chip, roofline
     jaxalign train --config configs/sft_qwen3_8b.py --workdir out/sft_qwen3_8b
@@ -13,10 +9,8 @@ Mesh: TPU v5p-16 (8 chips on 2 hosts), fsdp=8, the state and frozen models fully
 
 import ml_collections
 
-from configs import models_8b, sft_llama2_7b
+from configs import models_8b, sft_llama3_8b
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = models_8b.use(sft_llama2_7b.get_config(), "qwen3_8b")
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 8, 1  # v5p-16: 8 chips
-    return config
+    return models_8b.fork(sft_llama3_8b.get_config(), "qwen3_8b")
