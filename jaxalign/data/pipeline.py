@@ -24,7 +24,10 @@ Keys and shapes (docs/architecture.md), B = batch_size, L = max_length:
 Tokenization follows upstream (spec §2.5, §11.10): the tokenizer adds BOS
 (`add_special_tokens=True`); training texts are `prompt + response + tokenizer.eos_token`;
 over-long sequences are cut on the right (which drops the EOS). Every cut is counted per key
-(`BatchIterator.truncated`, the second value of `tokenize_examples`) and logged, never silent.
+(`BatchIterator.truncated`, the second value of `tokenize_examples`) and logged, never silent;
+so is every row whose prompt alone fills max_length, leaving it no response token
+("no_response_tokens": it trains nothing). `rows_without_response` counts those rows of a split
+before training (stages refuse a split where no row keeps a response token).
 SFT `loss_mask` is True on the response tokens: positions >= len(tokenize(prompt)) that are real.
 Padding is to exactly `max_length` (static shapes): right for sft/preference/safety/qa, left
 for prompt.
@@ -141,8 +144,10 @@ def _tokenize(kind: str, examples: Sequence[dict], tok: _Tokenizer, max_length: 
         arrays[f"{prefix}input_ids"] = ids
         arrays[f"{prefix}attention_mask"] = mask
         truncated[f"{prefix}input_ids"] += cut
-    if kind in ("sft", "qa"):  # qa: the response tokens, for streaming moderation (issue 10)
+    if kind in ("sft", "qa") or (kind != "prompt" and sum(truncated.values())):  # a prompt that fills max_length is cut
         prompt_lengths = np.array([len(s) for s in tok([e["prompt"] for e in examples])])
+        truncated["no_response_tokens"] += int(np.sum(prompt_lengths >= max_length))
+    if kind in ("sft", "qa"):  # qa: the response tokens, for streaming moderation (issue 10)
         positions = np.arange(max_length)[None, :]
         mask = (positions >= prompt_lengths[:, None]) & arrays["attention_mask"]
         arrays["loss_mask" if kind == "sft" else "response_mask"] = mask
@@ -165,6 +170,19 @@ def tokenize_examples(kind: str, examples: Sequence[dict], tokenizer, *, max_len
     if truncated:
         log.warning("tokenize_examples(%s): sequences cut to max_length=%d: %s", kind, max_length, truncated)
     return arrays, truncated
+
+
+def rows_without_response(kind: str, examples: Sequence[dict], tokenizer, *, max_length: int,
+                          limit: int = 10_000) -> tuple[int, int]:
+    """(rows whose prompt alone is max_length tokens or more, so no response token survives the cut,
+    rows checked): the first `limit` examples (all of an in-memory split of up to `limit` rows)."""
+    _check_kind(kind, examples)
+    if kind == "prompt" or len(examples) == 0:
+        return 0, len(examples)
+    tok = _Tokenizer(tokenizer)
+    checked = _take(examples, np.arange(min(len(examples), limit)))
+    lengths = [len(ids) for ids in tok([e["prompt"] for e in checked])]
+    return sum(length >= max_length for length in lengths), len(checked)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,7 @@ def run(config, workdir) -> loop.LoopResult:
     max_length = int(config.data.max_length)
 
     train_examples = load_examples(config, config.data.train_split, template)
+    common.check_responses_fit(config, kind, train_examples, tokenizer, config.data.train_split)
     num_steps = common.num_steps(config, len(train_examples) // batch_size)
     train_iter = pipeline.make_batches(
         kind, train_examples, tokenizer, batch_size=batch_size, max_length=max_length, mesh=mesh, seed=config.seed,
