@@ -85,21 +85,22 @@ class _Runs:
         self.argv, self.rng = argv, random.Random(seed)
         self.script = tmp_path / "train_and_wait.py"
         self.script.write_text(_WRAPPER)
-        self.marker = tmp_path / "events.txt"
+        self.marker, self.log = tmp_path / "events.txt", tmp_path / "train.log"
         self.env = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAXALIGN_DEBUG="")
         self.workdir = pathlib.Path(argv[argv.index("--workdir") + 1])
 
     def _start(self, hook, overrides):
         self.marker.write_text("")
-        return subprocess.Popen([sys.executable, str(self.script), *self.argv, *overrides], cwd=REPO,
-                                env=dict(self.env, KILL_HOOK=hook, KILL_MARKER=str(self.marker)),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(self.log, "w") as log:  # a file, not a pipe: a full pipe would stall the child
+            return subprocess.Popen([sys.executable, str(self.script), *self.argv, *overrides], cwd=REPO,
+                                    env=dict(self.env, KILL_HOOK=hook, KILL_MARKER=str(self.marker)),
+                                    stdout=subprocess.DEVNULL, stderr=log)
 
     def _wait_for(self, process, ready):
         deadline = time.time() + 400
         while not ready():
-            assert process.poll() is None, process.communicate()[1].decode()[-3000:]
+            assert process.poll() is None, self.log.read_text()[-3000:]
             assert time.time() < deadline, "the moment to kill never came"
             time.sleep(0.01)
 
@@ -132,8 +133,7 @@ class _Runs:
 
     def finish(self, overrides=()):
         process = self._start("", overrides)
-        _, err = process.communicate(timeout=600)
-        assert process.returncode == 0, err.decode()[-3000:]
+        assert process.wait(timeout=600) == 0, self.log.read_text()[-3000:]
 
 
 def _check_same_run(workdir, reference):

@@ -173,14 +173,19 @@ def tokenize_examples(kind: str, examples: Sequence[dict], tokenizer, *, max_len
 
 
 def rows_without_response(kind: str, examples: Sequence[dict], tokenizer, *, max_length: int,
-                          limit: int = 10_000) -> tuple[int, int]:
+                          limit: int = 10_000, lazy_limit: int = 1024) -> tuple[int, int]:
     """(rows whose prompt alone is max_length tokens or more, so no response token survives the cut,
-    rows checked): the first `limit` examples (all of an in-memory split of up to `limit` rows)."""
+    rows checked): the first `limit` examples of an in-memory split, or the first `lazy_limit` of a
+    lazy one (views over a prepared split: one bounded read, the same on every process)."""
     _check_kind(kind, examples)
     if kind == "prompt" or len(examples) == 0:
         return 0, len(examples)
     tok = _Tokenizer(tokenizer)
-    checked = _take(examples, np.arange(min(len(examples), limit)))
+    read = getattr(examples, "read", None)
+    if read is not None:
+        checked = read(range(min(len(examples), lazy_limit)))
+    else:
+        checked = [examples[i] for i in range(min(len(examples), limit))]
     lengths = [len(ids) for ids in tok([e["prompt"] for e in checked])]
     return sum(length >= max_length for length in lengths), len(checked)
 

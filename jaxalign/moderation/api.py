@@ -11,7 +11,6 @@ Each result is a dict:
     categories           {name: probability} for the 19 harm categories
     flagged_categories   [name, ...] (empty when safe; at least the most probable one when unsafe)
     severity             int 0..3 (0 when safe)
-
     truncated            bool   the text did not fit max_length and was cut (see below)
     tokens_kept          {"prompt": n, "response": m}  tokens scored (the response's without its end token)
     response_cut         bool   the response alone exceeded max_length: only its first m tokens were scored

@@ -187,7 +187,8 @@ def _stale_export(out: pathlib.Path, step: int) -> str:
     try:
         exported = json.loads((out / EXPORT_STEP_NAME).read_text())["step"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"{out / EXPORT_STEP_NAME} is unreadable ({type(error).__name__}): the export was cut off"
+        return (f"{out / EXPORT_STEP_NAME} is missing or unreadable ({type(error).__name__}): an export cut off "
+                f"right after it was renamed into place, or written before this record existed")
     if exported != step:
         return f"{out} holds step {exported}, the run ended at step {step}"
     return ""
