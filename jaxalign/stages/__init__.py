@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import importlib
 
-# config.stage -> module exposing run(config, workdir)
+from jaxalign.rl import algorithms
+
+# config.stage -> module exposing run(config, workdir); every RL algorithm runs through stages/rl.py
 STAGES = {
     "sft": "jaxalign.stages.sft",
     "reward": "jaxalign.stages.score",
     "cost": "jaxalign.stages.score",
-    "ppo": "jaxalign.stages.rl",
-    "ppo_lag": "jaxalign.stages.rl",
-    "ppo_reward_shaping": "jaxalign.stages.rl",
-    "safe_grpo": "jaxalign.stages.rl",
-    "multi_lag": "jaxalign.stages.rl",
+    **dict.fromkeys(algorithms.ALGORITHMS, "jaxalign.stages.rl"),
     "dpo": "jaxalign.stages.dpo",
     "safe_dpo": "jaxalign.stages.dpo",
     "c_dpo": "jaxalign.stages.dpo",
