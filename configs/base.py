@@ -21,8 +21,8 @@ from jaxalign.parallel import mesh as mesh_lib
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # The stage (jaxalign/stages STAGES): sft | reward | cost | ppo | ppo_lag | ppo_reward_shaping | safe_grpo | multi_lag |
-    # moderation | a pairwise method of objectives/pairwise.py (dpo | safe_dpo | c_dpo | ipo | simpo | kto)
+    # The stage (jaxalign/stages STAGES): sft | reward | cost | ppo | ppo_lag | ppo_reward_shaping | safe_grpo |
+    # multi_lag | moderation | a pairwise method of objectives/pairwise.py (dpo | safe_dpo | c_dpo | ipo | simpo | kto)
     config.stage = "sft"
     config.seed = 42  # seeds parameter init, dropout-free training RNG and data shuffling
 
@@ -102,7 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sft = sft = ml_collections.ConfigDict()
     sft.response = "both"  # SFT targets per row: both | better | safer (views.sft_examples)
 
-    config.score = score = ml_collections.ConfigDict()  # reward / cost stages (spec §4.2-4.3)
+    # reward / cost stages (safe-rlhf safe_rlhf/values/reward/trainer.py, safe_rlhf/values/cost/trainer.py)
+    config.score = score = ml_collections.ConfigDict()
     score.score_dim = 1  # one scalar score per token
     score.score_bias = True  # the score head has a bias (upstream default)
     score.loss_type = "sequence-wise"  # sequence-wise | token-wise
@@ -232,7 +233,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Also choose each category's flagging threshold (max F1) on the validation data; False = category_threshold.
     moderation.tune_category_thresholds = True
 
-    # LoRA (issue 12; models/lora.py, through qwix): the trained state holds only the adapters; the base stays
+    # LoRA (models/lora.py, through qwix): the trained state holds only the adapters; the base stays
     # frozen and shared (RL: the actor's base is the reference; the critics are fully trained unless lora.critics).
     config.lora = lora = ml_collections.ConfigDict()
     lora.rank = 0  # 0 = off: every parameter is trained

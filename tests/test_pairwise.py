@@ -86,7 +86,8 @@ def divergence_logps(table, examples):
 
 def response_logps(table, examples):
     """(ℓ of each response's tokens [B, 2], their lengths [B, 2])."""
-    lp = [[numpy_logp(table, prompt + r, range(len(prompt), len(prompt) + len(r))) for r in rs] for prompt, rs in examples]
+    lp = [[numpy_logp(table, prompt + r, range(len(prompt), len(prompt) + len(r))) for r in rs]
+          for prompt, rs in examples]
     return np.array(lp), np.array([[len(r) for r in rs] for _, rs in examples])
 
 
@@ -197,6 +198,10 @@ def test_table_entries_are_consistent_and_errors_name_the_field():
         pairwise.IPOSettings(tau=0.0)
     with pytest.raises(ValueError, match="config.dpo.undesirable_weight is -1"):
         pairwise.KTOSettings(undesirable_weight=-1)
+    with pytest.raises(ValueError, match="config.dpo.cost_model_path is empty: the method scores with reference, "
+                                         "reward, cost"):
+        pairwise.load_frozen(pairwise.METHODS["c_dpo"], pairwise.CDPOSettings(reward_model_path="r"), None, None,
+                             None, vocab_size=8, special=None, rng=None)
     _, _, _, one = qa_batch(9, rows=1)
     with pytest.raises(ValueError, match="a \\(micro-\\)batch of 1 answer has none"):
         pairwise.mismatched_answers(one)

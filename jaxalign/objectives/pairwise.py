@@ -562,15 +562,14 @@ def policy_fn(cfg) -> PolicyFn:
     return lambda params, ids, mask: module.apply({"params": params}, ids, attention_mask=mask).logits
 
 
-def score_fn(placed: loading.Placed, normalize: bool) -> ScoreFn:
-    """ScoreFn of a loaded score model (first score dimension), normalized with its stored statistics
-    when `normalize`: (params, ids, mask) -> per-token scores [N, L] fp32."""
-    module, head, stats = placed.module, placed.head, placed.stats if normalize else None
+def score_fn(module, stats: dict | None = None, score_type: str = "reward") -> ScoreFn:
+    """ScoreFn of a ScoreModel `module` (first score dimension), normalized by `score_type` with
+    `stats` ({"mean", "var"}) when given: (params, ids, mask) -> per-token scores [N, L] fp32."""
 
     def apply(params, ids, mask):
         scores = module.apply({"params": params}, ids, attention_mask=mask).scores
         if stats is not None:
-            scores = score.normalize(scores, stats, head.score_type)
+            scores = score.normalize(scores, stats, score_type)
         return scores[..., 0]
 
     return apply
@@ -590,16 +589,19 @@ def load_frozen(entry: Method, settings, model: loading.ModelSettings, mesh, rul
     """entry.scorers on the mesh: "reference" is the policy of model.init_path (a separate copy: the
     trained policy is donated); "reward" / "cost" the score models at settings.<role>_model_path,
     normalized when settings.normalize_<role>."""
+    for role in entry.scorers:  # every path is checked before anything loads
+        if role != "reference" and not getattr(settings, f"{role}_model_path", ""):
+            raise ValueError(f"config.dpo.{role}_model_path is empty: the method scores with "
+                             f"{', '.join(entry.scorers)}; set it to a {role} stage export")
     frozen = Frozen({}, {}, {})
     for role in entry.scorers:
         if role == "reference":
             placed = loading.load_policy(model, mesh, rules, vocab_size=vocab_size, special=special, rng=rng)
         else:
-            path = getattr(settings, f"{role}_model_path", "")
-            if not path:
-                raise ValueError(f"this method needs a {role} model: set config.dpo.{role}_model_path")
+            path = getattr(settings, f"{role}_model_path")
             placed = loading.load_score_model(path, mesh, rules, model, score_type=role, min_vocab_size=vocab_size)
-            frozen.score_fns[role] = score_fn(placed, bool(getattr(settings, f"normalize_{role}")))
+            stats = placed.stats if getattr(settings, f"normalize_{role}") else None
+            frozen.score_fns[role] = score_fn(placed.module, stats, placed.head.score_type)
             log.info("%s model: %s", role, path)
         frozen.params[role], frozen.shardings[role] = placed.params, placed.shardings
     return frozen
