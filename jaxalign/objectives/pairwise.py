@@ -36,8 +36,10 @@ method's loss. Adding a method is one loss function and one `METHODS` entry here
               from each training pair (σ(m)·c_1 + σ(-m)·c_2), averaged over a window of batches.
               λ lives in log space and steps with PPO-Lagrangian's code (lagrange.py).
     IPO       loss_b = (h_b - 1/(2τ))², h = (ℓ_w - ℓ_w^ref) - (ℓ_l - ℓ_l^ref) (Azar et al. 2023,
-              arXiv:2310.12036, Eq. 17: the empirical IPO loss; ℓ summed over tokens as there. TRL's
-              trl/trainer/dpo_trainer.py averages ℓ over tokens for its "ipo" loss type instead)
+              arXiv:2310.12036, Eq. 17: the empirical IPO loss, ℓ summed over tokens as written there.
+              TRL's trl/trainer/dpo_trainer.py averages ℓ over the completion tokens for its "ipo" loss
+              instead, noting that the IPO authors confirmed the paper's results used that form; with
+              sums, τ sets a per-answer margin, with means a per-token one)
     SimPO     loss_b = -logσ(β/|y_w|·log π(y_w|x) - β/|y_l|·log π(y_l|x) - γ), no reference model
               (Meng, Xia & Chen 2024, arXiv:2405.14734, Eq. 6; princeton-nlp/SimPO
               scripts/simpo_trainer.py: mean log-prob over the response tokens, γ = beta·gamma_beta_ratio)
