@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib
 
-# config.stage -> module exposing run(config, workdir)
+from jaxalign.objectives.pairwise import METHODS as PAIRWISE_METHODS
+
+# config.stage -> module exposing run(config, workdir); every method of the pairwise table
+# (objectives/pairwise.py) is a stage of stages/dpo.py
 STAGES = {
     "sft": "jaxalign.stages.sft",
     "reward": "jaxalign.stages.score",
@@ -20,9 +23,7 @@ STAGES = {
     "ppo_reward_shaping": "jaxalign.stages.rl",
     "safe_grpo": "jaxalign.stages.rl",
     "multi_lag": "jaxalign.stages.rl",
-    "dpo": "jaxalign.stages.dpo",
-    "safe_dpo": "jaxalign.stages.dpo",
-    "c_dpo": "jaxalign.stages.dpo",
+    **{name: "jaxalign.stages.dpo" for name in PAIRWISE_METHODS},
     "moderation": "jaxalign.stages.moderation",
 }
 
