@@ -22,7 +22,10 @@ from jaxalign.rl import algorithms
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.stage = "sft"  # sft | reward | cost | dpo | safe_dpo | c_dpo | moderation | an RL algorithm (jaxalign/stages)
+    # The stage (jaxalign/stages STAGES): sft | reward | cost | moderation | an RL algorithm of rl/algorithms (ppo |
+    # ppo_lag | ppo_reward_shaping | safe_grpo | safe_gspo | safe_grpo_k3 | multi_lag) | a pairwise method of
+    # objectives/pairwise.py (dpo | safe_dpo | c_dpo | ipo | simpo | kto)
+    config.stage = "sft"
     config.seed = 42  # seeds parameter init, dropout-free training RNG and data shuffling
 
     config.model = model = ml_collections.ConfigDict()
@@ -101,7 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sft = sft = ml_collections.ConfigDict()
     sft.response = "both"  # SFT targets per row: both | better | safer (views.sft_examples)
 
-    config.score = score = ml_collections.ConfigDict()  # reward / cost stages (spec §4.2-4.3)
+    # reward / cost stages (safe-rlhf safe_rlhf/values/reward/trainer.py, safe_rlhf/values/cost/trainer.py)
+    config.score = score = ml_collections.ConfigDict()
     score.score_dim = 1  # one scalar score per token
     score.score_bias = True  # the score head has a bias (upstream default)
     score.loss_type = "sequence-wise"  # sequence-wise | token-wise
@@ -186,7 +190,10 @@ def get_config() -> ml_collections.ConfigDict:
     for name, group in algorithms.config_groups().items():
         rl[name] = ml_collections.ConfigDict(group)
 
-    config.dpo = dpo = ml_collections.ConfigDict()  # dpo | safe_dpo | c_dpo (objectives/dpo.py)
+    # The pairwise stages (objectives/pairwise.py METHODS). Each method reads the fields of its settings
+    # dataclass from this group by name; fields of dpo / safe_dpo / c_dpo are here, a newer method's own
+    # fields are set by its config (ipo_tiny: tau; simpo_tiny: gamma; kto_tiny: desirable_weight, ...).
+    config.dpo = dpo = ml_collections.ConfigDict()
     dpo.beta = 0.1  # β: upstream dpo.sh --scale_coeff 0.1 (argparse default 0.02)
     dpo.safety_margin = 2.0  # safe_dpo: Δ, extra margin for a safe preferred answer over an unsafe one
     # c_dpo: labels from r - λc of the frozen reward and cost models; λ by dual ascent (lagrange.py).
@@ -200,7 +207,7 @@ def get_config() -> ml_collections.ConfigDict:
     dpo.lambda_max = 5.0  # <= 0: no cap
     dpo.episode_cost_window_size = 16  # batches of policy-cost estimates averaged into J_C
 
-    config.moderation = moderation = ml_collections.ConfigDict()  # moderation stage (issue 10; objectives/moderation.py)
+    config.moderation = moderation = ml_collections.ConfigDict()  # moderation stage (objectives/moderation.py)
     moderation.unsafe_coeff = 1.0  # weight of the unsafe BCE
     moderation.category_coeff = 1.0  # weight of the per-category BCE (mean over the 19 categories)
     moderation.severity_coeff = 1.0  # weight of the severity 0-3 cross-entropy
@@ -213,7 +220,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Also choose each category's flagging threshold (max F1) on the validation data; False = category_threshold.
     moderation.tune_category_thresholds = True
 
-    # LoRA (issue 12; models/lora.py, through qwix): the trained state holds only the adapters; the base stays
+    # LoRA (models/lora.py, through qwix): the trained state holds only the adapters; the base stays
     # frozen and shared (RL: the actor's base is the reference; the critics are fully trained unless lora.critics).
     config.lora = lora = ml_collections.ConfigDict()
     lora.rank = 0  # 0 = off: every parameter is trained

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models.llama import last_true_index
-from jaxalign.objectives import dpo
-from jaxalign.objectives.common import masked_row_mean, next_token_log_probs
+from jaxalign.objectives.common import last_token_scores, masked_row_mean, next_token_log_probs
 from jaxalign.rl import stacking
 from jaxalign.rl.algorithms.base import Algorithm
 from jaxalign.rl.roles import RoleFns
@@ -48,7 +47,7 @@ def policy_log_probs(fns: RoleFns, params: Any, input_ids: jax.Array, attention_
 
 def end_scores(score_fn, params: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Sequence score = per-token score at the last real token (EOS). -> [B]."""
-    return dpo.end_scores(score_fn(params, input_ids, attention_mask), attention_mask)
+    return last_token_scores(score_fn(params, input_ids, attention_mask), attention_mask)
 
 
 def read_scores(algorithm: Algorithm, settings: RLSettings, per_token: dict, inputs: dict,
@@ -65,7 +64,7 @@ def read_scores(algorithm: Algorithm, settings: RLSettings, per_token: dict, inp
     if set(token_streams) - set(per_token):
         raise ValueError(f"{algorithm.name}: per-token streams {token_streams} need scorers of the same name, "
                          f"got {tuple(per_token)}")
-    scores = {name: dpo.end_scores(values, inputs[name][1]) for name, values in per_token.items()}
+    scores = {name: last_token_scores(values, inputs[name][1]) for name, values in per_token.items()}
     token_scores = {}
     for name in token_streams:
         if name in retokenized:
