@@ -142,10 +142,9 @@ def run(config, workdir) -> loop.LoopResult:
     rng = jax.random.PRNGKey(config.seed)
     lora_settings = common.lora_settings(config)
     lora_export = common.lora_export(config)
-    fns, params, shardings, actor_cfg = roles.load_roles(algorithm.roles, common.model_settings(config),
-                                                         paths, settings, tokenizer,
-                                                         mesh, rules, rng, lora_settings, bool(config.lora.critics),
-                                                         frozen_param_dtype(config))
+    fns, params, shardings, actor_cfg = roles.load_roles(algorithm.roles, common.model_settings(config), paths,
+                                                         settings, tokenizer, mesh, rules, rng, lora_settings,
+                                                         bool(config.lora.critics), frozen_param_dtype(config))
     trained = {name: params.pop(name) for name in steps.trained_roles(algorithm)}
     frozen = params  # reference and score models: passed to every step, never donated or checkpointed
     abstract = jax.eval_shape(lambda p: steps.init_rl_state(algorithm, settings, p, optimizers, rng), trained)
