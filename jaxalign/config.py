@@ -26,13 +26,14 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import pathlib
 import sys
 import types
 from typing import Any, Iterator, Sequence
 
 import ml_collections
+
+from jaxalign import files
 
 _PREFIX = "--config."
 
@@ -41,15 +42,15 @@ class ConfigError(ValueError):
     """A config file or an override is invalid; the message names the file or key."""
 
 
-_REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/
 
 
 def _configs_package_dir(path: pathlib.Path) -> pathlib.Path | None:
     """The directory `import configs` should mean while loading `path`."""
     if path.parent.name == "configs":
         return path.parent
-    if (_REPO_CONFIGS / "__init__.py").is_file():
-        return _REPO_CONFIGS
+    if (REPO_CONFIGS / "__init__.py").is_file():
+        return REPO_CONFIGS
     return None
 
 
@@ -313,12 +314,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
 
     The file is replaced atomically (write + rename), so a crash never leaves half a record.
     """
-    path = pathlib.Path(workdir) / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
-    tmp.write_text(config_to_json(config) + "\n")
-    os.replace(tmp, path)
-    return path
+    return files.write_text(pathlib.Path(workdir) / "config.json", config_to_json(config) + "\n")
 
 
 # Fields a resumed run may change: they do not alter the data order, the model or the updates

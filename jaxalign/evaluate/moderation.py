@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from jaxalign import files
 from jaxalign.parallel import mesh as mesh_lib
 
 NUM_ECE_BINS = 10
@@ -338,6 +339,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prepared-dir", default="", help="read --data's split from this TFDS-prepared dir")
     parser.add_argument("--config", default="", help="config file whose config.mesh places the model "
                         "(--config.mesh.* overrides allowed); default: all devices, FSDP")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def evaluate(args) -> dict:
@@ -347,6 +349,7 @@ def evaluate(args) -> dict:
     from jaxalign.models import loading
     from jaxalign.models.tokenizer import load_tokenizer
 
+    files.check_new(args.out, args.overwrite)
     mesh, rules = mesh_lib.mesh_and_rules(config_lib.mesh_settings(args.config, args.extra_args))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = loading.load_moderation_model(loading.ModelSettings(init_path=args.model, dtype=args.dtype,
@@ -364,7 +367,8 @@ def evaluate(args) -> dict:
     report = moderation_report(scores, arrays, head)
     report["data"] = {"source": str(args.data), "split": args.split, "name": args.name, "rows": str(source_report)}
     if jax.process_index() == 0:
-        written = write_outputs(args.out, scores, arrays, report)
+        with files.atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            written = write_outputs(tmp, scores, arrays, report)
         log.info("wrote %s", ", ".join(f"{args.out}/{name}" for name in written))
     return report
 

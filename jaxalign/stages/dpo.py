@@ -62,6 +62,7 @@ def run(config, workdir) -> loop.LoopResult:
     max_length = int(config.data.max_length)
 
     train_examples = load_examples(config, method, config.data.train_split, template)
+    common.check_responses_fit(config, method.batch_kind, train_examples, tokenizer, config.data.train_split)
     num_steps = common.num_steps(config, len(train_examples) // batch_size)
     train_iter = pipeline.make_batches(
         method.batch_kind, train_examples, tokenizer, batch_size=batch_size, max_length=max_length, mesh=mesh,

@@ -96,6 +96,7 @@ def run(config, workdir) -> loop.LoopResult:
     max_length = int(config.data.max_length)
 
     train_examples, validation_examples = train_and_validation(config, template)
+    common.check_responses_fit(config, "qa", train_examples, tokenizer, config.data.train_split)
     common.check_batch_size(config, mesh, "eval_batch_size")  # the scorers pad a short last batch
     pos_weight = category_weights(config, train_examples, head.category_names)
     num_steps = common.num_steps(config, len(train_examples) // batch_size)
