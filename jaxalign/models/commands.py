@@ -69,12 +69,14 @@ def add_tokenizer_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="release-layout dir (data/<Model>/{train,test}.jsonl)")
     parser.add_argument("--out", required=True, help="output tokenizer dir")
     parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocab size incl. the 4 special tokens")
+    parser.add_argument("--split", action="append", default=None, choices=("train", "test"),
+                        help="split(s) whose texts train the tokenizer (repeatable; default: train and test)")
 
 
 def run_tokenizer(args) -> int:
     from jaxalign.models.tokenizer import release_texts, train_bpe_tokenizer
 
-    tokenizer = train_bpe_tokenizer(release_texts(args.data), args.vocab_size, args.out)
+    tokenizer = train_bpe_tokenizer(release_texts(args.data, splits=args.split), args.vocab_size, args.out)
     print(f"wrote {args.out}: vocab {len(tokenizer)}, bos={tokenizer.bos_token_id} eos={tokenizer.eos_token_id} "
           f"unk={tokenizer.unk_token_id} pad={tokenizer.pad_token_id}")
     return 0
