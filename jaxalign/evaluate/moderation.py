@@ -340,27 +340,43 @@ def add_arguments(parser) -> None:
                         "(--config.mesh.* overrides allowed); default: all devices, FSDP")
 
 
-def evaluate(args) -> dict:
-    """Scores every QA answer of the split with the saved threshold; writes the files; -> report."""
+def score_split(model_dir: str, data: str, split: str, mesh, rules, *, name: str = "default", tokenizer_dir: str = "",
+                max_length: int = 0, batch_size: int = 16, dtype: str = "float32", param_dtype: str = "float32",
+                prepared_dir: str = ""):
+    """Every QA answer of a release split scored by a moderation export at its saved threshold.
+
+    -> (scores of make_scorer, the tokenized QA arrays, the release rows, the ModerationHead, the
+    split's read report); the answers are views.qa_examples' order (response_0, response_1 per row).
+    """
     from jaxalign.data import pipeline, sources, views
-    from jaxalign.evaluate.commands import mesh_from_args
     from jaxalign.models import loading
     from jaxalign.models.tokenizer import load_tokenizer
 
-    mesh, rules = mesh_from_args(args)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = loading.load_moderation_model(loading.ModelSettings(init_path=args.model, dtype=args.dtype,
-                                                                param_dtype=args.param_dtype), mesh, rules,
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    model = loading.load_moderation_model(loading.ModelSettings(init_path=model_dir, dtype=dtype,
+                                                                param_dtype=param_dtype), mesh, rules,
                                           min_vocab_size=len(tokenizer))
     head = model.head
     template = views.chat_template(tokenizer) if head.prompt_template == "chat" else head.prompt_template
-    rows, source_report = sources.read_split(args.data, args.name, args.split, prepared_dir=args.prepared_dir)
+    rows, source_report = sources.read_split(data, name, split, prepared_dir=prepared_dir)
     examples = views.qa_examples(rows, template=template)
-    arrays, _ = pipeline.tokenize_examples("qa", examples, tokenizer, max_length=args.max_length or head.max_length)
+    arrays, _ = pipeline.tokenize_examples("qa", examples, tokenizer, max_length=max_length or head.max_length)
     shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
-    batch_size = -(-max(1, args.batch_size) // shards) * shards
+    batch_size = -(-max(1, batch_size) // shards) * shards
     scores = make_scorer(model.module, mesh, rules)(model.params, arrays, batch_size=batch_size,
                                                     threshold=head.threshold)
+    return scores, arrays, rows, head, source_report
+
+
+def evaluate(args) -> dict:
+    """Scores every QA answer of the split with the saved threshold; writes the files; -> report."""
+    from jaxalign.evaluate.commands import mesh_from_args
+
+    mesh, rules = mesh_from_args(args)
+    scores, arrays, _, head, source_report = score_split(
+        args.model, args.data, args.split, mesh, rules, name=args.name, tokenizer_dir=args.tokenizer,
+        max_length=args.max_length, batch_size=args.batch_size, dtype=args.dtype, param_dtype=args.param_dtype,
+        prepared_dir=args.prepared_dir)
     report = moderation_report(scores, arrays, head)
     report["data"] = {"source": str(args.data), "split": args.split, "name": args.name, "rows": str(source_report)}
     if jax.process_index() == 0:
