@@ -21,7 +21,7 @@ export PATH="$PWD/.venv/bin:$PATH" TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/hard}
 SEEDS=${SEEDS:-"0 1 2"}
 METHODS=${METHODS:-"sft ppo ppo_lag ppo_reward_shaping safe_grpo dpo safe_dpo c_dpo multi_lag ppo_lag_moderation ppo_lag_moderation_end"}
-NUS=${NUS:-"0.1 0.5 2 5"}  # the reward-shaping front; nu = 1 is the ppo_reward_shaping method
+NUS=${NUS-"0.1 0.5 2 5"}  # the reward-shaping front; nu = 1 is the ppo_reward_shaping method
 ROWS=${ROWS:-3000}
 SMALL=${SMALL:-0}
 FORCE=${FORCE:-0}
@@ -39,7 +39,7 @@ RL_LENGTH=(--config.rl.prompt_length=48 --config.rl.max_new_tokens=48)
 JUDGE=(--max-new-tokens 48 --prompt-length 48)
 SFT_STEPS=() SCORE_STEPS=() RL_STEPS=() DPO_STEPS=()
 if [ "$SMALL" = 1 ]; then
-  ROWS=150
+  ROWS=300
   SFT_STEPS=(--config.train.num_steps=4) SCORE_STEPS=(--config.train.num_steps=2 --config.train.eval_every=0)
   RL_STEPS=(--config.train.num_steps=2 --config.data.batch_size=8) DPO_STEPS=(--config.train.num_steps=2)
   JUDGE+=(--samples 1)
@@ -74,7 +74,7 @@ for seed in $SEEDS; do
   mkdir -p "$dir"
   S=(--config.seed="$seed")
   step "seed $seed: SFT, reward and cost models (when a method reads them), moderation model"
-  train sft configs/sft_tiny.py "$dir" "${S[@]}" "${LENGTH[@]}" "${SFT_STEPS[@]}"
+  train sft configs/sft_hard_tiny.py "$dir" "${S[@]}" "${SFT_STEPS[@]}"
   INIT=(--config.model.init_path="$dir/sft_tiny/export")
   if [ "$SCORED" = 1 ]; then
     train reward configs/reward_tiny.py "$dir" "${S[@]}" "${INIT[@]}" "${LENGTH[@]}" "${SCORE_STEPS[@]}"
