@@ -23,6 +23,9 @@ SEEDS=${SEEDS:-"0 1 2"}
 METHODS=${METHODS:-"sft ppo ppo_lag ppo_reward_shaping safe_grpo dpo safe_dpo c_dpo multi_lag ppo_lag_moderation ppo_lag_moderation_end"}
 NUS=${NUS-"0.1 0.5 2 5"}  # the reward-shaping front; nu = 1 is the ppo_reward_shaping method
 ROWS=${ROWS:-3000}
+# RL iterations of 32 prompts for every RL method (the tiny configs' 120 halved to fit the 3-seed sweep in
+# ~4 hours on 2 shared cores; PPO-Lagrangian meets its constraint within ~30 iterations).
+RL_ITERATIONS=${RL_ITERATIONS:-60}
 SMALL=${SMALL:-0}
 FORCE=${FORCE:-0}
 mkdir -p "$OUT"
@@ -37,7 +40,7 @@ for m in $METHODS; do case $m in sft|dpo|safe_dpo) ;; *) SCORED=1 ;; esac; done
 LENGTH=(--config.data.max_length=80)
 RL_LENGTH=(--config.rl.prompt_length=48 --config.rl.max_new_tokens=48)
 JUDGE=(--max-new-tokens 48 --prompt-length 48)
-SFT_STEPS=() SCORE_STEPS=() RL_STEPS=() DPO_STEPS=()
+SFT_STEPS=() SCORE_STEPS=() RL_STEPS=(--config.train.num_steps="$RL_ITERATIONS") DPO_STEPS=()
 if [ "$SMALL" = 1 ]; then
   ROWS=300
   SFT_STEPS=(--config.train.num_steps=4) SCORE_STEPS=(--config.train.num_steps=2 --config.train.eval_every=0)

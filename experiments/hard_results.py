@@ -3,7 +3,8 @@
     python experiments/hard_results.py --dir out/hard --seeds 0 1 2 --methods sft ppo ppo_lag ... --nus 0.1 0.5 2 5
 
 Reads DIR/seed<s>/judge_<method>/judge.json (`jaxalign evaluate judge` on the hard variant: per-slice
-rates) and DIR/times.txt (GNU time lines `TIME DIR/seed<s>/<method> <wall s> s <peak KB> KB`, written by
+rates), DIR/seed<s>/<method>_tiny/{config.json,metrics.jsonl} (the iteration at which a constrained
+RL run's episode cost first meets its threshold) and DIR/times.txt (GNU time lines `TIME DIR/seed<s>/<method> <wall s> s <peak KB> KB`, written by
 experiments/hard.sh). The nu front is the reward-shaping runs shaping_nu<nu> plus ppo_reward_shaping
 (nu = 1). Writes DIR/results.md, DIR/results.json (per seed and mean/std) and DIR/plane.png. The std
 is the sample standard deviation over the seeds (ddof = 1; 0 with one seed).
@@ -35,7 +36,10 @@ COLUMNS = {
     "helpful": ("benign helpful ↑", lambda j: j["helpful_rate"]),
     "broken": ("broken", lambda j: _pooled(j, "broken_rate")),
     "late_continued": ("opened → harm", lambda j: j["slices"]["late_turning"]["continued_rate"]),
+    "late_stopped": ("opened → stopped", lambda j: j["slices"]["late_turning"]["stopped_rate"]),
 }
+# Not rates: read from the run's files (experiments/hard.sh's times.txt and WORKDIR/metrics.jsonl).
+EXTRA = {"constraint_met_at": "constraint met at iteration", "wall_s": "train wall s"}
 
 
 def _pooled(rates: dict, key: str) -> float:
@@ -52,6 +56,21 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def constraint_met_at(workdir: pathlib.Path) -> float:
+    """The first iteration whose episode cost (the window mean lambda compares, metrics "episode_cost")
+    is at most config.rl.threshold; NaN when the run has no such metric or never meets it."""
+    from jaxalign.train.metrics import read_metrics
+
+    config = workdir / "config.json"
+    if not config.exists():
+        return float("nan")
+    threshold = json.loads(config.read_text())["rl"]["threshold"]
+    for record in read_metrics(workdir):
+        if "episode_cost" in record and record["episode_cost"] <= threshold:
+            return float(record["step"])
+    return float("nan")
+
+
 def collect(directory: pathlib.Path, seeds: list[str], names: list[str], times: dict) -> dict[str, dict]:
     """{name: {"per_seed": {seed: {column: value}}, "mean": {...}, "std": {...}}} over judge.json files."""
     results = {}
@@ -64,8 +83,9 @@ def collect(directory: pathlib.Path, seeds: list[str], names: list[str], times: 
             rates = json.loads(path.read_text())
             values = {column: float(read(rates)) for column, (_, read) in COLUMNS.items()}
             values["wall_s"] = times.get(f"{directory}/seed{seed}/{name}", (float("nan"),))[0]
+            values["constraint_met_at"] = constraint_met_at(directory / f"seed{seed}" / f"{name}_tiny")
             per_seed[seed] = values
-        keys = list(COLUMNS) + ["wall_s"]
+        keys = list(COLUMNS) + list(EXTRA)
         stats = {key: _mean_std([per_seed[s][key] for s in seeds]) for key in keys}
         results[name] = {"per_seed": per_seed, "mean": {k: v[0] for k, v in stats.items()},
                          "std": {k: v[1] for k, v in stats.items()}}
@@ -73,18 +93,22 @@ def collect(directory: pathlib.Path, seeds: list[str], names: list[str], times: 
 
 
 def _cell(result: dict, key: str, pct: bool = True) -> str:
+    """mean ± std; "(k/n seeds)" when only k of the n seeds have a value (e.g. met the constraint)."""
     mean, std = result["mean"][key], result["std"][key]
     if math.isnan(mean):
         return "–"
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if pct else f"{mean:.0f} ± {std:.0f}"
+    cell = f"{100 * mean:.1f} ± {100 * std:.1f}" if pct else f"{mean:.0f} ± {std:.0f}"
+    values = [seed[key] for seed in result["per_seed"].values()]
+    present = sum(not math.isnan(v) for v in values)
+    return cell if present == len(values) else f"{cell} ({present}/{len(values)} seeds)"
 
 
 def table(results: dict[str, dict]) -> list[str]:
-    lines = ["| method | " + " | ".join(header for header, _ in COLUMNS.values()) + " | train wall s |",
-             "|---|" + "---|" * (len(COLUMNS) + 1)]
+    lines = ["| method | " + " | ".join(header for header, _ in COLUMNS.values()) + " | "
+             + " | ".join(EXTRA.values()) + " |", "|---|" + "---|" * (len(COLUMNS) + len(EXTRA))]
     for name, result in results.items():
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(_cell(result, key) for key in COLUMNS)
-                     + f" | {_cell(result, 'wall_s', pct=False)} |")
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(_cell(result, key) for key in COLUMNS) + " | "
+                     + " | ".join(_cell(result, key, pct=False) for key in EXTRA) + " |")
     return lines
 
 

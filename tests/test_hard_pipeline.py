@@ -19,7 +19,7 @@ def _judge_json(harmful_id, harmful_held, lookalike_refusal, helpful):
     slices = {"in_distribution": {"harmful_rate": harmful_id}, "held_out_phrasing": {"harmful_rate": harmful_held},
               "lookalike": {"over_refusal_rate": lookalike_refusal, "helpful_rate": 0.5, "num_answers": 10,
                             "broken_rate": 0.1},
-              "late_turning": {"continued_rate": 0.25}}
+              "late_turning": {"continued_rate": 0.25, "stopped_rate": 0.5}}
     return {"severe_rate": 0.0, "helpful_rate": helpful, "broken_rate": 0.0, "num_answers": 30, "slices": slices}
 
 
@@ -35,6 +35,13 @@ def test_results_mean_and_std_over_seeds(tmp_path, monkeypatch):
             path.write_text(json.dumps(_judge_json(*v)))
     (tmp_path / "times.txt").write_text("".join(f"TIME {tmp_path}/seed{s}/ppo_lag {t} s 1000 KB\n"
                                                 for s, t in (("0", 100), ("1", 110), ("2", 120))))
+    for seed, met in (("0", 3), ("1", 5)):  # seed 2 never meets the threshold: left out of the mean
+        workdir = tmp_path / f"seed{seed}" / "ppo_lag_tiny"
+        workdir.mkdir()
+        (workdir / "config.json").write_text(json.dumps({"rl": {"threshold": -5.5}}))
+        costs = [-5.0] * 6 if seed == "2" else [-5.0] * (met - 1) + [-5.6, -5.4]
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "episode_cost": c}) + "\n"
+                                                       for i, c in enumerate(costs)))
     assert hard_results.main(["--dir", str(tmp_path), "--seeds", "0", "1", "2", "--methods", "sft", "ppo_lag",
                               "--nus", "2"]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
@@ -45,9 +52,12 @@ def test_results_mean_and_std_over_seeds(tmp_path, monkeypatch):
     assert lag["mean"]["wall_s"] == pytest.approx(110) and lag["std"]["wall_s"] == pytest.approx(10)
     assert lag["mean"]["broken"] == pytest.approx(0.1 * 10 / 40)  # pooled with the look-alike slice
     assert np.isnan(result["methods"]["sft"]["mean"]["wall_s"])
+    assert lag["per_seed"]["0"]["constraint_met_at"] == 3 and lag["per_seed"]["1"]["constraint_met_at"] == 5
+    assert np.isnan(lag["per_seed"]["2"]["constraint_met_at"]) and lag["mean"]["constraint_met_at"] == 4
     assert [point["nu"] for point in result["front"]] == [2.0]
     table = (tmp_path / "results.md").read_text()
     assert "| PPO-Lagrangian | 10.0 ± 10.0 | 20.0 ± 10.0 |" in table and "| ν = 2 |" in table
+    assert "| 4 ± 1 (2/3 seeds) | 110 ± 10 |" in table
     assert (tmp_path / "plane.png").stat().st_size > 10_000
     with pytest.raises(FileNotFoundError, match="no judge result for dpo, seed 0"):
         hard_results.main(["--dir", str(tmp_path), "--seeds", "0", "--methods", "dpo"])
