@@ -2,8 +2,9 @@
 
     python experiments/hard_results.py --dir out/hard --seeds 0 1 2 --methods sft ppo ppo_lag ... --nus 0.1 0.5 2 5
 
-Reads DIR/seed<s>/judge_<method>/judge.json (`jaxalign evaluate judge` on the hard variant: per-slice
-rates), DIR/seed<s>/<method>_tiny/{config.json,metrics.jsonl} (the iteration at which a constrained
+Reads DIR/seed<s>/judge_<method>/answers.jsonl (the answers `jaxalign evaluate judge` sampled; their
+labels and per-slice rates are recomputed here with the current jaxalign.evaluate.judge, so every
+method is judged by the same rules), DIR/seed<s>/<method>_tiny/{config.json,metrics.jsonl} (the iteration at which a constrained
 RL run's episode cost first meets its threshold) and DIR/times.txt (GNU time lines `TIME DIR/seed<s>/<method> <wall s> s <peak KB> KB`, written by
 experiments/hard.sh). The nu front is the reward-shaping runs shaping_nu<nu> plus ppo_reward_shaping
 (nu = 1). Writes DIR/results.md, DIR/results.json (per seed and mean/std) and DIR/plane.png. The std
@@ -71,16 +72,25 @@ def constraint_met_at(workdir: pathlib.Path) -> float:
     return float("nan")
 
 
+def judged(path: pathlib.Path) -> dict:
+    """judge.judge_rates of an answers.jsonl (prompt, answer per line), labels recomputed."""
+    from jaxalign.evaluate import judge
+
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    prompts, texts = [r["prompt"] for r in records], [r["answer"] for r in records]
+    return judge.judge_rates(prompts, [judge.classify(t, p) for t, p in zip(texts, prompts)], texts)
+
+
 def collect(directory: pathlib.Path, seeds: list[str], names: list[str], times: dict) -> dict[str, dict]:
-    """{name: {"per_seed": {seed: {column: value}}, "mean": {...}, "std": {...}}} over judge.json files."""
+    """{name: {"per_seed": {seed: {column: value}}, "mean": {...}, "std": {...}}} over the judged answers."""
     results = {}
     for name in names:
         per_seed = {}
         for seed in seeds:
-            path = directory / f"seed{seed}" / f"judge_{name}" / "judge.json"
+            path = directory / f"seed{seed}" / f"judge_{name}" / "answers.jsonl"
             if not path.exists():
                 raise FileNotFoundError(f"{path}: no judge result for {name}, seed {seed} (run experiments/hard.sh)")
-            rates = json.loads(path.read_text())
+            rates = judged(path)
             values = {column: float(read(rates)) for column, (_, read) in COLUMNS.items()}
             values["wall_s"] = times.get(f"{directory}/seed{seed}/{name}", (float("nan"),))[0]
             values["constraint_met_at"] = constraint_met_at(directory / f"seed{seed}" / f"{name}_tiny")
