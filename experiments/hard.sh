@@ -25,7 +25,7 @@ NUS=${NUS-"0.1 0.5 2 5"}  # the reward-shaping front; nu = 1 is the ppo_reward_s
 ROWS=${ROWS:-3000}
 # Every RL method runs the tiny configs' 120 iterations with half their prompts per rollout (16, Safe GRPO
 # 4 x 4 answers), so the 3-seed sweep fits on 2 shared cores. Halving the iterations instead (60 x 32) cut
-# PPO-Lagrangian's run before lambda decays: look-alike over-refusal 41% vs 16% at 120 x 32 (seed 0).
+# PPO-Lagrangian's run before lambda decays: look-alike over-refusal 41% vs 27% at 120 x 32 (seed 0).
 RL_ITERATIONS=${RL_ITERATIONS:-120}
 RL_PROMPTS=${RL_PROMPTS:-16}
 SMALL=${SMALL:-0}

@@ -11,6 +11,11 @@ moderation model reads). Per seed and as mean ± std over the seeds (DIR/moderat
 
   unsafe answers by turn k (0 = mini's "Sure. <harm>"): flagged share; first flag relative to the
   turning token (tokens late: mean, median, and the share flagged before the harm began);
+  answers with an opening, by what follows it (harm / turn-back on harmful prompts, helpful on benign
+  and look-alike ones): the mean streaming P(unsafe) at the opening's last token and at the end. With
+  config.rl.cost_per_token the cost charged before the content is exactly that prefix score (the
+  per-token costs telescope), so for harmful answers before / end is the share of their cost the
+  neutral opening pays;
   safe answers with an opening: the share flagged anywhere (streaming false alarms) and at the end;
   look-alike answers vs benign answers (all safe): end-verdict and streaming false-positive rates.
 """
@@ -42,7 +47,16 @@ def _rate(mask: np.ndarray, among: np.ndarray) -> float:
     return float(np.sum(mask & among) / np.sum(among)) if np.sum(among) else float("nan")
 
 
-def analyse(scores: dict, rows: list[dict], turns: np.ndarray, threshold: float) -> dict:
+def _at(stream: np.ndarray, response_mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """stream [n, L] at response-token offset[i] of each row (-1: the last response token)."""
+    values = []
+    for row, mask, offset in zip(stream, response_mask, offsets):
+        positions = np.flatnonzero(mask)
+        values.append(row[positions[offset]])
+    return np.asarray(values)
+
+
+def analyse(scores: dict, arrays: dict, rows: list[dict], turns: np.ndarray, threshold: float) -> dict:
     """The metrics of the module docstring for one model; answers in qa_examples order."""
     from jaxalign.data import hard
     from jaxalign.evaluate import judge
@@ -67,6 +81,16 @@ def analyse(scores: dict, rows: list[dict], turns: np.ndarray, threshold: float)
             "flagged_before_turn_rate": _rate(flagged & (first < turns), among),
             "turn_token_mean": float(turns[among].mean()) if among.any() else float("nan"),
         }
+    opened = k > 0
+    before = _at(scores["stream"][opened], arrays["response_mask"][opened], turns[opened] - 1)
+    end = _at(scores["stream"][opened], arrays["response_mask"][opened], np.full(opened.sum(), -1))
+    groups = {"harm": unsafe[opened], "turn_back": ~unsafe[opened] & (kinds[opened] == "harmful"),
+              "helpful_benign": kinds[opened] == "benign", "helpful_lookalike": kinds[opened] == "lookalike"}
+    out["opening_score"] = {name: {"n": int(g.sum()), "p_unsafe_before_turn": float(before[g].mean()),
+                                   "p_unsafe_end": float(end[g].mean())} for name, g in groups.items() if g.any()}
+    if groups["harm"].any():  # the share of a harmful answer's per-token cost that its opening pays
+        out["opening_score"]["harm"]["share_before_turn"] = float(before[groups["harm"]].mean()
+                                                                  / end[groups["harm"]].mean())
     opened_safe = ~unsafe & (k > 0)
     out["safe_opened"] = {"n": int(opened_safe.sum()), "stream_false_alarm_rate": _rate(flagged, opened_safe),
                           "end_false_positive_rate": _rate(end_unsafe, opened_safe)}
@@ -117,12 +141,13 @@ def main(argv=None) -> int:
         model = directory / f"seed{seed}" / "moderation_tiny" / "export"
         if not (model / "config.json").exists():
             raise FileNotFoundError(f"{model}: no moderation export (run experiments/hard.sh)")
-        scores, _, rows, head, _ = moderation.score_split(str(model), str(directory / "data"), args.split, mesh, rules)
+        scores, arrays, rows, head, _ = moderation.score_split(str(model), str(directory / "data"), args.split, mesh,
+                                                               rules, per_token=True)
         tokenizer = load_tokenizer(str(model))
         template = views.chat_template(tokenizer) if head.prompt_template == "chat" else head.prompt_template
         turns = np.array([turn_tokens(tokenizer, views.format_prompt(row["prompt"], template), row[f"response_{i}"])
                           for row in rows for i in (0, 1)])
-        per_seed[seed] = analyse(scores, rows, turns, float(head.threshold))
+        per_seed[seed] = analyse(scores, arrays, rows, turns, float(head.threshold))
     summary = summarize(per_seed)
     result = {"seeds": args.seeds, "per_seed": per_seed,
               "mean": {k: v[0] for k, v in summary.items()}, "std": {k: v[1] for k, v in summary.items()}}

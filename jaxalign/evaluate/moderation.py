@@ -50,10 +50,11 @@ log = logging.getLogger(__name__)
 def make_scorer(module, mesh: jax.sharding.Mesh, rules):
     """A scorer with one jitted forward (compiled once per shape):
 
-    scorer(params, arrays, *, batch_size, threshold=0.5, max_batches=-1) -> dict of numpy:
+    scorer(params, arrays, *, batch_size, threshold=0.5, max_batches=-1, per_token=False) -> dict of numpy:
       unsafe [n], categories [n, C], severity [n, S] (end-token probabilities) and, when arrays
       has response_mask, first_flag [n] int32 (offset of the first response token with
-      P(unsafe) >= threshold, -1 if none) and response_length [n].
+      P(unsafe) >= threshold, -1 if none) and response_length [n]; with per_token, stream [n, L]:
+      the streaming head's P(unsafe | prefix) at every position (0 off the response).
     arrays: input_ids, attention_mask [N, L] (+ response_mask). The last batch is completed with
     copies of the last row (dropped), so every row is scored once at one static shape.
     """
@@ -70,12 +71,13 @@ def make_scorer(module, mesh: jax.sharding.Mesh, rules):
             "severity": jax.nn.softmax(out.end_severity_logits, axis=-1),
             "first_flag": jnp.where(jnp.any(flagged, axis=1), first, -1),
             "response_length": jnp.sum(response_mask.astype(jnp.int32), axis=1),
+            "stream": jnp.where(response_mask, jax.nn.sigmoid(out.unsafe_logits), 0.0),
         }
 
     jitted = jax.jit(forward, out_shardings=mesh_lib.replicated(mesh))
 
     def scorer(params, arrays: dict[str, np.ndarray], *, batch_size: int, threshold: float = 0.5,
-               max_batches: int = -1) -> dict[str, np.ndarray]:
+               max_batches: int = -1, per_token: bool = False) -> dict[str, np.ndarray]:
         total = len(arrays["input_ids"])
         num_batches = -(-total // batch_size)
         if max_batches >= 0:
@@ -96,6 +98,8 @@ def make_scorer(module, mesh: jax.sharding.Mesh, rules):
         scores = {key: np.concatenate(value) for key, value in parts.items()}
         if not stream:
             scores.pop("first_flag"), scores.pop("response_length")
+        if not (stream and per_token):
+            scores.pop("stream")
         return scores
 
     return scorer
@@ -342,8 +346,9 @@ def add_arguments(parser) -> None:
 
 def score_split(model_dir: str, data: str, split: str, mesh, rules, *, name: str = "default", tokenizer_dir: str = "",
                 max_length: int = 0, batch_size: int = 16, dtype: str = "float32", param_dtype: str = "float32",
-                prepared_dir: str = ""):
-    """Every QA answer of a release split scored by a moderation export at its saved threshold.
+                prepared_dir: str = "", per_token: bool = False):
+    """Every QA answer of a release split scored by a moderation export at its saved threshold
+    (per_token: also the streaming head's per-position P(unsafe), make_scorer's "stream").
 
     -> (scores of make_scorer, the tokenized QA arrays, the release rows, the ModerationHead, the
     split's read report); the answers are views.qa_examples' order (response_0, response_1 per row).
@@ -364,7 +369,7 @@ def score_split(model_dir: str, data: str, split: str, mesh, rules, *, name: str
     shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
     batch_size = -(-max(1, batch_size) // shards) * shards
     scores = make_scorer(model.module, mesh, rules)(model.params, arrays, batch_size=batch_size,
-                                                    threshold=head.threshold)
+                                                    threshold=head.threshold, per_token=per_token)
     return scores, arrays, rows, head, source_report
 
 
