@@ -107,14 +107,14 @@ for seed in $SEEDS; do
       multi_lag) train multi_lag configs/multi_lag_tiny.py "$dir" "${RL[@]}" "${MODERATION[@]}" ;;
       ppo_lag_moderation) train ppo_lag_moderation configs/ppo_lag_moderation_tiny.py "$dir" "${RL[@]}" "${MODERATION[@]}" ;;
       ppo_lag_moderation_end) train ppo_lag_moderation_end configs/ppo_lag_moderation_tiny.py "$dir" "${RL[@]}" \
-                                "${MODERATION[@]}" --config.rl.cost_per_token=false ;;
+                                "${MODERATION[@]}" --config.rl.ppo_lag.cost_per_token=false ;;
       *) echo "hard.sh: unknown method $method" >&2; exit 2 ;;
     esac
     judge "$method" "$dir" "$seed"
   done
   for nu in $NUS; do
     step "seed $seed: reward shaping nu = $nu"
-    train "shaping_nu$nu" configs/ppo_reward_shaping_tiny.py "$dir" "${RL[@]}" "${COST[@]}" --config.rl.lambda_init="$nu"
+    train "shaping_nu$nu" configs/ppo_reward_shaping_tiny.py "$dir" "${RL[@]}" "${COST[@]}" --config.rl.ppo_reward_shaping.nu="$nu"
     judge "shaping_nu$nu" "$dir" "$seed"
   done
 done

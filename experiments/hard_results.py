@@ -57,17 +57,31 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def _thresholds(config: dict) -> dict[str, float]:
+    """{episode-cost metric: threshold} of a constrained RL run's config.json: "episode_cost" of
+    ppo_lag / safe_grpo (rl.<stage>.threshold, or rl.threshold in runs from before the per-algorithm
+    groups), "episode_cost/<name>" per multi_lag constraint ("name<=threshold[;key=value]", comma-joined)."""
+    rl = config.get("rl", {})
+    group = rl.get(config.get("stage", ""), {})
+    constraints = group.get("constraints", rl.get("constraints", "")) if isinstance(group, dict) else ""
+    if constraints:
+        pairs = (part.split(";")[0].split("<=") for part in constraints.split(","))
+        return {f"episode_cost/{name.strip()}": float(value) for name, value in pairs}
+    threshold = group.get("threshold", rl.get("threshold")) if isinstance(group, dict) else rl.get("threshold")
+    return {} if threshold is None else {"episode_cost": float(threshold)}
+
+
 def constraint_met_at(workdir: pathlib.Path) -> float:
-    """The first iteration whose episode cost (the window mean lambda compares, metrics "episode_cost")
-    is at most config.rl.threshold; NaN when the run has no such metric or never meets it."""
+    """The first iteration whose episode costs (the window means lambda compares) are all at most
+    their thresholds; NaN when the run has none (unconstrained) or never meets them."""
     from jaxalign.train.metrics import read_metrics
 
     config = workdir / "config.json"
-    if not config.exists():
+    thresholds = _thresholds(json.loads(config.read_text())) if config.exists() else {}
+    if not thresholds:
         return float("nan")
-    threshold = json.loads(config.read_text())["rl"]["threshold"]
     for record in read_metrics(workdir):
-        if "episode_cost" in record and record["episode_cost"] <= threshold:
+        if all(key in record and record[key] <= value for key, value in thresholds.items()):
             return float(record["step"])
     return float("nan")
 

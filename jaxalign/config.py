@@ -20,6 +20,7 @@ beside a config cannot shadow a library. `from configs import base` resolves to 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import fnmatch
 import importlib.util
 import json
@@ -206,6 +207,22 @@ def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_c
     return config
 
 
+def mesh_settings(path: str | pathlib.Path = "", overrides: Sequence[str] = ()):
+    """config.mesh of a config file (with `--config.*` overrides) as typed
+    parallel.mesh.MeshSettings; the default settings (every device, FSDP) without a file. For
+    commands that take --config only to place their models."""
+    from jaxalign.parallel import mesh as mesh_lib
+
+    if not path:
+        return mesh_lib.MeshSettings()
+    mesh = load_config(path, overrides).mesh
+    fields = [field.name for field in dataclasses.fields(mesh_lib.MeshSettings)]
+    missing = [name for name in fields if name not in mesh]
+    if missing:
+        raise ConfigError(f"{path}: config.mesh has no {', '.join(missing)}")
+    return mesh_lib.MeshSettings(**{name: mesh[name] for name in fields})
+
+
 def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted key, value) of every leaf; tuple/list elements get `key[i]`."""
     if isinstance(node, (ml_collections.ConfigDict, dict)):
@@ -243,7 +260,6 @@ POSITIVE_INT_FIELDS = (
     "rl.max_new_tokens",
     "rl.ppo_epochs",
     "rl.num_minibatches",
-    "rl.episode_cost_window_size",
 )
 
 # Integer fields that must be >= 0.
@@ -320,6 +336,34 @@ SAFE_CONFIG_CHANGES = (
 
 _ABSENT = "<absent>"
 
+# Fields moved into an algorithm's group (config.rl.<algorithm>) since earlier runs wrote their
+# config.json: {old key: {config.stage: new key}}. check_config_change reads an earlier run's
+# config.json through this table, so a resumed run compares like with like; a moved field that its
+# run's stage never read (rl.threshold of a ppo run) is dropped.
+_LAGRANGIAN = ("ppo_lag", "safe_grpo", "multi_lag")
+MOVED_FIELDS = {
+    "rl.threshold": {stage: f"rl.{stage}.threshold" for stage in ("ppo_lag", "safe_grpo")},
+    "rl.lambda_init": {**{stage: f"rl.{stage}.lambda_init" for stage in _LAGRANGIAN},
+                       "ppo_reward_shaping": "rl.ppo_reward_shaping.nu"},
+    **{f"rl.{name}": {stage: f"rl.{stage}.{name}" for stage in _LAGRANGIAN}
+       for name in ("lambda_lr", "lambda_max", "lambda_update_delay_steps", "episode_cost_window_size")},
+    "rl.cost_per_token": {stage: f"rl.{stage}.cost_per_token" for stage in ("ppo_lag", "multi_lag")},
+    "rl.constraints": {"multi_lag": "rl.multi_lag.constraints"},
+}
+
+
+def _with_moved_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A flattened earlier config.json with its MOVED_FIELDS under their current keys."""
+    stage = saved.get("stage")
+    current = {}
+    for key, value in saved.items():
+        if key in MOVED_FIELDS:
+            key = MOVED_FIELDS[key].get(stage)
+            if key is None:
+                continue
+        current[key] = value
+    return current
+
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
@@ -340,6 +384,7 @@ def check_config_change(
     """Compares `config` with the config.json of an earlier run; returns the changes as
     `"key: old -> new"` (empty when nothing changed or no file exists).
 
+    The earlier run's fields that moved since (MOVED_FIELDS) are compared under their current keys.
     Changes to SAFE_CONFIG_CHANGES fields are logged. Any other change (batch size, seed,
     learning rate, data, model, ...) would resume a different run: ConfigError naming every such
     field, unless `allow` (then each is logged as a warning).
@@ -353,7 +398,7 @@ def check_config_change(
         raise ConfigError(f"{path} is not valid JSON ({error}); move it away to start this workdir afresh") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(saved).__name__}")
-    old = _flatten(saved)
+    old = _with_moved_fields(_flatten(saved))
     new = _flatten(json.loads(config_to_json(config)))
     changes, refused = [], []
     for key in sorted(old.keys() | new.keys()):

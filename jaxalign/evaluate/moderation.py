@@ -375,9 +375,9 @@ def score_split(model_dir: str, data: str, split: str, mesh, rules, *, name: str
 
 def evaluate(args) -> dict:
     """Scores every QA answer of the split with the saved threshold; writes the files; -> report."""
-    from jaxalign.evaluate.commands import mesh_from_args
+    from jaxalign import config as config_lib
 
-    mesh, rules = mesh_from_args(args)
+    mesh, rules = mesh_lib.mesh_and_rules(config_lib.mesh_settings(args.config, args.extra_args))
     scores, arrays, _, head, source_report = score_split(
         args.model, args.data, args.split, mesh, rules, name=args.name, tokenizer_dir=args.tokenizer,
         max_length=args.max_length, batch_size=args.batch_size, dtype=args.dtype, param_dtype=args.param_dtype,
