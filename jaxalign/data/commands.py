@@ -1,6 +1,6 @@
 """`jaxalign data ...`: mini, validate, stats, prepare.
 
-    jaxalign data mini --out DIR [--rows N --seed S --noise P] [--overwrite]
+    jaxalign data mini --out DIR [--variant mini|hard] [--rows N --seed S --noise P] [--overwrite]
     jaxalign data validate DIR [--config NAME] [--lenient] [--no-sha256]
     jaxalign data stats DIR [--config NAME] [--json] [--plot out.png] [--overwrite]
     jaxalign data prepare --source DIR --data-dir CACHE [--config NAME ...] [--lenient] [--overwrite]
@@ -163,6 +163,9 @@ def add_arguments(parser) -> None:
 
     p = sub.add_parser("mini", help="write the generated mini dataset in the release layout")
     p.add_argument("--out", required=True)
+    p.add_argument("--variant", default="mini", choices=("mini", "hard"),
+                   help="mini (jaxalign/data/mini.py) or hard: + look-alike benign requests, answers that turn "
+                        "unsafe late, test-only phrasings (jaxalign/data/hard.py)")
     p.add_argument("--rows", type=int, default=3000, help="rows over all subsets and splits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=0.02, help="probability of flipping each preference id")
@@ -197,11 +200,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     command = args.data_command
     if command == "mini":
-        from jaxalign.data import mini
+        from jaxalign.data import hard, mini
 
+        write = hard.write_hard if args.variant == "hard" else mini.write_mini
         with files.atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-            counts = mini.write_mini(tmp, rows=args.rows, seed=args.seed, noise=args.noise)
-        print(json.dumps({"out": args.out, "rows": counts}, indent=1))
+            counts = write(tmp, rows=args.rows, seed=args.seed, noise=args.noise)
+        print(json.dumps({"out": args.out, "variant": args.variant, "rows": counts}, indent=1))
         return 0
     try:
         if command == "validate":

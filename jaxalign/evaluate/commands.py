@@ -18,7 +18,8 @@ and the parameters are FSDP-sharded over all devices.
 
 judge: samples a policy on the mini dataset's test prompts and classifies every answer exactly
 (jaxalign/evaluate/judge.py): harmful, severe, safe-alternative, over-refusal, helpful and broken
-rates, per harm category; OUT/judge.json, OUT/answers.jsonl, OUT/judge.png.
+rates, per harm category and per slice (in-distribution, held-out phrasing, look-alike, late-turning
+on the hard variant); OUT/judge.json, OUT/answers.jsonl, OUT/judge.png.
 arena (`jaxalign arena`, jaxalign/evaluate/arena.py): policies answer the same prompts, judged by the
 reward and cost models and, on mini prompts, by the exact judge; CSV per pair, arena.json, arena.png.
 """
@@ -185,14 +186,15 @@ def _run_judge(args) -> int:
     texts = judge.sample_answers(policy, prompts, settings)
     asked = [p for p in prompts for _ in range(settings.samples_per_prompt)]
     labels = [judge.classify(text, prompt) for text, prompt in zip(texts, asked)]
-    rates = judge.judge_rates(asked, labels)
+    rates = judge.judge_rates(asked, labels, texts)
     rates["model"] = args.model
     if jax.process_index() == 0:
         with files.atomic_dir(args.out, overwrite=args.overwrite) as tmp:
             written = judge.write_judge_report(tmp, asked, texts, labels, rates,
                                                title=args.label or pathlib.Path(args.out).name)
         log.info("wrote %s", ", ".join(f"{args.out}/{name}" for name in written))
-    print(json.dumps({k: v for k, v in rates.items() if k != "per_category"}, indent=2, sort_keys=True))
+    print(json.dumps({k: v for k, v in rates.items() if k not in ("per_category", "slices")}, indent=2,
+                     sort_keys=True))
     return 0
 
 

@@ -76,6 +76,8 @@ def add_tokenizer_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output tokenizer dir")
     parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocab size incl. the 4 special tokens")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
+    parser.add_argument("--split", action="append", default=None, choices=("train", "test"),
+                        help="split(s) whose texts train the tokenizer (repeatable; default: train and test)")
 
 
 def run_tokenizer(args) -> int:
@@ -83,7 +85,7 @@ def run_tokenizer(args) -> int:
 
     files.check_new(args.out, args.overwrite)
     with files.atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        tokenizer = train_bpe_tokenizer(release_texts(args.data), args.vocab_size, tmp)
+        tokenizer = train_bpe_tokenizer(release_texts(args.data, splits=args.split), args.vocab_size, tmp)
     print(f"wrote {args.out}: vocab {len(tokenizer)}, bos={tokenizer.bos_token_id} eos={tokenizer.eos_token_id} "
           f"unk={tokenizer.unk_token_id} pad={tokenizer.pad_token_id}")
     return 0
