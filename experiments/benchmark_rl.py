@@ -103,10 +103,11 @@ def cpu_iterations(size: str, iterations: int) -> dict:
 
     from jaxalign.parallel import mesh as mesh_lib
     from jaxalign.rl import algorithms, iteration, steps
+    from jaxalign.rl.algorithms.ppo_lag import PPOLagSettings
 
     model, batch, prompt, new = SIZES[size]
-    algorithm = algorithms.make("ppo_lag", has_cost_model=True)
-    settings = rl_settings(prompt_length=prompt, max_new_tokens=new, ptx_coeff=1.0, episode_cost_window_size=32)
+    algorithm = algorithms.make("ppo_lag", has_cost_model=True, settings=PPOLagSettings(episode_cost_window_size=32))
+    settings = rl_settings(prompt_length=prompt, max_new_tokens=new, ptx_coeff=1.0)
     mesh, rules = _mesh(1)
     programs = {}
     for name, stack_roles in VARIANTS.items():

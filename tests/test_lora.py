@@ -200,7 +200,7 @@ def test_lora_critics_start_as_the_full_critics_and_train_only_adapters_and_head
     response = settings.max_new_tokens
     per_token = lambda value: {s: jnp.full((8, response), value) for s in algorithm.critics}  # noqa: E731
     exp = rollout.Experience(input_ids=ids, attention_mask=mask, response_mask=jnp.ones((8, response), bool),
-                             old_log_probs=jnp.full((8, response), -1.0),
+                             old_log_probs=jnp.full((8, response), -1.0), ref_log_probs=jnp.full((8, response), -1.0),
                              advantages={s: jnp.ones((8, response)) for s in algorithm.streams},
                              values=per_token(0.0), returns=per_token(1.0))
     with mesh_lib.sharding_context(mesh, rules):

@@ -32,7 +32,7 @@ from jaxalign.models import loading, lora
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.plan import flops as flops_lib
 from jaxalign.plan import steps as steps_lib
-from jaxalign.rl import roles, rollout, steps
+from jaxalign.rl import roles, steps
 from jaxalign.rl.algorithms.base import Algorithm
 from jaxalign.rl.settings import RLSettings
 
@@ -154,12 +154,7 @@ def rl_steps(plan: RLPlan, mesh, rules, stack_roles: bool = False) -> list[steps
     rows = plan.batch_size * settings.num_return_sequences
     prompt, new, length = settings.prompt_length, settings.max_new_tokens, settings.sequence_length
     mb_rows, ptx_rows = rows // settings.num_minibatches, plan.batch_size // settings.num_minibatches
-    per_token = lambda names: {name: array((mb_rows, new), jnp.float32) for name in names}  # noqa: E731
-    exp = rollout.Experience(
-        input_ids=array((mb_rows, length), jnp.int32), attention_mask=array((mb_rows, length), jnp.bool_),
-        response_mask=array((mb_rows, new), jnp.bool_), old_log_probs=array((mb_rows, new), jnp.float32),
-        advantages=per_token(algorithm.streams), values=per_token(algorithm.critics),
-        returns=per_token(algorithm.critics))
+    exp = steps.abstract_experience(algorithm, mb_rows, length, new, mesh_lib.batch_sharding(mesh, 2))
     ptx = None
     if settings.ptx_coeff > 0:
         ptx = {"input_ids": array((ptx_rows, length), jnp.int32), "attention_mask": array((ptx_rows, length), jnp.bool_),

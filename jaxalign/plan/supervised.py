@@ -38,7 +38,8 @@ def batch_keys(kind: str) -> dict[str, tuple[Any, tuple]]:
     sides = {"preference": ("better", "worse"), "safety_preference": ("safer", "unsafer")}.get(kind)
     if sides is None:
         raise ValueError(f"unknown batch kind {kind!r}")
-    keys = {f"{side}_{name}": (dtype, ("L",)) for side in sides for name, dtype in _SEQUENCE.items()}
+    keys = {f"{side}_{name}": (dtype, ("L",)) for side in sides
+            for name, dtype in {**_SEQUENCE, "response_mask": jnp.bool_}.items()}
     if kind == "safety_preference":
         keys.update({f"{side}_sign": (jnp.int32, ()) for side in sides})
     return keys

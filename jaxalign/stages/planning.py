@@ -10,7 +10,7 @@ compiler. Model shapes: config.model.init_path's config.json when it exists, els
 config.model.hf_config; the vocabulary of config.tokenizer (or init_path) when it exists. A score
 role whose export does not exist yet (rl.reward_model_path, ...) takes the actor's architecture
 (as a reward model trained from the SFT policy has); a cost model that a moderation signal or
-rl.cost_per_token reads is then a moderation model. Data-dependent values that do not change the
+the algorithm's per-token costs (config.rl.ppo_lag.cost_per_token) read is then a moderation model. Data-dependent values that do not change the
 program (moderation's per-category positive weights) are placeholders.
 """
 
@@ -32,10 +32,8 @@ from jaxalign.evaluate import scores as scores_lib
 from jaxalign.models import hf, loading, lora
 from jaxalign.models import moderation as moderation_model
 from jaxalign.models import score
-from jaxalign.objectives import dpo as dpo_lib
-from jaxalign.objectives import lagrange as lagrange_lib
 from jaxalign.objectives import moderation as moderation_objective
-from jaxalign.objectives import preference, sft
+from jaxalign.objectives import pairwise, preference, sft
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.plan import chips, flops, report, search as search_lib, supervised
 from jaxalign.plan import rl as rl_plan
@@ -43,6 +41,7 @@ from jaxalign.plan import steps as steps_lib
 from jaxalign.rl import algorithms
 from jaxalign.rl.settings import RLSettings
 from jaxalign.stages import STAGES, common
+from jaxalign.stages import dpo as dpo_stage
 from jaxalign.stages import moderation as moderation_stage
 from jaxalign.stages import rl as rl_stage
 from jaxalign.stages import score as score_stage
@@ -114,14 +113,15 @@ def _optimizer(config):
 
 
 def _supervised(config, mesh, rules, *, kind, loss_fn, eval_fn, eval_args, init_fn, frozen=None, extra=None,
-                passes_per_row, eval_passes_per_row):
-    """The train and eval steps of a supervised stage."""
+                passes_per_row, eval_passes_per_row, sequences=1):
+    """The train and eval steps of a supervised stage (sequences: the model's sequences per batch row,
+    e.g. 2 for a preference pair)."""
     batch_size = common.check_batch_size(config, mesh)
     length, accum = int(config.data.max_length), int(config.train.grad_accum_steps)
     tx = _optimizer(config)
     abstract = state_lib.abstract_train_state(init_fn, tx, mesh, rules, extra)
     batch = supervised.batch_spec(kind, batch_size, length, mesh)
-    rows = batch_size * (2 if kind in ("preference", "safety_preference") else 1)
+    rows = batch_size * sequences
     out = [supervised.train_step(loss_fn, tx, accum, abstract, batch, frozen, tokens=rows * length * accum,
                                  passes=[dataclasses.replace(p, tokens=p.tokens * batch_size * accum)
                                          for p in passes_per_row],
@@ -129,7 +129,7 @@ def _supervised(config, mesh, rules, *, kind, loss_fn, eval_fn, eval_args, init_
     if config.data.eval_split and eval_fn is not None:
         eval_size = common.check_batch_size(config, mesh, "eval_batch_size")
         args = eval_args(abstract, supervised.batch_spec(kind, eval_size, length, mesh), eval_size)
-        eval_rows = eval_size * (2 if kind in ("preference", "safety_preference") else 1)
+        eval_rows = eval_size * sequences
         out.append(supervised.eval_step(eval_fn, args, tokens=eval_rows * length,
                                         passes=[dataclasses.replace(p, tokens=p.tokens * eval_size)
                                                 for p in eval_passes_per_row],
@@ -179,39 +179,31 @@ def score_steps(config, mesh, rules, cfg):
                        eval_passes_per_row=[_row_pass(counts, 2, length, "forward")])
 
 
-def dpo_steps(config, mesh, rules, cfg):
-    from jaxalign.rl import roles
-
-    group, stage = config.dpo, config.stage
+def pairwise_steps(config, mesh, rules, cfg):
+    """The train / eval steps of a method of objectives/pairwise.py (config.stage), as stages/dpo.py builds them."""
+    method = pairwise.method(config.stage)
+    settings = dpo_stage.method_settings(config, method)
     module = models.causal_lm(cfg)
-    frozen = {"reference": loading.abstract_params(module, mesh, rules)}
-    counts, length = _counts(module, mesh, rules), int(config.data.max_length)
-    score_fns, extra, scorer_passes = None, {}, []
-    if stage == "c_dpo":
-        score_fns = {}
-        for role in ("reward", "cost"):
-            scorer, _ = score_module(config, group[f"{role}_model_path"], role, cfg)
-            score_fns[role] = roles.score_role_fn(scorer, None, role)
-            frozen[role] = loading.abstract_params(scorer, mesh, rules)
-            scorer_passes.append(_row_pass(_counts(scorer, mesh, rules), 2, length, "forward"))
-        extra = {"lagrange": lagrange_lib.init_lagrange(float(group.lambda_init), int(group.episode_cost_window_size))}
-    policy = roles.policy_fn(cfg)
-    lambda_max = float(group.lambda_max) if group.lambda_max > 0 else None
-    loss_fn = dpo_lib.make_loss_fn(policy, stage, float(group.beta), float(group.safety_margin), score_fns,
-                                   float(group.threshold), float(group.lambda_lr), lambda_max)
-    metrics_fn = dpo_lib.make_metrics_fn(policy, stage, float(group.beta), float(group.safety_margin), score_fns)
-
-    def loss_and_metrics(params, batch, extra, frozen):  # as stages/dpo.py evaluates
-        loss, metrics = metrics_fn(params, batch, extra, frozen)
-        return dict(metrics, loss=loss)
-
-    reference = _row_pass(counts, 2, length, "forward")
-    kind = "safety_preference" if stage == "safe_dpo" else "preference"
-    return _supervised(config, mesh, rules, kind=kind, loss_fn=loss_fn, eval_fn=jax.jit(loss_and_metrics),
+    counts, length, sides = _counts(module, mesh, rules), int(config.data.max_length), len(method.sides)
+    frozen, score_fns, frozen_passes = {}, {}, []
+    for role in method.scorers:
+        if role == "reference":  # the initial policy, a separate copy
+            frozen[role] = loading.abstract_params(module, mesh, rules)
+            frozen_passes.append(_row_pass(counts, sides, length, "forward"))
+            continue
+        scorer, _ = score_module(config, getattr(settings, f"{role}_model_path"), role, cfg)
+        score_fns[role] = pairwise.score_fn(scorer, None, role)
+        frozen[role] = loading.abstract_params(scorer, mesh, rules)
+        frozen_passes.append(_row_pass(_counts(scorer, mesh, rules), sides, length, "forward"))
+    policy = pairwise.policy_fn(cfg)
+    loss_fn = pairwise.make_loss_fn(method, settings, policy, score_fns)
+    eval_fn = jax.jit(pairwise.make_eval_metrics_fn(method, settings, policy, score_fns))
+    return _supervised(config, mesh, rules, kind=method.batch_kind, loss_fn=loss_fn, eval_fn=eval_fn,
                        eval_args=lambda state, batch, _: (state.params, batch, state.extra, frozen),
-                       init_fn=loading.init_fn(module), frozen=frozen, extra=extra,
-                       passes_per_row=[_row_pass(counts, 2, length, "train"), reference, *scorer_passes],
-                       eval_passes_per_row=[_row_pass(counts, 2, length, "forward"), reference, *scorer_passes])
+                       init_fn=loading.init_fn(module), frozen=frozen, extra=method.init_extra(settings),
+                       passes_per_row=[_row_pass(counts, sides, length, "train"), *frozen_passes],
+                       eval_passes_per_row=[_row_pass(counts, sides, length, "forward"), *frozen_passes],
+                       sequences=sides)
 
 
 def moderation_steps(config, mesh, rules, cfg, tokenizer=None):
@@ -237,26 +229,21 @@ def moderation_steps(config, mesh, rules, cfg, tokenizer=None):
 
 def rl_steps(config, mesh, rules, cfg):
     rl = config.rl
-    constraints, signals = rl_stage.parse_constraints(config, check_paths=False)
-    algorithm = algorithms.make(config.stage, has_cost_model=bool(rl.cost_model_path), constraints=constraints)
+    algorithm = algorithms.make(config.stage, has_cost_model=bool(rl.cost_model_path),
+                                settings=algorithms.settings_from_group(config.stage, rl))
     settings = RLSettings.from_group(rl)
-    batch_size = common.check_batch_size(config, mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % (settings.num_minibatches * shards):
-        raise ValueError(f"config.data.batch_size {batch_size} must split into rl.num_minibatches="
-                         f"{settings.num_minibatches} minibatches that each divide over the {shards} batch shards")
-    moderated = bool(rl.cost_per_token or rl.cost_signal != "unsafe" or signals)
-    signal_of = {"cost": rl.cost_signal, **dict(signals)}
+    paths = rl_stage.role_paths(config, algorithm, settings, check=bool(_export(rl.cost_model_path)))
+    batch_size = rl_stage.check_minibatches(config, settings, mesh)
+    # the roles that read a moderation model: per-token costs, another signal, multi_lag's constraints
+    moderated = set(algorithm.token_streams(settings)) | ({"cost"} if rl.cost_signal != "unsafe" else set())
+    moderated |= set(dict(algorithm.moderation_signals))
     scorers = {}
     for role in algorithm.roles:
         if role in ("actor", "reference"):
             continue
         base = role[: -len("_critic")] if role.endswith("_critic") else role
-        path = rl.cost_model_path if base in signal_of else rl.get(f"{base}_model_path", "")
-        if role.endswith("_critic"):
-            path = rl.get(f"{role}_model_path", "") or path
-        module, is_moderation = score_module(config, path, role, cfg, moderation=moderated and base in signal_of)
-        signal = signal_of.get(role, "unsafe") if is_moderation and not role.endswith("_critic") else ""
+        module, is_moderation = score_module(config, paths.path(role), role, cfg, moderation=base in moderated)
+        signal = paths.signal(role) if is_moderation and not role.endswith("_critic") else ""
         scorers[role] = rl_plan.ScoreRole(module, signal)
     plan = rl_plan.RLPlan(algorithm=algorithm, settings=settings,
                           optimizers=rl_stage.make_optimizers(config, SCHEDULE_STEPS), actor_cfg=cfg, scorers=scorers,
@@ -266,8 +253,8 @@ def rl_steps(config, mesh, rules, cfg):
     return rl_plan.rl_steps(plan, mesh, rules)
 
 
-_BUILDERS = {"sft": sft_steps, "reward": score_steps, "cost": score_steps, "dpo": dpo_steps, "safe_dpo": dpo_steps,
-             "c_dpo": dpo_steps, "moderation": moderation_steps}
+_BUILDERS = {"sft": sft_steps, "reward": score_steps, "cost": score_steps, "moderation": moderation_steps,
+             **dict.fromkeys(pairwise.METHODS, pairwise_steps)}
 SUPERVISED = tuple(_BUILDERS)  # the other stages are RL algorithms
 
 
