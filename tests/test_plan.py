@@ -220,7 +220,8 @@ def test_sft_tiny_plan_reports_memory_cost_chips_and_the_launch(tmp_path, capsys
     assert set(steps) == {"train", "eval"}
     # peak >= the params + AdamW moments each chip holds (the train state, sharded by fsdp)
     config = config_lib.load_config(REPO / "configs/sft_tiny.py")
-    params = jax.eval_shape(lambda: models.init_params(planning.model_config(config), jax.random.PRNGKey(0)))
+    module = models.causal_lm(planning.model_config(config))
+    params = jax.eval_shape(module.init, jax.random.PRNGKey(0), jax.numpy.zeros((1, 1), jax.numpy.int32))
     state_bytes = 3 * sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))  # + 2 moments
     train = steps["train"]
     assert train["peak_bytes"] >= state_bytes / 4 and train["argument_bytes"] >= state_bytes / 4
