@@ -46,30 +46,37 @@ OLD_CPU_GIB = {
 LLAMA2_CHIPS = {"sft_llama2_7b": 32, "reward_llama2_7b": 16, "cost_llama2_7b": 16, "ppo_lag_llama2_7b": 64}
 RL8B_SLICES = ("v5e-16", "v5p-8", "v6e-8")
 LORA16 = ["--config.lora.rank=16", "--config.lora.alpha=32.0"]
+PARTS = ("llama2", "rl8b", "configs", "tiny")
 PLANNED = re.compile(r"^# planned: (\S+), peak GiB per chip: (.+)$", re.M)
 
 
 def cases(parts: list[str]) -> list[tuple[str, str, str, list[str]]]:
-    """(name, config file, topology, overrides) of every case of `parts`."""
+    """(name, config file, topology, overrides) of every case of `parts`, in that order."""
+    return [case for part in parts for case in _cases(part)]
+
+
+def _cases(part: str) -> list[tuple[str, str, str, list[str]]]:
     from jaxalign.plan import chips
 
+    if part not in PARTS:
+        raise ValueError(f"--parts: unknown part {part!r}; valid: {', '.join(PARTS)}")
     out = []
-    if "llama2" in parts:
+    if part == "llama2":
         for config, count in LLAMA2_CHIPS.items():
             for generation in GENERATIONS:
                 topology = chips.smallest_slices(chips.CHIPS[generation], count)[0]
                 out.append((f"{config} {topology.name}", f"configs/{config}.py", topology.name,
                             [f"--config.mesh.fsdp={count}", "--config.mesh.data=1", "--config.mesh.tensor=1",
                              "--config.data.eval_split="]))  # the train step, as the old tables had it
-    if "rl8b" in parts:
+    if part == "rl8b":
         for name, extra in (("lora16", LORA16), ("full", [])):
             for topology in RL8B_SLICES:
                 out.append((f"ppo_lag_llama3_8b {name} {topology}", "configs/ppo_lag_llama3_8b.py", topology,
                             ["--config.mesh.fsdp=-1", *extra]))
-    if "tiny" in parts:
+    if part == "tiny":
         for path in sorted((REPO / "configs").glob("*_tiny.py")):
             out.append((f"{path.stem} v5e-4", f"configs/{path.name}", "v5e-4", []))
-    if "configs" in parts:
+    if part == "configs":
         for path in sorted((REPO / "configs").glob("*_8b.py")):
             match = PLANNED.search(path.read_text())
             if match is None:
@@ -110,7 +117,10 @@ def old_peaks(name: str) -> dict:
     return OLD_CPU_GIB.get(name) or (OLD_CPU_GIB.get(base, {}) if base.endswith("llama2_7b") else {})
 
 
-def print_tables(results: dict) -> None:
+def print_tables(results: dict) -> int:
+    """Prints one line per case; returns the number of 8B configs whose comment's peak differs from the
+    fresh plan by more than 0.01 GiB (or has no number for a step)."""
+    mismatches = 0
     for name, r in results.items():
         old = old_peaks(name)
         planned = planned_peaks(r["config"]) if name.endswith("(planned)") else {}
@@ -120,11 +130,15 @@ def print_tables(results: dict) -> None:
             text = f"{s['name']} {peak:.2f}{'' if s['fits'] else ' (no)'}"
             if s["name"] in old:
                 text += f" [CPU {old[s['name']]:.2f}, {100 * (old[s['name']] - peak) / peak:+.0f}%]"
-            if s["name"] in planned:
-                text += f" [comment {planned[s['name']]:.2f}]"
+            if name.endswith("(planned)"):
+                comment = planned.get(s["name"])
+                ok = comment is not None and abs(comment - round(peak, 2)) <= 0.01
+                mismatches += not ok
+                text += f" [comment {'none' if comment is None else f'{comment:.2f}'}{'' if ok else ' MISMATCH'}]"
             text += f" {s['roofline_s'] * 1e3:.0f} ms {100 * s['mfu']:.0f}% MFU"
             cells.append(text)
         print(f"{name:42s} {r['wall_s']:6.0f} s  " + " | ".join(cells), flush=True)
+    return mismatches
 
 
 def roofline(step: dict) -> str:
@@ -190,11 +204,13 @@ def main() -> int:
                              "steps": [], "wall_s": 0.0}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
-    print_tables({name: r for name, r in results.items() if r.get("steps")})
-    for name, r in results.items():
-        if r.get("error"):
-            print(f"{name}: error: {r['error']}")
-    return 0
+    mismatches = print_tables({name: r for name, r in results.items() if r.get("steps")})
+    errors = [name for name, r in results.items() if r.get("error")]
+    for name in errors:
+        print(f"{name}: error: {results[name]['error']}")
+    if mismatches:
+        print(f"{mismatches} step(s) of the 8B configs differ from their '# planned:' comment")
+    return 1 if mismatches or errors else 0
 
 
 if __name__ == "__main__":

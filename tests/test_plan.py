@@ -183,6 +183,15 @@ def test_h100_needs_the_cuda_plugin(capsys):
 # ------------------------------------------------------------------------------------ every tiny config
 
 
+def test_the_tiny_configs_cover_every_stage():
+    """Every stage (each RL algorithm, each pairwise method) has a tiny config, so the next test plans it."""
+    from jaxalign import config as config_lib
+    from jaxalign.stages import STAGES
+
+    stages = {config_lib.load_config(REPO / "configs" / name).stage for name in TINY_CONFIGS}
+    assert set(STAGES) <= stages, sorted(set(STAGES) - stages)
+
+
 @pytest.mark.parametrize("name", TINY_CONFIGS)
 def test_every_tiny_config_builds_its_steps_for_a_tpu_slice(name):
     """Each stage's steps from abstract inputs on v5e-4's compile-only devices, the update lowered for
