@@ -11,7 +11,7 @@ Mesh: TPU v5p-16 (8 chips on 2 hosts), fsdp=8.
     jaxalign train --config configs/moderation_llama3_8b.py --workdir out/moderation_llama3_8b
 """
 
-# planned: v5p-16, peak GiB per chip: PLANNED_moderation_llama3_8b
+# planned: v5p-16, peak GiB per chip: train 23.75, eval 6.36
 
 import ml_collections
 

@@ -10,7 +10,7 @@ Mesh: TPU v5p-16 (8 chips on 2 hosts), fsdp=8, the state and frozen models fully
     jaxalign train --config configs/ppo_lag_llama3_8b.py --workdir out/ppo_lag_llama3_8b
 """
 
-# planned: v5p-16, peak GiB per chip: PLANNED_ppo_lag_llama3_8b
+# planned: v5p-16, peak GiB per chip: rollout 8.64, scoring 33.30, update 62.26
 
 import ml_collections
 

@@ -5,7 +5,7 @@
     jaxalign train --config configs/ppo_lag_qwen3_8b.py --workdir out/ppo_lag_qwen3_8b
 """
 
-# planned: v5p-16, peak GiB per chip: PLANNED_ppo_lag_qwen3_8b
+# planned: v5p-16, peak GiB per chip: rollout 9.43, scoring 36.69, update 66.38
 
 import ml_collections
 

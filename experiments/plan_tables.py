@@ -148,24 +148,45 @@ def roofline(step: dict) -> str:
     return f"{step['roofline_s'] * 1e3:.0f} ms ({step['bound']}) | {100 * step['mfu']:.0f}%"
 
 
+def part_of(name: str) -> str:
+    """The part a cached case belongs to (by its name, see `cases`)."""
+    if name.endswith("(planned)"):
+        return "configs"
+    if name.startswith("ppo_lag_llama3_8b "):
+        return "rl8b"
+    return "llama2" if "_llama2_7b " in name else "tiny"
+
+
+TITLES = {"configs": "The 8B configs on the slice each names", "llama2": "The Llama-2-7B paper configs",
+          "rl8b": "Llama-3.1-8B PPO-Lagrangian (configs/ppo_lag_llama3_8b.py, fsdp over every chip), LoRA r16 actor vs none",
+          "tiny": "The tiny configs on v5e-4"}
+
+
 def markdown(results: dict) -> str:
-    """The docs/tpu.md tables of the cached results: peaks per chip (GiB), fits, the old CPU plan and
-    how far off it was ((CPU - TPU) / TPU), the roofline; and the compile times."""
-    lines = ["| case | slice | step | peak GiB/chip | fits | old CPU plan | CPU off by | roofline | MFU |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        old = old_peaks(name)
-        for s in r.get("steps", []):
-            peak = s["peak_bytes"] / GIB
-            cpu = old.get(s["name"])
-            off = f"{100 * (cpu - peak) / peak:+.0f}%" if cpu else ""
-            lines.append(f"| {name.split(' ')[0]}{' ' + name.split(' ')[1] if 'lora' in name or 'full' in name else ''} "
-                         f"| {r['topology']} | {s['name']} | {peak:.2f} | {'yes' if s['fits'] else '**no**'} "
-                         f"| {f'{cpu:.2f}' if cpu else ''} | {off} | {roofline(s)} |")
+    """The docs/tpu.md tables of the cached results, one per part: peaks per chip (GiB), fits, the old
+    CPU plan and how far off it was ((CPU - TPU) / TPU), the roofline; and the compile times."""
+    lines = []
+    for part in PARTS:
+        cases = {name: r for name, r in results.items() if part_of(name) == part}
+        if not cases:
+            continue
+        lines += ["", f"**{TITLES[part]}**", "",
+                  "| case | slice | step | peak GiB/chip | fits | old CPU plan | CPU off by | roofline | MFU |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in cases.items():
+            old = old_peaks(name)
+            label = name.split(" ")[0] + (f" {name.split(' ')[1]}" if part == "rl8b" else "")
+            for s in r.get("steps", []):
+                peak = s["peak_bytes"] / GIB
+                cpu = old.get(s["name"])
+                off = f"{100 * (cpu - peak) / peak:+.0f}%" if cpu else ""
+                lines.append(f"| {label} | {r['topology']} | {s['name']} | {'>= ' if s.get('oom') else ''}{peak:.2f} "
+                             f"| {'yes' if s['fits'] else '**no**'} | {f'{cpu:.2f}' if cpu else ''} | {off} "
+                             f"| {roofline(s)} |")
     times = [(name, r["cpu_s"], r["wall_s"], len(r["steps"])) for name, r in results.items() if r.get("steps")]
     lines += ["", "| case | steps | compile + analysis CPU s | wall s |", "|---|---|---|---|"]
     lines += [f"| {name} | {n} | {cpu:.0f} | {wall:.0f} |" for name, cpu, wall, n in times]
-    return "\n".join(lines)
+    return "\n".join(lines[1:])
 
 
 def main() -> int:
