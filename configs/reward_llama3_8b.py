@@ -9,7 +9,7 @@ Mesh: TPU v5p-16 (8 chips on 2 hosts), fsdp=8, the state and frozen models fully
     jaxalign train --config configs/reward_llama3_8b.py --workdir out/reward_llama3_8b
 """
 
-# planned: v5p-16, peak GiB per chip: PLANNED_reward_llama3_8b
+# planned: v5p-16, peak GiB per chip: train 30.39, eval 7.49
 
 import ml_collections
 

@@ -9,7 +9,7 @@ Mesh: TPU v5p-16 (8 chips on 2 hosts), fsdp=8, the state and frozen models fully
     jaxalign train --config configs/safe_dpo_llama3_8b.py --workdir out/safe_dpo_llama3_8b
 """
 
-# planned: v5p-16, peak GiB per chip: PLANNED_safe_dpo_llama3_8b
+# planned: v5p-16, peak GiB per chip: train 39.91, eval 35.20
 
 import ml_collections
 

@@ -5,7 +5,7 @@
     jaxalign train --config configs/safe_dpo_qwen3_8b.py --workdir out/safe_dpo_qwen3_8b
 """
 
-# planned: v5p-16, peak GiB per chip: PLANNED_safe_dpo_qwen3_8b
+# planned: v5p-16, peak GiB per chip: train 43.24, eval 39.72
 
 import ml_collections
 

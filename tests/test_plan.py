@@ -297,6 +297,33 @@ def test_search_names_the_smallest_slice_that_fits(capsys):
     assert "smallest v5e slice that fits: v5e-1 with --config.mesh.data=1 --config.mesh.fsdp=1 --config.mesh.tensor=1" in out
 
 
+PLANNED = re.compile(r"^# planned: (\S+), peak GiB per chip: (.+)$", re.M)
+
+
+def test_every_8b_config_names_its_slice_and_the_peak_of_each_step():
+    """Each configs/*_{llama3,qwen3}_8b.py names the slice it was planned on (its mesh uses every chip)
+    and the peak GiB per chip of each step its stage compiles. The next test re-plans one step here;
+    experiments/plan_tables.py --parts configs re-plans every step of every one and fails on a difference."""
+    from jaxalign import config as config_lib
+    from jaxalign.plan import chips
+    from jaxalign.stages import planning
+
+    paths = sorted(p for p in (REPO / "configs").glob("*_8b.py") if p.name != "models_8b.py")
+    assert {p.name for p in paths} >= {f"{stage}_{model}_8b.py" for model in ("llama3", "qwen3")
+                                       for stage in ("sft", "reward", "cost", "moderation", "ppo_lag", "safe_dpo")}
+    for path in paths:
+        match = PLANNED.search(path.read_text())
+        assert match, f"{path.name}: no '# planned:' comment"
+        config = config_lib.load_config(path)
+        topology = chips.topology(match.group(1))
+        assert config.mesh.data * config.mesh.fsdp * config.mesh.tensor == topology.chips, path.name
+        steps = [item.split() for item in match.group(2).split(",")]
+        expected = (["rollout", "scoring", "update"] if config.stage not in planning.SUPERVISED
+                    else ["train", "eval"] if config.data.eval_split else ["train"])
+        assert [step for step, _ in steps] == expected, path.name
+        assert all(0 < float(value) <= 0.9 * topology.chip.hbm_gib for _, value in steps), path.name  # fits
+
+
 def test_an_8b_config_matches_its_planned_peak():
     """configs/reward_qwen3_8b.py names the slice it was planned on and the peak of each step; a
     fresh plan of its eval step (Qwen3-8B, 256 x 512 tokens, on v5p-16) gives the same peak
@@ -306,7 +333,7 @@ def test_an_8b_config_matches_its_planned_peak():
     from jaxalign.stages import planning
 
     text = (REPO / "configs/reward_qwen3_8b.py").read_text()
-    topology_name, peaks = re.search(r"^# planned: (\S+), peak GiB per chip: (.+)$", text, re.M).groups()
+    topology_name, peaks = PLANNED.search(text).groups()
     planned = {step: float(value) for step, value in (item.split() for item in peaks.split(","))}
     config = config_lib.load_config(REPO / "configs/reward_qwen3_8b.py")
     topology = chips.topology(topology_name)
