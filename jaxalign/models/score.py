@@ -263,8 +263,8 @@ def read_score_head(config: Mapping[str, Any], where: str = "config.json", **ove
     """The ScoreHead of a score-model config.json dict; `overrides` (e.g. score_type) win."""
     if "score_dim" not in config and "score_dim" not in overrides:
         raise ScoreModelError(
-            f"{where} has no score_dim: not a score model (a plain Llama dir initialises a score "
-            "model through the reward / cost stage's config.model.init_path or init_params_from_llama instead)"
+            f"{where} has no score_dim: not a score model (a causal-LM dir initialises a score "
+            "model through loading.load_backbone_with_head / init_params_from_backbone instead)"
         )
     fields = {f.name: config[f.name] for f in dataclasses.fields(ScoreHead) if f.name in config}
     if fields.get("momentum") is None:
