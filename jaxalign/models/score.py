@@ -1,4 +1,5 @@
-"""Score models (reward, cost, critic): any family's backbone plus a linear score head (spec §3.2).
+"""Score models (reward, cost, critic): any family's backbone plus a linear score head
+(safe-rlhf's safe_rlhf/models/score_model/__init__.py).
 
     model = ScoreModel(cfg)                       # params {"model": BACKBONE, "score_head": {...}}
     out = model.apply({"params": params}, input_ids, attention_mask=mask)
@@ -262,8 +263,8 @@ def read_score_head(config: Mapping[str, Any], where: str = "config.json", **ove
     """The ScoreHead of a score-model config.json dict; `overrides` (e.g. score_type) win."""
     if "score_dim" not in config and "score_dim" not in overrides:
         raise ScoreModelError(
-            f"{where} has no score_dim: not a score model (a plain Llama dir initialises a score "
-            "model through score_stage / init_params_from_llama instead)"
+            f"{where} has no score_dim: not a score model (a causal-LM dir initialises a score "
+            "model through loading.load_backbone_with_head / init_params_from_backbone instead)"
         )
     fields = {f.name: config[f.name] for f in dataclasses.fields(ScoreHead) if f.name in config}
     if fields.get("momentum") is None:
