@@ -154,7 +154,7 @@ def test_param_tree_and_tensor_map(tiny):
     shapes = jax.eval_shape(models.causal_lm(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
     specs = nn.get_partition_spec(shapes)["params"]["model"]["layers"]["self_attn"]
     assert tuple(specs["q_proj"]["bias"]) == ("layers", "heads", "head_dim")
-    if cfg.qk_norm:
+    if cfg.attention_options.qk_norm:
         assert tuple(specs["k_norm"]["scale"]) == ("layers", "head_dim")
     tensors = hf.params_to_hf_tensors(cfg, params)
     assert set(tensors) == set(hf.lm_hf_shapes(cfg))
@@ -164,7 +164,7 @@ def test_param_tree_and_tensor_map(tiny):
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # A Qwen3 checkpoint without its q/k norms is refused, naming the tensors.
-    if cfg.qk_norm:
+    if cfg.attention_options.qk_norm:
         missing = {k: v for k, v in tensors.items() if "q_norm" not in k}
         with pytest.raises(hf.CheckpointError, match=r"missing tensors: \['model.layers.0.self_attn.q_norm.weight'"):
             hf.params_from_hf_tensors(cfg, missing)
@@ -292,7 +292,7 @@ def test_config_round_trip_and_family_choice():
     assert families.config_from_hf(dict(TINY, model_type="qwen2")).head_dim == 8
     # Qwen2 ignores attention_bias, as transformers does: q/k/v biases, no o_proj bias.
     qwen2 = families.config_from_hf(dict(TINY, model_type="qwen2", attention_bias=True))
-    assert (qwen2.qkv_bias, qwen2.attention_bias) == (True, False)
+    assert (qwen2.attention_options.qkv_bias, qwen2.attention_options.o_bias, qwen2.attention_bias) == (True, False, False)
     no_type = families.config_from_hf(TINY)
     assert type(no_type) is llama.LlamaConfig and families.of(no_type).architecture == "LlamaForCausalLM"
     assert isinstance(models.causal_lm(no_type), llama.Llama)
@@ -318,12 +318,14 @@ def test_unsupported_configs_are_one_clear_error(tmp_path, change, words):
     assert words[0] in str(info.value)
 
 
-def test_family_switches_are_checked():
-    with pytest.raises(ValueError, match="qk_norm=True is not part of HF Llama"):
+def test_family_configs_are_checked():
+    # The families own their attention options: Llama's config has no Qwen switch to turn on.
+    with pytest.raises(TypeError, match="qk_norm"):
         llama.LlamaConfig(**TINY, qk_norm=True)
+    assert qwen.Qwen3Config(**TINY).attention_options.qk_norm and not llama.LlamaConfig(**TINY).attention_options.qk_norm
     with pytest.raises(ValueError, match="Qwen2Config.*attention_bias"):
         qwen.Qwen2Config(**TINY, attention_bias=True)
-    with pytest.raises(ValueError, match="Qwen3Config.*qk_norm"):
-        qwen.Qwen3Config(**TINY, qk_norm=False)
+    with pytest.raises(ValueError, match="Qwen3Config.*mlp_bias"):
+        qwen.Qwen3Config(**TINY, mlp_bias=True)
     with pytest.raises(ValueError, match="model_type='qwen2' is not 'llama'"):
         llama.LlamaConfig.from_hf_config(dict(TINY, model_type="qwen2"))

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models.llama import last_true_index
+from jaxalign.models.masks import last_true_index
 from jaxalign.objectives import lagrange as lagrange_lib
 from jaxalign.objectives.common import next_token_log_probs
 

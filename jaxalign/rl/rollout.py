@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.models.llama import last_true_index
+from jaxalign.models.masks import last_true_index
 from jaxalign.objectives import dpo
 from jaxalign.objectives.common import masked_row_mean, next_token_log_probs
 from jaxalign.rl import stacking
