@@ -20,6 +20,7 @@ beside a config cannot shadow a library. `from configs import base` resolves to 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import fnmatch
 import importlib.util
 import json
@@ -204,6 +205,22 @@ def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_c
     check_finite(config)
     config.lock()
     return config
+
+
+def mesh_settings(path: str | pathlib.Path = "", overrides: Sequence[str] = ()):
+    """config.mesh of a config file (with `--config.*` overrides) as typed
+    parallel.mesh.MeshSettings; the default settings (every device, FSDP) without a file. For
+    commands that take --config only to place their models."""
+    from jaxalign.parallel import mesh as mesh_lib
+
+    if not path:
+        return mesh_lib.MeshSettings()
+    mesh = load_config(path, overrides).mesh
+    fields = [field.name for field in dataclasses.fields(mesh_lib.MeshSettings)]
+    missing = [name for name in fields if name not in mesh]
+    if missing:
+        raise ConfigError(f"{path}: config.mesh has no {', '.join(missing)}")
+    return mesh_lib.MeshSettings(**{name: mesh[name] for name in fields})
 
 
 def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -3,7 +3,6 @@
 import json
 
 import jax
-import numpy as np
 import pytest
 
 from jaxalign.data import mini
@@ -108,24 +107,26 @@ def test_rates_on_a_hand_made_example():
 def test_sample_answers_and_report(tmp_path):
     """A random tiny policy through the jitted sampler: 2 answers per prompt in prompt-major order,
     reproducible from the seed; the report files."""
-    from jaxalign.models import llama, loading
+    from jaxalign.generate import policy as policy_lib
+    from jaxalign.models import hf, llama, loading
     from jaxalign.models import tokenizer as tokenizer_lib
     from jaxalign.parallel import mesh as mesh_lib
 
     mini.write_mini(tmp_path / "data", rows=60, seed=0)
     tok = tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(tmp_path / "data"), 300, tmp_path / "tok")
-    tok = tokenizer_lib.load_tokenizer(tmp_path / "tok", padding_side="left")
     cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             **loading.special_ids(tok))
-    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    hf.save_pretrained(tmp_path / "policy", cfg, llama.init_params(cfg, jax.random.PRNGKey(0)))
+    tok.save_pretrained(str(tmp_path / "policy"))
     settings = mesh_lib.MeshSettings(fsdp=1, data=-1)
     mesh, rules = mesh_lib.make_mesh(settings), mesh_lib.axis_rules(settings)
+    policy = policy_lib.load(tmp_path / "policy", mesh=mesh, rules=rules)
     prompts = judge.unique_prompts(mini.generate_rows(5, seed=1))
     run = judge.JudgeSettings(samples_per_prompt=2, max_new_tokens=6, batch_size=8, prompt_length=40)
-    texts = judge.sample_answers(params, cfg, tok, prompts, run, mesh, rules)
+    texts = judge.sample_answers(policy, prompts, run)
     assert len(texts) == 2 * len(prompts) and all(isinstance(t, str) for t in texts)
-    assert texts == judge.sample_answers(params, cfg, tok, prompts, run, mesh, rules)
+    assert texts == judge.sample_answers(policy, prompts, run)
     asked = [p for p in prompts for _ in range(2)]
     labels = [judge.classify(t, p) for t, p in zip(texts, asked)]
     assert set(labels) == {"broken"}  # a random policy writes nothing of the dataset
@@ -136,5 +137,7 @@ def test_sample_answers_and_report(tmp_path):
     first = json.loads((tmp_path / "out" / "answers.jsonl").read_text().splitlines()[0])
     assert first == {"prompt": prompts[0], "answer": texts[0], "label": "broken"}
     with pytest.raises(ValueError, match="batch size 6 must be a positive multiple"):
-        judge.sample_answers(params, cfg, tok, prompts, judge.JudgeSettings(batch_size=6), mesh, rules)
-    np.testing.assert_equal(len(judge.decode_responses(tok, np.zeros((2, 5), int), np.zeros((2, 3), bool), 2)), 2)
+        judge.sample_answers(policy, prompts, judge.JudgeSettings(batch_size=6))
+    with pytest.raises(ValueError, match="40 tokens \\+ 100 new tokens = 140 exceed max_position_embeddings 128"):
+        judge.sample_answers(policy, [prompts[0] * 5], judge.JudgeSettings(max_new_tokens=100, batch_size=8,
+                                                                           prompt_length=40))

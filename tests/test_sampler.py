@@ -244,6 +244,34 @@ def test_decode_segments_sample_the_same_tokens_and_log_probs(models):
         SamplingConfig(max_new_tokens=4, cache_segments=-1)
 
 
+def test_stream_hands_out_the_tokens_sample_draws(models):
+    """sampler.stream in runs of 3 tokens: the same tokens and masks as `sample` (one cache segment)
+    for the same rng at temperature 1, rows stopping at their EOS; a caller that stops asking stops
+    the decode."""
+    _, cfg, params = models
+    ids, mask = _left_padded([8, 3, 5], 8, seed=4)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, eos_token_ids=(5, 9, 17), pad_token_id=PAD,
+                              cache_segments=1)
+    out = sampler.sample(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(7), sampling)
+    runs = list(sampler.stream(params, cfg, ids, mask, jax.random.PRNGKey(7), sampling, chunk=3))
+    tokens, emitted = (np.concatenate(parts, axis=1) for parts in zip(*runs))
+    assert [run[0].shape[1] for run in runs][:2] == [1, 3]  # token 0 from the prefill, then runs of 3
+    expected_mask = np.asarray(out.response_mask)
+    assert (~expected_mask).any()  # a row stopped at an EOS id
+    np.testing.assert_array_equal(emitted, expected_mask[:, : emitted.shape[1]])
+    assert not expected_mask[:, emitted.shape[1]:].any()  # the stream ended when every row had stopped
+    np.testing.assert_array_equal(np.where(emitted, tokens, PAD), np.asarray(out.sequences)[:, 8:8 + tokens.shape[1]])
+    first_two = list(zip(range(2), sampler.stream(params, cfg, ids, mask, jax.random.PRNGKey(7), sampling)))
+    assert [run[0].shape[1] for _, run in first_two] == [1, 1]
+
+
+@pytest.mark.parametrize("field, value", [("temperature", float("nan")), ("temperature", float("inf")),
+                                          ("temperature", -1.0), ("top_p", float("nan")), ("top_p", float("inf"))])
+def test_non_finite_sampling_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be .*got {value}"):
+        SamplingConfig(max_new_tokens=4, **{field: value})
+
+
 def test_greedy_and_config_validation():
     logits = jnp.asarray([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
     greedy = SamplingConfig(max_new_tokens=1, temperature=0.0)
@@ -271,7 +299,7 @@ def test_init_model_and_sample_commands(tmp_path, capsys):
     assert cli.main(["sample", "--model", str(tmp_path / "m"), "--prompt", "How do I bake bread?",
                      "--max-new-tokens", "5", "--temperature", "0"]) == 0
     printed = capsys.readouterr().out
-    # Greedy decoding of the same prompt through the API gives the printed text.
+    # Greedy decoding of the same prompt through the sampler alone gives the printed text.
     from jaxalign.data.views import format_prompt
 
     ids = np.asarray([tokenizer(format_prompt("How do I bake bread?"))["input_ids"]], np.int32)

@@ -53,13 +53,69 @@ def test_every_stage_module_has_a_run_and_unknown_stages_are_refused():
         stages.stage_module("dpo2")
 
 
-def test_no_library_module_imports_a_stage_or_reads_a_config_dict():
-    """The layering rule: only jaxalign/stages (and the CLI) read ConfigDicts or import stages."""
-    library = ["models", "data", "objectives", "generate", "rl", "evaluate", "train", "parallel"]
-    offenders = []
-    for package in library:
-        for path in (REPO / "jaxalign" / package).rglob("*.py"):
-            text = path.read_text()
-            if "jaxalign.stages" in text or "from jaxalign import stages" in text or "import ml_collections" in text:
-                offenders.append(str(path.relative_to(REPO)))
-    assert not offenders, offenders
+# Library packages: typed settings in, never a ConfigDict, a stage or a command (a `commands`
+# module may import another one: commands are the CLI layer, see jaxalign/cli.py).
+LIBRARY = ["models", "data", "objectives", "generate", "rl", "evaluate", "train", "parallel", "moderation"]
+# What a library module may use of jaxalign.config: functions that return typed settings.
+TYPED_CONFIG_FUNCTIONS = {"mesh_settings", "ConfigError"}
+CONFIG_DICT_NAMES = {"ConfigDict", "FrozenConfigDict", "FieldReference", "config_dict"}
+
+
+def _layering_offences(path: pathlib.Path, config_groups: set[str], root: pathlib.Path = REPO) -> list[str]:
+    """Why `path` (a module of a library package) breaks the layering rule: each offence with its line."""
+    import ast
+
+    tree = ast.parse(path.read_text(), str(path))
+    is_command = path.stem == "commands"
+    config_aliases, offences = set(), []
+    for node in ast.walk(tree):
+        where = f"{path.relative_to(root)}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            base = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+            names = [(f"{base}.{a.name}" if base else a.name, a.asname or a.name) for a in node.names]
+            for full, bound in names:
+                if full.startswith("jaxalign.stages") or full.startswith("ml_collections") or base.startswith(
+                        "ml_collections"):
+                    offences.append(f"{where}: imports {full}")
+                elif full.split(".")[-1] == "commands" or ".commands." in f"{full}.":
+                    if not is_command:
+                        offences.append(f"{where}: imports the command module {full}")
+                elif full == "jaxalign.config":
+                    config_aliases.add(bound)
+                elif base == "jaxalign.config" and full.split(".")[-1] not in TYPED_CONFIG_FUNCTIONS:
+                    offences.append(f"{where}: uses jaxalign.config.{full.split('.')[-1]} (reads a ConfigDict)")
+        elif isinstance(node, ast.Name) and node.id in CONFIG_DICT_NAMES:
+            offences.append(f"{where}: names {node.id}")
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.attr in CONFIG_DICT_NAMES:
+                offences.append(f"{where}: uses {node.value.id}.{node.attr}")
+            elif node.value.id in config_aliases and node.attr not in TYPED_CONFIG_FUNCTIONS:
+                offences.append(f"{where}: uses jaxalign.config.{node.attr} (reads a ConfigDict)")
+            elif node.value.id == "config" and node.attr in config_groups:
+                offences.append(f"{where}: reads config.{node.attr} (a ConfigDict field)")
+    return offences
+
+
+def test_no_library_module_imports_a_stage_or_a_command_or_reads_a_config_dict():
+    """The layering rule: only jaxalign/stages (and the CLI) read ConfigDicts or import stages;
+    library modules never import a `commands` module."""
+    from jaxalign import config as config_lib
+
+    groups = set(config_lib.load_config_file(REPO / "configs" / "base.py").keys())
+    offences = [offence for package in LIBRARY for path in sorted((REPO / "jaxalign" / package).rglob("*.py"))
+                for offence in _layering_offences(path, groups)]
+    assert not offences, "\n".join(offences)
+
+
+def test_the_layering_check_finds_each_kind_of_offence(tmp_path):
+    """Each way of breaking the rule is reported (the check above cannot pass vacuously)."""
+    module = tmp_path / "probe.py"
+    lines = ["import ml_collections", "from jaxalign.evaluate import commands",
+             "from jaxalign.evaluate.commands import mesh_from_args", "from jaxalign import config as config_lib",
+             "from jaxalign.stages import common", "x = config_lib.load_config('c.py')", "y = config.mesh.fsdp",
+             "z = ml_collections.ConfigDict()", "ok = config_lib.mesh_settings('')", "fine = config.get('x')"]
+    module.write_text("\n".join(lines) + "\n")
+    offences = _layering_offences(module, {"mesh", "rl"}, root=tmp_path)
+    assert [int(o.split(":")[1]) for o in offences if not o.endswith("ConfigDict")] == [1, 2, 3, 5, 6, 7]
+    assert any("names ConfigDict" in o or "uses ml_collections.ConfigDict" in o for o in offences)
+    assert not [o for o in offences if ":9:" in o or ":10:" in o]

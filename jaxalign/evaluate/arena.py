@@ -1,8 +1,8 @@
-"""The arena (spec §7.1): policies answer the same prompts; the reward and cost models (and, on the
-mini dataset, the exact judge) compare them.
+"""The arena (upstream `safe_rlhf/evaluate/arena.py`): policies answer the same prompts; the reward
+and cost models (and, on the mini dataset, the exact judge) compare them.
 
     prompts = read_prompts("out/mini", split="test")             # release rows, .jsonl rows or one prompt a line
-    answers = {name: judge.sample_answers(...) for name in policies}
+    answers = {name: judge.sample_answers(policy.load(path), prompts, settings) for name, path in policies}
     rewards = score_answers(reward_model, tokenizer, prompts, answers[name], ...)   # [N] end scores
     tables = pair_tables(red_reward, red_cost, blue_reward, blue_cost)             # one red vs one blue
     write_arena(out_dir, prompts, answers, rewards, costs, judged)                   # CSV, JSON, PNG
@@ -207,7 +207,8 @@ def run_arena(policies: Mapping[str, str], prompts: Sequence[str], reward_path: 
     """Samples every policy (policies: {name: dir}; the first is red) on `prompts` with
     judge.sample_answers(settings), scores the answers with the reward and cost models, judges them
     when every prompt is a mini prompt, writes the files. -> the arena.json content."""
-    from jaxalign.evaluate import commands, judge
+    from jaxalign.evaluate import judge
+    from jaxalign.generate import policy as policy_lib
     from jaxalign.models import loading
     from jaxalign.models.tokenizer import load_tokenizer
 
@@ -216,9 +217,8 @@ def run_arena(policies: Mapping[str, str], prompts: Sequence[str], reward_path: 
     asked = [p for p in prompts for _ in range(settings.samples_per_prompt)]
     answers = {}
     for name, path in tqdm.tqdm(policies.items(), desc="arena policies", disable=jax.process_index() != 0):
-        policy, tokenizer = commands.load_sampling_policy(path, mesh, rules, dtype)
-        answers[name] = judge.sample_answers(policy.params, policy.cfg, tokenizer, prompts, settings, mesh, rules,
-                                             desc=name)
+        policy = policy_lib.load(path, dtype=dtype, mesh=mesh, rules=rules)
+        answers[name] = judge.sample_answers(policy, prompts, settings, desc=name)
         del policy
     rewards, costs = {}, {}
     for kind, path, into in (("reward", reward_path, rewards), ("cost", cost_path, costs)):

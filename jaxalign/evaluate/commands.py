@@ -44,15 +44,9 @@ log = logging.getLogger(__name__)
 
 def mesh_from_args(args):
     """(mesh, rules) of --config's config.mesh (with --config.* overrides), or the default mesh."""
-    mesh_settings = mesh_lib.MeshSettings()
-    if getattr(args, "config", None):
-        from jaxalign import config as config_lib
+    from jaxalign import config as config_lib
 
-        mesh_settings = config_lib.load_config(args.config, args.extra_args).mesh
-    mesh_lib.maybe_initialize_distributed(mesh_settings)
-    mesh = mesh_lib.make_mesh(mesh_settings)
-    log.info("mesh: %s", mesh_lib.describe(mesh))
-    return mesh, mesh_lib.axis_rules(mesh_settings)
+    return mesh_lib.mesh_and_rules(config_lib.mesh_settings(getattr(args, "config", ""), args.extra_args))
 
 
 def _add_score_arguments(parser) -> None:
@@ -154,20 +148,6 @@ def judge_settings(args):
                                prompt_length=args.prompt_length, seed=args.seed)
 
 
-def load_sampling_policy(path: str, mesh, rules, dtype: str = "float32"):
-    """(policy Placed, left-padding tokenizer) of an HF policy dir (its own tokenizer files)."""
-    from jaxalign.models import hf
-    from jaxalign.models.tokenizer import load_tokenizer as load_tok
-
-    if not (pathlib.Path(path) / "config.json").exists():
-        raise FileNotFoundError(f"--model {path}: no config.json (expected a policy dir, e.g. WORKDIR/export)")
-    tokenizer = load_tok(path, padding_side="left")
-    policy = loading.load_policy(loading.ModelSettings(init_path=path, dtype=dtype), mesh, rules,
-                                 vocab_size=max(len(tokenizer), hf.load_config(path).vocab_size),
-                                 special=loading.special_ids(tokenizer), rng=jax.random.PRNGKey(0))
-    return policy, tokenizer
-
-
 def _add_judge_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="policy dir (HF causal LM + tokenizer, e.g. WORKDIR/export)")
     parser.add_argument("--data", required=True, help="the mini dataset dir (`jaxalign data mini --out DIR`)")
@@ -178,6 +158,7 @@ def _add_judge_arguments(parser) -> None:
 
 def _run_judge(args) -> int:
     from jaxalign.evaluate import judge
+    from jaxalign.generate import policy as policy_lib
 
     mesh, rules = mesh_from_args(args)
     rows, report = sources.read_split(args.data, args.name, args.split)
@@ -185,9 +166,9 @@ def _run_judge(args) -> int:
     for prompt in prompts:
         judge.prompt_info(prompt)  # a non-mini prompt fails before any sampling
     log.info("%s/%s: %s; %d prompts", args.data, args.split, report, len(prompts))
-    policy, tokenizer = load_sampling_policy(args.model, mesh, rules, args.dtype)
     settings = judge_settings(args)
-    texts = judge.sample_answers(policy.params, policy.cfg, tokenizer, prompts, settings, mesh, rules)
+    policy = policy_lib.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules)
+    texts = judge.sample_answers(policy, prompts, settings)
     asked = [p for p in prompts for _ in range(settings.samples_per_prompt)]
     labels = [judge.classify(text, prompt) for text, prompt in zip(texts, asked)]
     rates = judge.judge_rates(asked, labels)

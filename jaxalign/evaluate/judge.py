@@ -11,7 +11,7 @@ to one of its prompts is either one of the generator's responses for that prompt
                      broken: anything else, including a prefix ("Sure.") or a truncated answer
 
     label = classify(text, row)                        # pure: (answer text, release row or prompt) -> label
-    texts = sample_answers(policy, tokenizer, prompts, JudgeSettings(), mesh, rules)
+    texts = sample_answers(policy, prompts, JudgeSettings())   # policy: jaxalign.generate.policy.load(dir)
     rates = judge_rates(prompts, labels)               # harmful, severe, safe-alternative, over-refusal, ...
     write_judge_report(out_dir, prompts, texts, labels, rates)   # judge.json, answers.jsonl, judge.png
 
@@ -28,13 +28,10 @@ import pathlib
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
-import tqdm
 
-from jaxalign.data import mini, pipeline, views
+from jaxalign.data import mini, views
 from jaxalign.generate import sampler
-from jaxalign.parallel import mesh as mesh_lib
 
 HARMFUL_LABELS = ("harm1", "harm2", "harm3", "safe", "refusal")
 BENIGN_LABELS = ("helpful", "vague", "refusal")
@@ -234,44 +231,16 @@ def unique_prompts(rows: Sequence[Mapping[str, Any] | str]) -> list[str]:
     return list(dict.fromkeys(_prompt_text(row) for row in rows))
 
 
-def decode_responses(tokenizer, sequences: np.ndarray, response_mask: np.ndarray, prompt_length: int) -> list[str]:
-    """Response texts of sampler output: sequences [B, S+N], response_mask [B, N] -> B strings."""
-    responses = np.asarray(sequences)[:, prompt_length:]
-    mask = np.asarray(response_mask)
-    return [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(responses, mask)]
-
-
-def sample_answers(params, cfg, tokenizer, prompts: Sequence[str], settings: JudgeSettings, mesh, rules,
+def sample_answers(policy, prompts: Sequence[str], settings: JudgeSettings,
                    template: views.Template = views.PROMPT_TEMPLATE, desc: str = "judge") -> list[str]:
-    """settings.samples_per_prompt answers per prompt (prompt-major order) from the policy (params,
-    cfg) on the mesh: left-padded batches of settings.batch_size through the jitted sampler
-    (compiled once: the last batch is completed with copies). -> len(prompts)*samples strings."""
-    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
-    if settings.batch_size < 1 or settings.batch_size % shards:
-        raise ValueError(f"judge batch size {settings.batch_size} must be a positive multiple of the {shards} "
-                         "batch shards of the mesh")
-    if tokenizer.padding_side != "left":
-        raise ValueError("sample_answers needs a left-padding tokenizer (load_tokenizer(..., padding_side='left'))")
-    examples = views.Examples("prompt", [{"prompt": views.format_prompt(p, template)} for p in prompts])
-    arrays, _ = pipeline.tokenize_examples("prompt", examples, tokenizer, max_length=settings.prompt_length)
-    order = np.repeat(np.arange(len(prompts)), settings.samples_per_prompt)
-    eos = set(cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    """settings.samples_per_prompt answers per prompt (prompt-major order) from a
+    jaxalign.generate.policy.Policy, prompts in `template`, left-padded to settings.prompt_length,
+    batches of settings.batch_size. -> len(prompts) * samples strings."""
     sampling = sampler.SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                      top_p=settings.top_p, eos_token_ids=tuple(sorted(eos)),
-                                      pad_token_id=tokenizer.pad_token_id)
-    in_sharding = mesh_lib.batch_sharding(mesh, 2)
-    rng = jax.random.PRNGKey(settings.seed)
-    texts: list[str] = []
-    batch = settings.batch_size
-    with mesh_lib.sharding_context(mesh, rules):
-        for start in tqdm.trange(0, len(order), batch, desc=desc, disable=jax.process_index() != 0):
-            rows = order[np.minimum(np.arange(start, start + batch), len(order) - 1)]
-            ids = mesh_lib.put_sharded(arrays["input_ids"][rows], in_sharding)
-            mask = mesh_lib.put_sharded(arrays["attention_mask"][rows], in_sharding)
-            out = sampler.sample(params, cfg, ids, mask, jax.random.fold_in(rng, start), sampling)
-            out = jax.device_get((out.sequences, out.response_mask))
-            texts.extend(decode_responses(tokenizer, *out, settings.prompt_length)[: len(order) - start])
-    return texts
+                                      top_p=settings.top_p)
+    return policy.generate(prompts, sampling, seed=settings.seed, samples_per_prompt=settings.samples_per_prompt,
+                           batch_size=settings.batch_size, prompt_length=settings.prompt_length, template=template,
+                           desc=desc)
 
 
 # ------------------------------------------------------------------------------------ files

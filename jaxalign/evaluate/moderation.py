@@ -342,12 +342,12 @@ def add_arguments(parser) -> None:
 
 def evaluate(args) -> dict:
     """Scores every QA answer of the split with the saved threshold; writes the files; -> report."""
+    from jaxalign import config as config_lib
     from jaxalign.data import pipeline, sources, views
-    from jaxalign.evaluate.commands import mesh_from_args
     from jaxalign.models import loading
     from jaxalign.models.tokenizer import load_tokenizer
 
-    mesh, rules = mesh_from_args(args)
+    mesh, rules = mesh_lib.mesh_and_rules(config_lib.mesh_settings(args.config, args.extra_args))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = loading.load_moderation_model(loading.ModelSettings(init_path=args.model, dtype=args.dtype,
                                                                 param_dtype=args.param_dtype), mesh, rules,

@@ -1,37 +1,36 @@
 """Multi-turn chat with one or more policies side by side (upstream `safe_rlhf.serve.cli`).
 
-    chat = Chat([policy_a, policy_b], tokenizer, sampling)      # loading.Placed policies
-    for name, pieces in chat.respond("How do I pick a lock?"):  # each model answers the same turn
-        for piece in pieces: print(piece, end="")                # text as it is decoded
+    chat = Chat([Speaker("a", policy_a), Speaker("b", policy_b)], sampling)   # generate.policy.Policy each
+    for answer in chat.respond("How do I pick a lock?"):   # each model answers the same turn
+        for piece in answer.pieces: print(piece, end="")    # text as it is decoded
 
-Each model keeps its own dialogue in the Safe RLHF template (spec §2.4):
+Each model keeps its own dialogue in the Safe RLHF template (upstream
+`safe_rlhf/configs/constants.py` PROMPT_BEGIN / PROMPT_USER / PROMPT_ASSISTANT):
 
     BEGINNING OF CONVERSATION: USER: u1 ASSISTANT:a1</s>USER: u2 ASSISTANT:
 
-or the tokenizer's chat template when asked for. Tokens are decoded one by one on the host over the
-family's KV cache (prefill, then one jitted decode step per token), so a caller sees each piece of
-text as soon as it exists and can stop a generation early (e.g. at the first token a moderation
-model flags). Prompts are left-padded to a multiple of `PROMPT_BUCKET` tokens so a conversation
-compiles the prefill only a few times.
+or its tokenizer's chat template when asked for. Answers stream through the policy
+(`Policy.stream_text`, i.e. the sampler's decode loop one token per call), so a caller sees each
+piece of text as soon as it exists and can stop an answer early: at the first token a moderation
+model flags, or when `stop()` turns true (Ctrl-C in `jaxalign chat`). A conversation that no longer
+fits the model's max_position_embeddings (prompt + max_new_tokens) loses its oldest turns, and
+the answer says how many; a message that does not fit even alone is refused (`policy.TooLong`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from jaxalign import models
+from jaxalign.generate import policy as policy_lib
 from jaxalign.generate import sampler
 
 PROMPT_BEGIN = "BEGINNING OF CONVERSATION: "
 PROMPT_USER = "USER: {input} "
 PROMPT_ASSISTANT = "ASSISTANT:"
-PROMPT_BUCKET = 64
+TEMPLATES = ("upstream", "chat")
 
 
 def upstream_dialogue(history: Sequence[tuple[str, str]], user: str, eos_token: str) -> str:
@@ -42,97 +41,65 @@ def upstream_dialogue(history: Sequence[tuple[str, str]], user: str, eos_token: 
     return text + PROMPT_USER.format(input=user) + PROMPT_ASSISTANT
 
 
-def chat_template_dialogue(tokenizer) -> Callable[[Sequence[tuple[str, str]], str, str], str]:
-    """A dialogue formatter that uses the tokenizer's own chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--template chat: the tokenizer has no chat_template; use --template upstream")
-
-    def apply(history, user, eos_token):
-        del eos_token
-        messages = []
-        for question, answer in history:
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        messages.append({"role": "user", "content": user})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    return apply
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_length"))
-def _prefill(params, cfg, ids: jax.Array, mask: jax.Array, max_length: int):
-    """Prompt [1, S] (left-padded) -> (logits of its last token [1, V], cache with room for max_length)."""
-    cache = models.init_cache(cfg, ids.shape[0], max_length)
-    return sampler._last_logits(params, cfg, ids, mask, cache)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _decode(params, cfg, token: jax.Array, cache):
-    """One token [1] -> (next logits [1, V], cache)."""
-    return sampler._last_logits(params, cfg, token[:, None], jnp.ones((token.shape[0], 1), bool), cache)
-
-
-@functools.partial(jax.jit, static_argnames=("sampling",))
-def _pick(logits: jax.Array, rng: jax.Array, sampling: sampler.SamplingConfig):
-    """The next token [1] and the split rng."""
-    rng, key = jax.random.split(rng)
-    return sampler.sample_token(logits, key, sampling), rng
-
-
-def stream_tokens(params, cfg, prompt_ids: Sequence[int], sampling: sampler.SamplingConfig,
-                  rng: jax.Array) -> Iterator[int]:
-    """Yields the response's token ids one by one (EOS not included), at most max_new_tokens."""
-    length = len(prompt_ids)
-    padded = -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
-    ids = np.full((1, padded), sampling.pad_token_id, np.int32)
-    ids[0, padded - length:] = prompt_ids
-    mask = np.arange(padded)[None, :] >= padded - length
-    logits, cache = _prefill(params, cfg, jnp.asarray(ids), jnp.asarray(mask), padded + sampling.max_new_tokens)
-    eos = set(sampling.eos_token_ids)
-    for _ in range(sampling.max_new_tokens):
-        token, rng = _pick(logits, rng, sampling)
-        token_id = int(token[0])
-        if token_id in eos:
-            return
-        yield token_id
-        logits, cache = _decode(params, cfg, token, cache)
-
-
-def stream_text(tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
-    """Decoded text pieces as tokens arrive (the whole response is re-decoded, so multi-token
-    characters and BPE merges come out right)."""
-    ids, shown = [], ""
-    for token_id in token_ids:
-        ids.append(token_id)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if len(text) > len(shown) and not text.endswith("\ufffd"):
-            yield text[len(shown):]
-            shown = text
+def chat_template_dialogue(history: Sequence[tuple[str, str]], user: str, tokenizer) -> str:
+    """The same dialogue in the tokenizer's own chat template, open for the assistant's answer."""
+    messages = []
+    for question, answer in history:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": user})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @dataclasses.dataclass
 class Speaker:
-    """One model in the chat: its name, placed policy, own dialogue history and the moderation
-    verdict of each of its answers (when the chat has a moderator)."""
+    """One model in the chat: its name, policy (generate.policy.Policy), own dialogue history and
+    the moderation verdict of each of its answers (when the chat has a moderator)."""
 
     name: str
-    policy: object  # jaxalign.models.loading.Placed
+    policy: policy_lib.Policy
     history: list = dataclasses.field(default_factory=list)
     verdicts: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Answer:
+    """One speaker's answer to a turn: dropped (its oldest turns left out so that the prompt fits),
+    pieces (the text as it is decoded; consume each answer's pieces in turn), and once they are
+    consumed, stopped (the chat's stop() cut it short, or a stop before it began)."""
+
+    speaker: Speaker
+    dropped: int
+    pieces: Iterator[str] = iter(())
+    stopped: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.speaker.name
 
 
 class Chat:
     """Side-by-side multi-turn chat; every speaker answers each user turn."""
 
-    def __init__(self, speakers: Sequence[Speaker], tokenizer, sampling: sampler.SamplingConfig, seed: int = 0,
-                 dialogue: Callable | None = None, moderator: Callable | None = None, stop_unsafe: bool = False):
-        """moderator: a jaxalign.moderation.api.Moderator (pairs -> verdicts); every answer gets a
+    def __init__(self, speakers: Sequence[Speaker], sampling: sampler.SamplingConfig, seed: int = 0,
+                 template: str = "upstream", moderator: Callable | None = None, stop_unsafe: bool = False,
+                 stop: Callable[[], bool] | None = None):
+        """template: "upstream" (Safe RLHF) or "chat" (each tokenizer's chat template).
+        moderator: a jaxalign.moderation.api.Moderator (pairs -> verdicts); every answer gets a
         verdict, and with stop_unsafe the answer is moderated as it streams (the streaming heads read
-        each prefix) and cut at the first token that makes it unsafe."""
-        self.speakers, self.tokenizer, self.sampling = list(speakers), tokenizer, sampling
-        self.dialogue = dialogue or upstream_dialogue
-        self.moderator, self.stop_unsafe = moderator, stop_unsafe
+        each prefix) and cut at the first token that makes it unsafe. stop: asked after every
+        decoded token; true ends the answer (and the turn's later speakers do not start).
+        policy.TooLong when max_new_tokens leaves no room for even an empty message."""
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+        self.speakers, self.sampling, self.template = list(speakers), sampling, template
+        self.moderator, self.stop_unsafe, self.stop = moderator, stop_unsafe, stop or (lambda: False)
         if stop_unsafe and moderator is None:
             raise ValueError("stop_unsafe needs a moderation model (--moderation DIR)")
+        for speaker in self.speakers:
+            if template == "chat" and not getattr(speaker.policy.tokenizer, "chat_template", None):
+                raise ValueError(f"--template chat: the tokenizer of {speaker.name} has no chat_template; use "
+                                 "--template upstream")
+            speaker.policy.check_length(len(self._prompt_ids(speaker, [], "")), sampling.max_new_tokens)
         self.rng = jax.random.PRNGKey(seed)
         self.last_user: str | None = None
 
@@ -142,34 +109,60 @@ class Chat:
             speaker.verdicts.clear()
         self.last_user = None
 
-    def _answer(self, speaker: Speaker, user: str) -> Iterator[str]:
-        text = self.dialogue(speaker.history, user, self.tokenizer.eos_token or "")
-        prompt_ids = self.tokenizer(text)["input_ids"]
+    def _prompt_ids(self, speaker: Speaker, history, user: str) -> list[int]:
+        tokenizer = speaker.policy.tokenizer
+        if self.template == "chat":
+            text = chat_template_dialogue(history, user, tokenizer)
+        else:
+            text = upstream_dialogue(history, user, tokenizer.eos_token or "")
+        return speaker.policy.encode(text)
+
+    def _fitting_prompt(self, speaker: Speaker, user: str) -> tuple[list[int], int]:
+        """(prompt ids, number of oldest turns left out) of the shortest-cut dialogue that fits;
+        policy.TooLong when `user` alone does not fit."""
+        for dropped in range(len(speaker.history) + 1):
+            ids = self._prompt_ids(speaker, speaker.history[dropped:], user)
+            if len(ids) + self.sampling.max_new_tokens <= speaker.policy.max_length:
+                break
+        speaker.policy.check_length(len(ids), self.sampling.max_new_tokens)  # `user` alone is too long
+        return ids, dropped
+
+    def _answer(self, answer: Answer, user: str, prompt_ids: list[int]) -> Iterator[str]:
+        speaker = answer.speaker
         self.rng, rng = jax.random.split(self.rng)
         pieces, verdict = [], None
-        tokens = stream_tokens(speaker.policy.params, speaker.policy.cfg, prompt_ids, self.sampling, rng)
-        for piece in stream_text(self.tokenizer, tokens):
-            if self.stop_unsafe:
-                verdict = self.moderator([(user, "".join(pieces) + piece)])[0]
-                if not verdict["is_safe"]:
-                    verdict = dict(verdict, stopped=True)
-                    break
-            pieces.append(piece)
-            yield piece
-        answer = "".join(pieces)
+        if not self.stop():
+            for piece in speaker.policy.stream_text(prompt_ids, self.sampling, rng, stop=self.stop):
+                if self.stop_unsafe:
+                    verdict = self.moderator([(user, "".join(pieces) + piece)])[0]
+                    if not verdict["is_safe"]:
+                        verdict = dict(verdict, stopped=True)
+                        break
+                pieces.append(piece)
+                yield piece
+        answer.stopped = self.stop()
+        text = "".join(pieces)
         if self.moderator is not None and not (verdict or {}).get("stopped"):
-            verdict = self.moderator([(user, answer)])[0]
-        speaker.history.append((user, answer))
+            verdict = self.moderator([(user, text)])[0]
+        speaker.history.append((user, text))
         if self.moderator is not None:
             speaker.verdicts.append(verdict)
 
-    def respond(self, user: str) -> Iterator[tuple[str, Iterator[str]]]:
-        """(speaker name, text pieces) per speaker; consume each piece iterator in turn."""
+    def respond(self, user: str) -> list[Answer]:
+        """One Answer per speaker, in order; consume each one's pieces in turn. Every prompt is
+        built first, so policy.TooLong (the message alone does not fit a model) leaves the
+        conversation as it was."""
+        prompts = [self._fitting_prompt(speaker, user) for speaker in self.speakers]
         self.last_user = user
-        for speaker in self.speakers:
-            yield speaker.name, self._answer(speaker, user)
+        answers = []
+        for speaker, (ids, dropped) in zip(self.speakers, prompts):
+            del speaker.history[:dropped]
+            answer = Answer(speaker, dropped)
+            answer.pieces = self._answer(answer, user, ids)
+            answers.append(answer)
+        return answers
 
-    def regenerate(self) -> Iterator[tuple[str, Iterator[str]]]:
+    def regenerate(self) -> list[Answer]:
         """Drops every speaker's last answer and answers the last user turn again."""
         if self.last_user is None:
             raise ValueError("nothing to regenerate yet")

@@ -13,16 +13,25 @@ the loops.
 `sample` is a pure function of arrays with static (hashable) configs, so it can be called
 inside a larger jit (e.g. a jitted PPO rollout). The model comes from cfg's family
 (`models.causal_lm(cfg)`, `models.init_cache`): Llama, Qwen2 and Qwen3 sample the same way.
+
+    for tokens, mask in stream(params, cfg, prompt_ids, prompt_mask, rng, sampling):   # [B, k] each
+        ...                                  # the same draws as `sample`, as they are decoded
+
+`stream` runs the same prefill and decode loop one run of steps per jitted call and hands each
+run's tokens to the host (chat prints them as they come and stops when asked).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+from typing import Iterator
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxalign import models
 from jaxalign.models import layouts, llama, quantize
@@ -54,9 +63,10 @@ class SamplingConfig:
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        # nan fails every comparison, so each check is written to fail on it (and inf is refused).
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
@@ -183,6 +193,63 @@ def _last_logits(params, cfg, ids, mask, cache):
     return model.apply({"params": params}, ids, mask, None, cache, method=type(model).last_token_logits)
 
 
+@flax.struct.dataclass
+class DecodeState:
+    """The decode loop's carry: step (int32 [], tokens emitted so far = the next index), token [B]
+    (the last one emitted), tokens [B, N], log_probs [B, N], response_mask [B, N] (as in
+    SampleOutput, filled up to `step`), the KV cache and live [B] (rows that have not emitted an
+    EOS id yet)."""
+
+    step: jax.Array
+    token: jax.Array
+    tokens: jax.Array
+    log_probs: jax.Array
+    response_mask: jax.Array
+    cache: object
+    live: jax.Array
+
+
+def _emit(state: DecodeState, logits: jax.Array, uniforms: jax.Array, sampling: SamplingConfig) -> DecodeState:
+    """Samples token `state.step` from logits [B, V] for rows still live (pad for the others)."""
+    i = state.step
+    eos = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
+    token, token_lp = sample_with_log_probs(logits, uniforms[i], sampling)
+    token = jnp.where(state.live, token, sampling.pad_token_id)
+    return state.replace(
+        step=i + 1,
+        token=token,
+        tokens=state.tokens.at[:, i].set(token),
+        log_probs=state.log_probs.at[:, i].set(jnp.where(state.live, token_lp, 0.0)),
+        response_mask=state.response_mask.at[:, i].set(state.live),
+        live=state.live & ~jnp.isin(token, eos),
+    )
+
+
+def _start(params, cfg, prompt_ids, prompt_mask, uniforms, sampling: SamplingConfig, cache_length: int) -> DecodeState:
+    """Prefill of the prompt [B, S] (left-padded) into a cache of cache_length slots, then token 0.
+    params and cfg in the decode layout."""
+    batch, n = prompt_ids.shape[0], sampling.max_new_tokens
+    cache = models.init_cache(cfg, batch, cache_length)
+    logits, cache = _last_logits(params, cfg, prompt_ids.astype(jnp.int32), prompt_mask.astype(bool), cache)
+    state = DecodeState(step=jnp.int32(0), token=jnp.zeros((batch,), jnp.int32),
+                        tokens=jnp.full((batch, n), sampling.pad_token_id, jnp.int32),
+                        log_probs=jnp.zeros((batch, n), jnp.float32), response_mask=jnp.zeros((batch, n), bool),
+                        cache=cache, live=jnp.ones((batch,), bool))
+    return _emit(state, logits, uniforms, sampling)
+
+
+def _decode(params, cfg, state: DecodeState, uniforms, sampling: SamplingConfig, end) -> DecodeState:
+    """Decodes one token per step (every row) while step < end and a row is live; end may be traced."""
+
+    def body(state: DecodeState) -> DecodeState:
+        # The previous token is real for rows that were live when it was emitted.
+        fed = state.response_mask[:, state.step - 1]
+        logits, cache = _last_logits(params, cfg, state.token[:, None], fed[:, None], state.cache)
+        return _emit(state.replace(cache=cache), logits, uniforms, sampling)
+
+    return jax.lax.while_loop(lambda s: (s.step < end) & jnp.any(s.live), body, state)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling"))
 def sample(
     params,
@@ -198,56 +265,78 @@ def sample(
     """
     batch, prompt_len = prompt_ids.shape
     n = sampling.max_new_tokens
-    prompt_mask = prompt_mask.astype(bool)
-    eos = jnp.asarray(sampling.eos_token_ids or (-1,), jnp.int32)
     cfg, params = layouts.decode_params(cfg, params, sampling.weights)
     # auto keeps one loop where the layers stay scanned (sharded weights): there every growth copies
     # the whole stacked cache, and the 8B LoRA plan's rollout grew from 9.2 to 14.8 GiB per chip.
     segment_ends = decode_segments(n, sampling.cache_segments or (1 if cfg.scan_layers else 0))
-    cache = models.init_cache(cfg, batch, prompt_len + (segment_ends[0] if segment_ends else n))
-    logits, cache = _last_logits(params, cfg, prompt_ids.astype(jnp.int32), prompt_mask, cache)
-
     uniforms = jax.random.uniform(rng, (n, batch))  # one per row and step, drawn up front
-
-    def emit(i, logits, tokens, log_probs, live):
-        """Samples token i for rows still live; returns updated buffers and liveness."""
-        token, token_lp = sample_with_log_probs(logits, uniforms[i], sampling)
-        token = jnp.where(live, token, sampling.pad_token_id)
-        tokens = tokens.at[:, i].set(token)
-        log_probs = log_probs.at[:, i].set(jnp.where(live, token_lp, 0.0))
-        response_mask_i = live
-        live = live & ~jnp.isin(token, eos)
-        return token, tokens, log_probs, response_mask_i, live
-
-    tokens = jnp.full((batch, n), sampling.pad_token_id, jnp.int32)
-    log_probs = jnp.zeros((batch, n), jnp.float32)
-    response_mask = jnp.zeros((batch, n), bool)
-    live = jnp.ones((batch,), bool)
-    token, tokens, log_probs, mask_0, live = emit(0, logits, tokens, log_probs, live)
-    response_mask = response_mask.at[:, 0].set(mask_0)
-
-    def cond(state):
-        i, _, _, _, _, _, live = state
-        return (i < n) & jnp.any(live)
-
-    def body(state):
-        i, token, tokens, log_probs, response_mask, cache, live = state
-        # The previous token is real for rows that were live when it was emitted.
-        fed = response_mask[:, i - 1]
-        logits, cache = _last_logits(params, cfg, token[:, None], fed[:, None], cache)
-        token, tokens, log_probs, mask_i, live = emit(i, logits, tokens, log_probs, live)
-        response_mask = response_mask.at[:, i].set(mask_i)
-        return i + 1, token, tokens, log_probs, response_mask, cache, live
-
-    state = (jnp.int32(1), token, tokens, log_probs, response_mask, cache, live)
+    state = _start(params, cfg, prompt_ids, prompt_mask, uniforms, sampling,
+                   prompt_len + (segment_ends[0] if segment_ends else n))
     for end in segment_ends:  # steps up to `end` attend over a cache of prompt_len + end slots
-        state = (*state[:5], models.grow_cache(cfg, state[5], prompt_len + end), state[6])
-        state = jax.lax.while_loop(lambda s, end=end: cond(s) & (s[0] < end), body, state)
-    _, _, tokens, log_probs, response_mask, _, _ = state
+        state = state.replace(cache=models.grow_cache(cfg, state.cache, prompt_len + end))
+        state = _decode(params, cfg, state, uniforms, sampling, end)
+    prompt_mask = prompt_mask.astype(bool)
     prompt_ids = jnp.where(prompt_mask, prompt_ids, sampling.pad_token_id).astype(jnp.int32)
     return SampleOutput(
-        sequences=jnp.concatenate([prompt_ids, tokens], axis=1),
-        sequence_mask=jnp.concatenate([prompt_mask, response_mask], axis=1),
-        log_probs=log_probs,
-        response_mask=response_mask,
+        sequences=jnp.concatenate([prompt_ids, state.tokens], axis=1),
+        sequence_mask=jnp.concatenate([prompt_mask, state.response_mask], axis=1),
+        log_probs=state.log_probs,
+        response_mask=state.response_mask,
     )
+
+
+# ---------------------------------------------------------------------------------- streaming
+
+
+@flax.struct.dataclass
+class DecodeModel:
+    """A model in the decode layout (layouts.decode_params): its config (static) and params."""
+
+    cfg: object = flax.struct.field(pytree_node=False)
+    params: object = None
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "weights"))
+def decode_model(params, cfg, weights: str = "float32") -> DecodeModel:
+    """The params in the decode layout, made once per stream (a copy of the weights, as in `sample`)."""
+    return DecodeModel(*layouts.decode_params(cfg, params, weights))
+
+
+@functools.partial(jax.jit, static_argnames=("sampling",))
+def _stream_start(model: DecodeModel, prompt_ids, prompt_mask, rng, sampling: SamplingConfig):
+    """(state after token 0, uniforms [N, B]): the draws and prefill of `sample`, in one cache of
+    S + N slots."""
+    uniforms = jax.random.uniform(rng, (sampling.max_new_tokens, prompt_ids.shape[0]))
+    state = _start(model.params, model.cfg, prompt_ids, prompt_mask, uniforms, sampling,
+                   prompt_ids.shape[1] + sampling.max_new_tokens)
+    return state, uniforms
+
+
+@functools.partial(jax.jit, static_argnames=("sampling",), donate_argnames=("state",))
+def _stream_steps(model: DecodeModel, state: DecodeState, uniforms, sampling: SamplingConfig, end) -> DecodeState:
+    return _decode(model.params, model.cfg, state, uniforms, sampling, end)
+
+
+def stream(params, cfg, prompt_ids, prompt_mask, rng: jax.Array, sampling: SamplingConfig, *,
+           chunk: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`sample`, handing the tokens to the host as they are decoded: yields (tokens [B, k],
+    response_mask [B, k]) numpy arrays for each run of k <= chunk new tokens (the first run is
+    token 0 alone), until every row has emitted an EOS id or max_new_tokens are out. A caller
+    stops the decode by no longer asking for the next run.
+
+    The same draws as `sample` with the same rng, over one cache of S + max_new_tokens slots (so
+    the tokens equal `sample`'s with cache_segments=1); the params are put in the decode layout
+    once per call; each run is one jitted call (compiled once per prompt width and chunk)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    model = decode_model(params, cfg, sampling.weights)
+    state, uniforms = _stream_start(model, prompt_ids, prompt_mask, rng, sampling)
+    shown = 0
+    while True:
+        step, tokens, mask, live = jax.device_get((state.step, state.tokens, state.response_mask, state.live))
+        step = int(step)
+        yield tokens[:, shown:step], mask[:, shown:step]
+        shown = step
+        if step >= sampling.max_new_tokens or not live.any():
+            return
+        state = _stream_steps(model, state, uniforms, sampling, jnp.int32(min(step + chunk, sampling.max_new_tokens)))

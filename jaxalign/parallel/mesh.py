@@ -84,6 +84,15 @@ def maybe_initialize_distributed(mesh_config) -> None:
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
+def mesh_and_rules(settings: MeshSettings) -> tuple[jax.sharding.Mesh, tuple]:
+    """(mesh, axis rules) of typed settings, after `jax.distributed` initialisation when they ask
+    for it; the mesh is logged."""
+    maybe_initialize_distributed(settings)
+    mesh = make_mesh(settings)
+    logging.info("mesh: %s", describe(mesh))
+    return mesh, axis_rules(settings)
+
+
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
     """Resolves -1 in (data, fsdp, tensor) and checks the product equals `num_devices`."""
     sizes = {axis: int(getattr(mesh_config, axis)) for axis in MESH_AXES}

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxalign.data import pipeline, views
 from jaxalign.evaluate import judge
+from jaxalign.generate import policy as policy_lib
 from jaxalign.models import layer_loop
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl.rollout import end_scores
@@ -78,7 +79,8 @@ def make_eval_fn(generate: Callable, score_fns: Mapping[str, Callable], prompts:
                 response_mask = np.asarray(seq_mask)[:, settings.prompt_length:]
                 lengths.append(response_mask.sum(-1)[:keep])
                 if settings.use_judge:
-                    texts.extend(judge.decode_responses(tokenizer, seq, response_mask, settings.prompt_length)[:keep])
+                    texts.extend(policy_lib.decode_responses(tokenizer, seq, response_mask,
+                                                             settings.prompt_length)[:keep])
         metrics = {name: float(np.mean(np.concatenate(v))) for name, v in values.items()}
         if "cost" in values:
             metrics["cost_positive_rate"] = float(np.mean(np.concatenate(values["cost"]) > 0))
