@@ -3,17 +3,15 @@ layers among global ones, softcaps, Gemma 3's local RoPE base and q/k norms), HF
 decoding past the window, greedy sampling, a score model and the PPO-Lagrangian stage."""
 
 import functools
-import json
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from jaxalign import cli, models
-from jaxalign.generate import sampler
 from jaxalign.models import families, gemma, hf, layouts, quantize, score
 
 TINY = dict(
@@ -38,6 +36,7 @@ GEMMA3 = dict(TINY, num_hidden_layers=7, attention_bias=True, rope_parameters={
     "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})
 CONFIGS = {"gemma2": gemma.Gemma2Config, "gemma3_text": gemma.Gemma3Config}
 PAD = 0
+_padded = functools.partial(conftest.left_padded, vocab_size=TINY["vocab_size"], pad=PAD)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -66,32 +65,6 @@ def _hf_model(model_type, state=None, **overrides):
     return model.eval()
 
 
-def _hf_logits(model, ids, mask):
-    import torch
-
-    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
-    with torch.no_grad():
-        return model(torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
-                     position_ids=torch.tensor(positions)).logits.numpy()
-
-
-def _left_padded(rows, width, seed):
-    rng = np.random.RandomState(seed)
-    ids = np.full((len(rows), width), PAD, np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for row, n in enumerate(rows):
-        ids[row, width - n:] = rng.randint(3, TINY["vocab_size"], n)
-        mask[row, width - n:] = True
-    return ids, mask
-
-
-def _host_params(cfg, seed=0):
-    """N(0, 0.3) for every leaf (norm scales too), built in numpy without an init compile."""
-    shapes = jax.eval_shape(models.causal_lm(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: (0.3 * rng.normal(size=x.shape)).astype(np.float32), nn.meta.unbox(shapes["params"]))
-
-
 # transformers' model with one Gemma feature off gives other logits on these inputs, so matching the
 # model with the feature on checks that feature.
 ABLATIONS = {
@@ -113,7 +86,7 @@ def test_logits_and_gradients_match_transformers_with_left_padding(tmp_path, mod
     cfg, params = hf.from_pretrained(tmp_path, dtype="float32")
     assert type(cfg) is CONFIGS[model_type] and cfg.tie_word_embeddings and "lm_head" not in params
     assert list(cfg.layer_types) == model.config.layer_types
-    ids, mask = _left_padded([14, 9, 3], 14, seed=1)
+    ids, mask = _padded([14, 9, 3], 14, seed=1)
     weights = np.random.RandomState(2).randn(*ids.shape, cfg.vocab_size).astype(np.float32) * mask[..., None]
 
     def loss(p):  # a random linear function of the real positions' logits
@@ -131,7 +104,7 @@ def test_logits_and_gradients_match_transformers_with_left_padding(tmp_path, mod
     for name, p in model.named_parameters():
         np.testing.assert_allclose(ours[name], p.grad.numpy(), atol=2e-4, rtol=1e-3, err_msg=name)
     for change in ABLATIONS[model_type]:
-        ablated = _hf_logits(_hf_model(model_type, model.state_dict(), **change), ids, mask)
+        ablated = conftest.hf_logits(_hf_model(model_type, model.state_dict(), **change), ids, mask)
         assert np.abs(ablated[mask] - ref.detach().numpy()[mask]).max() > 1e-2, change
 
 
@@ -145,7 +118,7 @@ def _tiny(model_type):
         keys = {k: v for k, v in GEMMA3.items() if k not in ("rope_parameters", "num_hidden_layers")}
         cfg = gemma.Gemma3Config(**keys, num_hidden_layers=3, layer_types=("sliding_attention", "full_attention",
                                  "sliding_attention"), rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 4.0})
-    return cfg, _host_params(cfg)
+    return cfg, conftest.random_params(cfg)
 
 
 @pytest.fixture(params=sorted(CONFIGS))
@@ -154,31 +127,17 @@ def tiny(request):
 
 
 def test_save_pretrained_loads_in_transformers_and_back(tiny, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     cfg, params = tiny
-    hf.save_pretrained(tmp_path, cfg, params)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == cfg.model_type and config["architectures"] == [cfg.hf_architecture]
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(model).__name__ == cfg.hf_architecture
+    logits = lambda c, p, ids, mask: _forward(c, p, jnp.asarray(ids), jnp.asarray(mask)).logits  # noqa: E731
+    model, _, cfg2 = conftest.transformers_round_trip(tmp_path, cfg, params, logits)
     assert model.config.layer_types == list(cfg.layer_types) and model.config.sliding_window == 3
-    ids, mask = _left_padded([11, 6], 11, seed=2)
-    ours = np.asarray(_forward(cfg, params, jnp.asarray(ids), jnp.asarray(mask)).logits)
-    np.testing.assert_allclose(_hf_logits(model, ids, mask)[mask], ours[mask], atol=1e-4, rtol=0)
-    # transformers writes its own checkpoint of the same model; it loads back unchanged.
-    with torch.no_grad():
-        model.save_pretrained(tmp_path / "from_hf")
-    cfg2, params2 = hf.from_pretrained(tmp_path / "from_hf")
     assert cfg2 == cfg
-    assert jax.tree_util.tree_structure(params2) == jax.tree_util.tree_structure(params)
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_kv_cache_decode_matches_full_forward_past_the_window():
     cfg, params = _tiny("gemma3_text")  # Gemma 2 decodes in test_greedy_sampling_matches_transformers_generate
-    prompt, prompt_mask = _left_padded([7, 4], 7, seed=6)
+    prompt, prompt_mask = _padded([7, 4], 7, seed=6)
     steps = np.random.RandomState(6).randint(3, cfg.vocab_size, (2, 6))
     full_ids = np.concatenate([prompt, steps], axis=1)
     full_mask = np.concatenate([prompt_mask, np.ones((2, 6), bool)], axis=1)
@@ -199,20 +158,8 @@ def test_kv_cache_decode_matches_full_forward_past_the_window():
 
 
 def test_greedy_sampling_matches_transformers_generate():
-    import torch
-
-    model = _hf_model("gemma2")
-    cfg = gemma.Gemma2Config.from_hf_config(model.config.to_dict())
-    params = hf.params_from_hf_tensors(cfg, {k: v.numpy() for k, v in model.state_dict().items()})
-    ids, mask = _left_padded([8, 3, 6], 8, seed=3)
-    n = 8
-    sampling = sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, pad_token_id=PAD)
-    out = sampler.sample(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), sampling)
-    expected = model.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-                              do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
-                              pad_token_id=PAD).numpy()[:, 8:]
-    np.testing.assert_array_equal(np.asarray(out.sequences)[:, 8:], expected)
-    assert len(set(expected.ravel().tolist())) > 3  # not a degenerate repeat of one token
+    ids, mask = _padded([8, 3, 6], 8, seed=3)
+    conftest.greedy_matches_transformers(_hf_model("gemma2"), ids, mask, n=8, pad=PAD)
 
 
 def test_config_round_trip_legacy_keys_and_errors():
@@ -254,8 +201,8 @@ def test_score_model_and_ppo_lagrangian_stage_on_a_gemma_backbone(mini_data, tmp
                  max_position_embeddings=128)
     cfg = gemma.Gemma2Config(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
-    backbone = _host_params(cfg)["model"]
-    ids, mask = _left_padded([6, 4], 6, seed=4)
+    backbone = conftest.random_params(cfg)["model"]
+    ids, mask = _padded([6, 4], 6, seed=4)
     scores = jax.jit(lambda p: score.ScoreModel(cfg).apply({"params": p}, ids, attention_mask=mask))
     for seed, kind in enumerate(("reward", "cost")):
         head = score.ScoreHead(score_type=kind)
@@ -270,7 +217,7 @@ def test_score_model_and_ppo_lagrangian_stage_on_a_gemma_backbone(mini_data, tmp
     lm_hidden = _forward(cfg, {"model": backbone}, jnp.asarray(ids), jnp.asarray(mask)).hidden_states
     np.testing.assert_allclose(np.asarray(before.hidden_states)[mask], np.asarray(lm_hidden)[mask], atol=1e-5)
 
-    params = _host_params(cfg, seed=3)  # the actor (and reference): a random Gemma 2 export
+    params = conftest.random_params(cfg, seed=3)  # the actor (and reference): a random Gemma 2 export
     hf.save_pretrained(tmp_path / "policy", cfg, params)
     tok.save_pretrained(str(tmp_path / "policy"))
     argv = ["train", "--config", str(REPO / "configs" / "ppo_lag_tiny.py"), "--workdir", str(tmp_path / "rl"),

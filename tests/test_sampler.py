@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from jaxalign.generate import sampler
 from jaxalign.generate.sampler import SamplingConfig
 from jaxalign.models import hf, kv_cache, layouts, llama
@@ -41,13 +42,7 @@ def models(tmp_path_factory):
 
 
 def _left_padded(lengths, width, seed):
-    rng = np.random.RandomState(seed)
-    ids = np.full((len(lengths), width), PAD, np.int32)
-    mask = np.zeros((len(lengths), width), bool)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = rng.randint(3, VOCAB, n)
-        mask[row, width - n :] = True
-    return ids, mask
+    return conftest.left_padded(lengths, width, seed, vocab_size=VOCAB, pad=PAD)
 
 
 def _hf_greedy(model, ids, mask, n, eos):
