@@ -168,6 +168,11 @@ def test_config_round_trip_legacy_keys_and_errors():
         cfg = config_class.from_hf_config(dict(keys, num_hidden_layers=7, eos_token_id=[1, 106]))
         assert families.config_from_hf(cfg.to_hf_config()) == cfg and families.of(cfg).model_type == cfg.model_type
         hash(cfg)
+        # transformers' strict config class takes what we write, defaults included (ints stay ints).
+        default = config_class(**{k: v for k, v in TINY.items() if k not in ("query_pre_attn_scalar",)}, num_hidden_layers=2,
+                               final_logit_softcapping=30)
+        reference = transformers.AutoConfig.for_model(**default.to_hf_config())
+        assert (reference.query_pre_attn_scalar, reference.final_logit_softcapping) == (256, 30.0)
     # A transformers-4 Gemma 3 config.json (google/gemma-3-1b-it's keys): no layer_types, legacy RoPE keys.
     legacy = dict(TINY, model_type="gemma3_text", num_hidden_layers=8, rope_theta=1e6, rope_local_base_freq=1e4,
                   rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window_pattern=4,

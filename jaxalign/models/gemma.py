@@ -49,7 +49,7 @@ class _GemmaConfig(DecoderConfig):
     pad_token_id: int | None = 0
     attention_bias: bool = False
     hidden_activation: str = "gelu_pytorch_tanh"
-    query_pre_attn_scalar: float = 256.0
+    query_pre_attn_scalar: int = 256
     sliding_window: int | None = 4096
     layer_types: tuple[str, ...] | None = None  # None: the family's default pattern
     final_logit_softcapping: float | None = None
@@ -62,6 +62,13 @@ class _GemmaConfig(DecoderConfig):
             object.__setattr__(self, "layer_types", types)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         name = type(self).__name__
+        # transformers' strict config classes take these types only (256.0 or a softcap of 30 is refused there).
+        if float(self.query_pre_attn_scalar) != int(self.query_pre_attn_scalar):
+            raise ValueError(f"{name}: query_pre_attn_scalar={self.query_pre_attn_scalar!r} must be an integer")
+        object.__setattr__(self, "query_pre_attn_scalar", int(self.query_pre_attn_scalar))
+        for field in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if getattr(self, field, None) is not None:
+                object.__setattr__(self, field, float(getattr(self, field)))
         if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - {SLIDING, FULL}:
             raise ValueError(f"{name}: layer_types must be {self.num_hidden_layers} of {[SLIDING, FULL]}, "
                              f"got {list(self.layer_types)}")
