@@ -1,9 +1,10 @@
-# Two entry points for a fresh machine: `make quickstart` and `make test`.
+# Two entry points for a fresh machine: `make quickstart` and `make test` (+ `make hard`: the hard
+# variant of mini through every method, 3 seeds; see docs/results/hard.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test install install-test bench clean
+.PHONY: quickstart hard test install install-test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ install-test: $(VENV)/.installed-test
 
 quickstart: install
 	bash experiments/quickstart.sh
+
+hard: install
+	bash experiments/hard.sh
 
 test: install-test
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Iterable
+from typing import Iterable, Sequence
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
@@ -108,16 +108,19 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os
     return load_tokenizer(out_dir)
 
 
-def release_texts(data_dir: str | os.PathLike) -> Iterable[str]:
+def release_texts(data_dir: str | os.PathLike, splits: Sequence[str] | None = None) -> Iterable[str]:
     """Prompts (formatted with the upstream template, as the models see them) and responses of
-    every file (all subsets, both splits) of a release-layout dir."""
+    every file (all subsets) of the given splits (None: every split) of a release-layout dir."""
     from jaxalign.data import pku_saferlhf
     from jaxalign.data.views import format_prompt
 
     kind = pku_saferlhf.detect_kind(data_dir)
     config = "v0" if kind == "v0" else ("single-default" if kind == "single" else "default")
-    for split in pku_saferlhf.SPLITS:
+    for split in splits or pku_saferlhf.SPLITS:
         paths = pku_saferlhf.find_files(data_dir, config, split)
+        if not paths and splits:
+            raise FileNotFoundError(f"{data_dir}: no {split} files for the tokenizer (expected "
+                                    f"data/<Model>/{split}.jsonl or .parquet)")
         for _, _, row in pku_saferlhf.iter_rows(paths, kind, check_sha256=False):
             yield format_prompt(row["prompt"])
             yield row["response_0"]
