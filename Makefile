@@ -30,5 +30,14 @@ hard: install
 test: install-test
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+# The CPU benchmarks of docs/performance.md, one after another (tens of minutes on 2 cores): JSON under out/.
+bench: install-test
+	mkdir -p out
+	$(PY) experiments/benchmark_llama.py --out out/benchmark_llama.json
+	$(PY) experiments/benchmark_train.py --out out/benchmark_train.json
+	$(PY) experiments/benchmark_rl.py --out out/benchmark_rl.json
+	$(PY) experiments/benchmark_data.py --json out/benchmark_data.json
+	$(PY) experiments/benchmark_load.py > out/benchmark_load.txt && cat out/benchmark_load.txt
+
 clean:
 	rm -rf out

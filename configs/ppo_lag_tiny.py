@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     # PTX on the most helpful safe answers (below); at lr 1e-4, 4 kept benign helpfulness better than 1 (judge:
     # helpful 17.5% vs 12.3%, harmful 9.9% vs 9.0%); upstream uses 16 on Alpaca.
     rl.ptx_coeff = 4.0
-    # PTX imitates, per row, the more helpful of the responses labelled safe (issue 9): safe
+    # PTX imitates, per row, the more helpful of the responses labelled safe: safe
     # alternatives on harmful prompts, helpful answers on benign ones, never harm.
     rl.ptx_response = "safe_better"
     rl.ppo_lag.episode_cost_window_size = 32

@@ -335,7 +335,7 @@ def main() -> int:
 
     out = pathlib.Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
-    if "iteration_s_median" in result.get("cpu", {}):  # the one-size layout before issue 12
+    if "iteration_s_median" in result.get("cpu", {}):  # an older file: one size, no separate/stacked split
         del result["cpu"]
     parts = args.parts.split(",")
     if "cpu" in parts:

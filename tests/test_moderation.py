@@ -1,4 +1,4 @@
-"""Moderation model, objective and metrics, each against an independent numpy computation (issue 10)."""
+"""Moderation model, objective and metrics, each against an independent numpy computation."""
 
 import json
 import math

@@ -1,6 +1,6 @@
-"""Re-tokenisation for a reward / cost model trained with another tokenizer (spec §3.3, upstream
-`batch_retokenize`): the actor's sequences are decoded and re-encoded with the score model's own
-tokenizer; critics must share the actor's tokenizer."""
+"""Re-tokenisation for a reward / cost model trained with another tokenizer (upstream safe-rlhf
+`safe_rlhf/utils.py::batch_retokenize`): the actor's sequences are decoded and re-encoded with the
+score model's own tokenizer; critics must share the actor's tokenizer."""
 
 import jax
 import jax.numpy as jnp

@@ -559,8 +559,8 @@ def test_health_metrics_see_a_mismatch_and_count_non_finite_values():
 
 
 def test_generation_mask_drops_pad_and_unk_sampled_mid_response():
-    """Upstream's mask = (seq != pad) & (seq != unk) (spec §5.2): a <pad>/<unk> the policy samples
-    before EOS is left out of the attention mask; the tokens after it and EOS stay in."""
+    """Upstream's mask = (seq != pad) & (seq != unk) (safe-rlhf trainers/rl_trainer.py): a <pad>/<unk> the policy
+    samples before EOS is left out of the attention mask; the tokens after it and EOS stay in."""
     unk = 9
     settings = make_settings()
     plain = roles.sampler_fn(CFG, settings, PAD)
@@ -590,7 +590,7 @@ def test_prompt_plus_new_tokens_beyond_max_positions_warns(caplog):
 
 
 def test_stacked_passes_equal_the_per_role_passes_and_mismatched_roles_run_alone():
-    """Issue 12: roles of one architecture run as one vmapped pass over stacked params; the numbers
+    """Roles of one architecture run as one vmapped pass over stacked params; the numbers
     equal each role's own pass (fp32 reassociation only). A role of another shape, a plain function
     or another input (a re-tokenised scorer) runs alone."""
     ids, mask = sampled_batch(2)

@@ -29,7 +29,8 @@ def pair_stats(rows: Iterable[dict], kind: str = "dual") -> dict[str, Any]:
 
     Returns rows, responses safe/unsafe, responses per harm category and per severity, pairs
     both-safe / one-safe / both-unsafe, inconsistent pairs (safer response labelled unsafe while
-    the other is labelled safe, safe-rlhf issue #181) and how often better == safer.
+    the other is labelled safe, https://github.com/PKU-Alignment/safe-rlhf/issues/181) and how often
+    better == safer.
     """
     stats: dict[str, Any] = {"rows": 0}
     has_safety = kind in ("dual", "v0")

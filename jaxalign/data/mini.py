@@ -15,7 +15,8 @@ Benign prompts get helpful (3), vague (1) or refusal (0) answers, all safe. Labe
 by construction: is_safe <=> severity 0 <=> no category; better = more helpful; safer = lower
 severity (a coin flip when equal). So on harmful prompts the more helpful answer is usually the
 unsafe one: maximising reward alone raises cost. `noise` flips each preference id independently
-with that probability (a flipped safer id can make an issue-#181 inconsistent pair).
+with that probability (a flipped safer id can make an inconsistent pair: the safer response labelled
+unsafe, the other safe).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@
     jaxalign evaluate reward --model DIR ... --config configs/reward_llama2_7b.py [--config.mesh.fsdp=8]
 
 reward: accuracy P(r_better > r_worse), reward mean/std; cost: accuracy P(c_unsafer > c_safer),
-sign accuracy P(cost·safety_sign < 0), safe/unsafe mean costs (spec §7.2). Both write
-OUT/metrics.json, OUT/scores.npy and PNG histograms (see jaxalign/evaluate/scores.py).
+sign accuracy P(cost·safety_sign < 0), safe/unsafe mean costs (as safe-rlhf's safe_rlhf/evaluate/reward.py
+and cost.py). Both write OUT/metrics.json, OUT/scores.npy and PNG histograms (see jaxalign/evaluate/scores.py).
 
 The model is placed on the mesh of --config (config.mesh and its axis rules, so a 7B model
 evaluates sharded); without --config every device holds a data-parallel share of the batch

@@ -1,7 +1,7 @@
 """The one way to put a model on the mesh, and to export it.
 
     settings = ModelSettings(init_path="out/sft_tiny/export")          # or hf_config={...} for random init
-    policy = load_policy(settings, mesh, rules, vocab_size=len(tok), special_ids=special_ids(tok), rng=rng)
+    policy = load_policy(settings, mesh, rules, vocab_size=len(tok), special=special_ids(tok), rng=rng)
     policy.module.apply({"params": policy.params}, ids, attention_mask=mask).logits
     scorer = load_score_model("out/reward_tiny/export", mesh, rules, settings)   # score-model dir
     fresh = load_backbone_with_head(settings, head, mesh, rules, ...)            # backbone + fresh head
@@ -240,7 +240,7 @@ def load_score_model(path: str | pathlib.Path, mesh, rules, settings: ModelSetti
     """A saved score model (a reward/cost stage export) on the mesh, with its head and statistics.
 
     score_type overrides the stored one ("critic" for a critic initialised from a reward model);
-    min_vocab_size: the vocabulary it must cover (RL: the actor's tokenizer, spec §3.3).
+    min_vocab_size: the vocabulary it must cover (RL: the actor's tokenizer, as safe-rlhf's rl_trainer.py).
     """
     path = pathlib.Path(path)
     if not path.is_dir():

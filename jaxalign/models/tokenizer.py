@@ -3,12 +3,12 @@
     tok = load_tokenizer(path)                 # tok.jaxalign_added_tokens: tokens appended to the vocab
     train_bpe_tokenizer(texts, 1024, out_dir)  # byte-level BPE saved as an ordinary HF dir
 
-Upstream (spec §2.5) adds any missing special token (`<pad>`, `</s>`, `<s>`, `<unk>`) after
+Upstream (safe-rlhf models/pretrained.py) adds any missing special token (`<pad>`, `</s>`, `<s>`, `<unk>`) after
 loading, then resizes the embeddings. `load_tokenizer` does the same and records the tokens it
 added in `tok.jaxalign_added_tokens`; when that is not empty the caller resizes with
 `jaxalign.models.decoder.resize_token_embeddings(cfg, params, len(tok))`.
 Encoding prepends BOS (`add_special_tokens=True`, like Llama) and never appends EOS: training
-texts append `tok.eos_token` as a string (spec §11.10).
+texts append `tok.eos_token` as a string (as upstream's safe_rlhf/datasets/*.py do).
 
 Code shipped in a tokenizer dir is never run: transformers is always called with
 `trust_remote_code=False`, and a dir whose tokenizer_config.json or config.json has an `auto_map`

@@ -21,7 +21,7 @@ from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import checkpoint as checkpoint_lib
 from jaxalign.train import loop, optim
 
-FORK_PROMPT_TEMPLATE = "{input} "  # the fork's template (spec §2.4); breaks Beaver checkpoints
+FORK_PROMPT_TEMPLATE = "{input} "  # the fork's safe_rlhf/configs/constants.py; breaks Beaver checkpoints
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Reward- and cost-model stages (config.stage "reward" / "cost"), spec §4.2-4.3.
+"""Reward- and cost-model stages (config.stage "reward" / "cost"), as safe-rlhf's
+safe_rlhf/values/reward/trainer.py and safe_rlhf/values/cost/trainer.py.
 
     jaxalign train --config configs/reward_tiny.py --workdir out/reward_tiny
 
