@@ -54,7 +54,7 @@ def tiny_rl_inputs(root: pathlib.Path, rows: int = 150, policy_dir: str = "sft",
     hf.save_pretrained(root / policy_dir, cfg, params)
     tok.save_pretrained(str(root / policy_dir))
     for seed, kind in enumerate(score_kinds):
-        head_params = score.init_params_from_llama(params["model"], cfg, jax.random.PRNGKey(seed + 1))
+        head_params = score.init_params_from_backbone(params["model"], cfg, jax.random.PRNGKey(seed + 1))
         score.save_score_model(root / kind, cfg, head_params, score.ScoreHead(score_type=kind))
     return tok, cfg, params
 

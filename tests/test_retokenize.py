@@ -23,7 +23,7 @@ def _other_score_model(root, vocab: int, kind: str = "reward"):
     cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    params = score.init_params_from_llama(decoder.init_params(cfg, jax.random.PRNGKey(7))["model"], cfg,
+    params = score.init_params_from_backbone(decoder.init_params(cfg, jax.random.PRNGKey(7))["model"], cfg,
                                           jax.random.PRNGKey(8))
     head = score.ScoreHead(score_type=kind)
     score.save_score_model(root / f"{kind}_other", cfg, params, head)

@@ -337,5 +337,3 @@ def init_params_from_backbone(
         head["bias"] = jnp.zeros((score_dim,), cfg.weight_dtype)
     return {"model": backbone, "score_head": head}
 
-
-init_params_from_llama = init_params_from_backbone  # the older name (tests)
