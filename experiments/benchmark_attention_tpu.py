@@ -12,6 +12,8 @@ bytes per chip) and cost_analysis (flops, bytes accessed per chip). XLA's cost a
 Pallas kernel's flops as 0 (a custom call), so the kernel's attention flops are added from the
 kernel's own count (4 B H T^2 Dh / 2 forward, causal, times 3.5 with the backward: QK^T, PV, and
 dQ, dK, dV, recomputed QK^T and half of dP... see attention_flops) and the table says which.
+Also one decode step (batch 64, caches of 512 and 2048 slots): bytes accessed per chip against
+the weights' and the KV cache's bytes per chip (whether the cache read dominates a decode step).
 Needs libtpu (pip install "jax[tpu]==0.10.2"). One compile at a time; about a minute each.
 """
 
@@ -35,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from jaxalign import models  # noqa: E402
-from jaxalign.models import llama  # noqa: E402
+from jaxalign.models import kv_cache, llama  # noqa: E402
 from jaxalign.objectives import sft  # noqa: E402
 from jaxalign.parallel import mesh as mesh_lib  # noqa: E402
 from jaxalign.train import loop  # noqa: E402
@@ -75,6 +77,42 @@ def compile_sft_step(cfg, devices, mesh_shape: tuple[int, int, int], batch: int,
         return jax.jit(step, donate_argnums=0).lower(state, [inputs]).compile()
 
 
+def decode_step_bytes(devices, batch: int, slots: int) -> dict:
+    """One decode step (one new token per row over a cache of `slots` slots; decoder.CausalLM
+    .last_token_logits, the sampler's step) of the Llama-1B shapes in bf16 on `devices` (fsdp over
+    all): the TPU compiler's bytes accessed per chip against the weights' and the KV cache's bytes
+    per chip (the cache's batch is split over the chips)."""
+    cfg = llama.LlamaConfig(**LLAMA_1B, dtype="bfloat16", param_dtype="bfloat16")
+    mesh = jax.make_mesh((1, len(devices), 1), mesh_lib.MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rules = mesh_lib.DEFAULT_AXIS_RULES
+    module = models.causal_lm(cfg)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+    def init(rng):
+        return module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, batch, slots).replace(empty=False))
+    rows = jax.sharding.NamedSharding(mesh, jax.P(mesh_lib.BATCH_AXES))
+    cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+        mesh, jax.P(None, mesh_lib.BATCH_AXES) if x.ndim == 5 else (jax.P(mesh_lib.BATCH_AXES) if x.ndim else jax.P()))),
+        cache)
+    with mesh_lib.sharding_context(mesh, rules):
+        params = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), key)
+        params = mesh_lib.with_shardings(params, mesh_lib.logical_shardings(jax.eval_shape(init, key), mesh, rules))
+        ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=rows)
+        mask = jax.ShapeDtypeStruct((batch, 1), jnp.bool_, sharding=rows)
+        step = lambda p, ids, mask, cache: module.apply({"params": p}, ids, mask, cache=cache,  # noqa: E731
+                                                        method=module.last_token_logits)
+        compiled = jax.jit(step, donate_argnums=3).lower(params, ids, mask, cache).compile()
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / len(devices)
+    kv = sum(x.size * x.dtype.itemsize for x in (cache.k, cache.v)) / len(devices)
+    return {"batch": batch, "slots": slots, "chips": len(devices),
+            "bytes_accessed_per_chip": float(compiled.cost_analysis()["bytes accessed"]),
+            "weight_bytes_per_chip": weights, "kv_cache_bytes_per_chip": kv,
+            "temp_gib": compiled.memory_analysis().temp_size_in_bytes / GIB}
+
+
 def attention_flops(cfg, batch: int, seq: int, backward: bool) -> float:
     """Matmul flops of causal attention over all layers (half of the T x T products): forward QK^T
     and PV; the backward recomputes QK^T and adds dP = dO V^T, dV, dQ, dK (splash's dq and dkv
@@ -111,12 +149,17 @@ def main():
     parser.add_argument("--topology", default="v5e:2x2")
     parser.add_argument("--seqs", default="2048,4096")
     parser.add_argument("--remats", default="full,none")
+    parser.add_argument("--parts", default="decode,train")
     args = parser.parse_args()
     from jax.experimental import topologies
 
     devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
-    rows = []
-    for seq in (int(s) for s in args.seqs.split(",")):
+    rows, decode = [], []
+    for slots in (512, 2048) if "decode" in args.parts else ():
+        row = decode_step_bytes(devices, batch=64, slots=slots)
+        print(json.dumps(row), flush=True)
+        decode.append(row)
+    for seq in (int(s) for s in args.seqs.split(",")) if "train" in args.parts else ():
         for remat in args.remats.split(","):
             for impl in ("xla", "pallas"):
                 row = measure(devices, impl, seq, remat, batch=len(devices))
@@ -125,7 +168,7 @@ def main():
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"topology": args.topology, "device_kind": devices[0].device_kind, "model": LLAMA_1B,
-                               "rows": rows}, indent=1))
+                               "rows": rows, "decode": decode}, indent=1))
 
 
 if __name__ == "__main__":
