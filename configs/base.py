@@ -17,11 +17,15 @@ of them, and an unknown key is an error.
 import ml_collections
 
 from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.rl import algorithms
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.stage = "sft"  # sft | reward | cost | ppo | ppo_lag | ppo_reward_shaping | safe_grpo | dpo | safe_dpo | c_dpo (jaxalign/stages)
+    # The stage (jaxalign/stages STAGES): sft | reward | cost | moderation | an RL algorithm of rl/algorithms (ppo |
+    # ppo_lag | ppo_reward_shaping | safe_grpo | safe_gspo | safe_grpo_k3 | multi_lag) | a pairwise method of
+    # objectives/pairwise.py (dpo | safe_dpo | c_dpo | ipo | simpo | kto)
+    config.stage = "sft"
     config.seed = 42  # seeds parameter init, dropout-free training RNG and data shuffling
 
     config.model = model = ml_collections.ConfigDict()
@@ -102,7 +106,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sft = sft = ml_collections.ConfigDict()
     sft.response = "both"  # SFT targets per row: both | better | safer (views.sft_examples)
 
-    config.score = score = ml_collections.ConfigDict()  # reward / cost stages (spec §4.2-4.3)
+    # reward / cost stages (safe-rlhf safe_rlhf/values/reward/trainer.py, safe_rlhf/values/cost/trainer.py)
+    config.score = score = ml_collections.ConfigDict()
     score.score_dim = 1  # one scalar score per token
     score.score_bias = True  # the score head has a bias (upstream default)
     score.loss_type = "sequence-wise"  # sequence-wise | token-wise
@@ -114,8 +119,11 @@ def get_config() -> ml_collections.ConfigDict:
     # error (upstream) | skip | keep. The release still has a few, so skip them.
     score.inconsistent_pairs = "skip"
 
-    config.rl = rl = ml_collections.ConfigDict()  # ppo | ppo_lag | ppo_reward_shaping (spec §5, §6.1)
-    # Roles (spec §3.3). The actor and the frozen reference come from model.init_path.
+    # RL stages: every algorithm of jaxalign/rl/algorithms (ppo, ppo_lag, ppo_reward_shaping, safe_grpo, multi_lag,
+    # ...); the shared values are upstream safe-rlhf scripts/ppo-lag.sh's.
+    config.rl = rl = ml_collections.ConfigDict()
+    # Roles (upstream safe_rlhf/trainers/rl_trainer.py init_models). The actor and the frozen reference come from
+    # model.init_path.
     rl.reward_model_path = ""  # score-model dir of the frozen reward model (a reward stage export)
     rl.cost_model_path = ""  # frozen cost model; "" = none (ppo only)
     rl.reward_critic_model_path = ""  # "" = initialise the reward critic from the reward model
@@ -126,26 +134,11 @@ def get_config() -> ml_collections.ConfigDict:
     # critics' bases): "" = config.model.param_dtype | bfloat16 (half their memory; the trained roles keep
     # model.param_dtype). With a full actor the reference is then its bf16-rounded init (KL starts at the rounding).
     rl.frozen_param_dtype = ""
-    # When cost_model_path is a moderation export (issue 10), the signal read at the answer's end as the
+    # When cost_model_path is a moderation export, the signal read at the answer's end as the
     # cost: unsafe (P(unsafe)) | expected_severity (sum_k k P(severity k), in [0, 3]) | severity3
     # (P(severity 3)) | category:<index> (P(harm category index), 0-18).
     rl.cost_signal = "unsafe"
-    # ppo_lag / multi_lag with a moderation export: False = the signal at the answer's end is the cost of
-    # its last token (upstream); True = every response token t pays c_t = s_t - s_t-1, the change of the
-    # streaming head's prefix score (s before the answer = 0), plus +beta*KL. The costs telescope to the
-    # end score, so the return and the episode cost that lambda compares with the threshold stay
-    # per-answer, while GAE credits the token that made the answer unsafe (potential-based shaping: the
-    # optimal policy is unchanged). Raw prefix scores per token would instead charge every later token
-    # again and grow with the answer's length.
-    rl.cost_per_token = False
-    # multi_lag: one Lagrange multiplier per constraint, "name<=threshold" joined by commas, e.g.
-    # "severity3<=0.01,unsafe<=0.05". name: a moderation signal above (category:<i> becomes the stream
-    # category_<i>), each read from the moderation export at cost_model_path with its own critic, or
-    # "cost" (the cost model with cost_signal). Per constraint, optional ";key=value" overrides of
-    # lambda_init, lambda_lr, window_size (defaults: rl.lambda_init, rl.lambda_lr,
-    # rl.episode_cost_window_size), e.g. "severity3<=0.01;lambda_lr=0.5,unsafe<=0.05;lambda_init=0.5".
-    rl.constraints = ""
-    # Rollout (spec §5.2): sequences are prompt_length + max_new_tokens long.
+    # Rollout: sequences are prompt_length + max_new_tokens long.
     rl.prompt_length = 128  # prompts are left-padded / cut to this many tokens
     rl.max_new_tokens = 384
     # Dynamic padding (upstream pads each batch to its longest prompt): > 0 = each rollout drops the
@@ -156,7 +149,7 @@ def get_config() -> ml_collections.ConfigDict:
     rl.length_bucket = 0
     rl.temperature = 1.0
     rl.top_p = 1.0
-    # PPO (spec §5.4-5.6).
+    # PPO (upstream safe_rlhf/algorithms/ppo/trainer.py, safe_rlhf/trainers/rl_trainer.py).
     rl.kl_coeff = 0.01  # beta: -beta*KL on the reward stream, +beta*KL on the cost stream
     rl.clip_range_ratio = 0.2
     rl.clip_range_score = 50.0
@@ -166,7 +159,7 @@ def get_config() -> ml_collections.ConfigDict:
     rl.ptx_coeff = 16.0  # one actor update on 0.5*(g_RL + ptx_coeff*g_PTX); 0 = no PTX
     rl.ptx_source = ""  # release-layout dir of the PTX SFT data; "" = data.source (upstream: alpaca)
     rl.ptx_name = "default"
-    # What the PTX SFT examples imitate (issue 9; upstream imitates Alpaca, not the safety data):
+    # What the PTX SFT examples imitate (jaxalign/rl/ptx.py; upstream imitates Alpaca, not the safety data):
     # safe_only = every response labelled safe (both of a row when both are), safer = the safer
     # response of each row (may be unsafe when both are), better = the more helpful one, both = every
     # response (imitates unsafe answers too).
@@ -183,15 +176,6 @@ def get_config() -> ml_collections.ConfigDict:
     critic.warmup_ratio = 0.0
     critic.weight_decay = 0.0
     critic.max_grad_norm = 1.0  # global-norm clipping; <= 0 disables
-    # Lagrangian (spec §5.8); for ppo_reward_shaping lambda_init is the constant nu.
-    rl.threshold = 0.0  # -d: the constraint is mean episode cost <= threshold
-    rl.lambda_init = 1.0
-    rl.lambda_lr = 0.1
-    rl.lambda_max = 5.0  # <= 0: no cap
-    rl.lambda_update_delay_steps = 0
-    # J_C = mean of the last N sequence costs of the whole run (every host's rows). Upstream keeps 128
-    # per GPU and averages the GPUs: 128 x (number of upstream GPUs) reproduces it (rl/iteration.py).
-    rl.episode_cost_window_size = 128
     # Beyond upstream, off by default.
     rl.whiten_advantages = False
     rl.adaptive_kl = False  # Ziegler et al. controller towards target_kl
@@ -199,10 +183,19 @@ def get_config() -> ml_collections.ConfigDict:
     rl.kl_horizon = 10000.0
     rl.ppo_epochs = 1  # upstream update_iters
     rl.num_minibatches = 1
-    # safe_grpo: responses sampled per prompt (a group); advantages are normalised within each group
+    # Responses sampled per prompt (1 upstream); the group of safe_grpo / safe_gspo, whose advantages are
+    # normalised within each prompt's group.
     rl.num_return_sequences = 1
+    # Each algorithm's own settings: config.rl.<algorithm> (ppo_lag, ppo_reward_shaping, safe_grpo, multi_lag,
+    # ...), built from the defaults of its settings dataclass, where each field is documented
+    # (jaxalign/rl/algorithms/<algorithm>.py; PPO-Lagrangian's threshold and lambda: LagrangeSettings in ppo_lag.py).
+    for name, group in algorithms.config_groups().items():
+        rl[name] = ml_collections.ConfigDict(group)
 
-    config.dpo = dpo = ml_collections.ConfigDict()  # dpo | safe_dpo | c_dpo (objectives/dpo.py)
+    # The pairwise stages (objectives/pairwise.py METHODS). Each method reads the fields of its settings
+    # dataclass from this group by name; fields of dpo / safe_dpo / c_dpo are here, a newer method's own
+    # fields are set by its config (ipo_tiny: tau; simpo_tiny: gamma; kto_tiny: desirable_weight, ...).
+    config.dpo = dpo = ml_collections.ConfigDict()
     dpo.beta = 0.1  # β: upstream dpo.sh --scale_coeff 0.1 (argparse default 0.02)
     dpo.safety_margin = 2.0  # safe_dpo: Δ, extra margin for a safe preferred answer over an unsafe one
     # c_dpo: labels from r - λc of the frozen reward and cost models; λ by dual ascent (lagrange.py).
@@ -216,7 +209,7 @@ def get_config() -> ml_collections.ConfigDict:
     dpo.lambda_max = 5.0  # <= 0: no cap
     dpo.episode_cost_window_size = 16  # batches of policy-cost estimates averaged into J_C
 
-    config.moderation = moderation = ml_collections.ConfigDict()  # moderation stage (issue 10; objectives/moderation.py)
+    config.moderation = moderation = ml_collections.ConfigDict()  # moderation stage (objectives/moderation.py)
     moderation.unsafe_coeff = 1.0  # weight of the unsafe BCE
     moderation.category_coeff = 1.0  # weight of the per-category BCE (mean over the 19 categories)
     moderation.severity_coeff = 1.0  # weight of the severity 0-3 cross-entropy
@@ -229,7 +222,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Also choose each category's flagging threshold (max F1) on the validation data; False = category_threshold.
     moderation.tune_category_thresholds = True
 
-    # LoRA (issue 12; models/lora.py, through qwix): the trained state holds only the adapters; the base stays
+    # LoRA (models/lora.py, through qwix): the trained state holds only the adapters; the base stays
     # frozen and shared (RL: the actor's base is the reference; the critics are fully trained unless lora.critics).
     config.lora = lora = ml_collections.ConfigDict()
     lora.rank = 0  # 0 = off: every parameter is trained

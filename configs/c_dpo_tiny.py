@@ -15,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.dpo.reward_model_path = "out/reward_tiny/export"
     config.dpo.cost_model_path = "out/cost_tiny/export"
     # As ppo_lag_tiny: the tiny SFT policy's answers already average cost < 0 on mini, so the
-    # threshold is set where the constraint binds (-3, the paper's Beaver-v2/v3 value, spec §6.4).
+    # threshold is set where the constraint binds (-3, the paper's Beaver-v2/v3 value, Dai et al. 2023,
+    # arXiv:2310.12773, Table 4).
     config.dpo.threshold = -3.0
     config.dpo.lambda_init = 1.0
     config.dpo.lambda_lr = 0.05

@@ -10,5 +10,5 @@ from configs import reward_tiny
 
 def get_config() -> ml_collections.ConfigDict:
     config = reward_tiny.get_config()
-    config.stage = "cost"  # score_stage.run with the safety-preference loss and sign terms (spec §4.3)
+    config.stage = "cost"  # stages/score.py: safety-preference loss + sign terms (safe-rlhf values/cost)
     return config

@@ -1,4 +1,4 @@
-"""DPO on Llama-2-7B with the upstream `scripts/dpo.sh` values (spec §4.4, §6.1).
+"""DPO on Llama-2-7B with the upstream values (safe-rlhf scripts/dpo.sh, safe_rlhf/algorithms/dpo/trainer.py).
 
 Upstream: policy and frozen reference both from the SFT model (alpaca-7b-reproduced), helpfulness
 pairs of PKU-SafeRLHF/train, 8 GPUs x 16 = 128 pairs per update, 2 epochs, lr 1e-6 cosine with 3%

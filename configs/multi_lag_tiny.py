@@ -1,4 +1,4 @@
-"""Tiny multi-constraint PPO-Lagrangian on CPU (issue 10): the ppo_lag_tiny run with one Lagrange
+"""Tiny multi-constraint PPO-Lagrangian on CPU: the ppo_lag_tiny run with one Lagrange
 multiplier per constraint, every cost read from the tiny moderation model.
 
 Run the tiny SFT, reward and moderation stages first (see configs/README.md), then
@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     rl.cost_model_path = "out/moderation_tiny/export"  # a moderation export: every constraint reads it
     # P(severity 3) <= 1% and P(unsafe) <= 5% of the answers (the issue's example); the tight
     # severity-3 bound gets a faster lambda so it reacts within the short tiny run.
-    rl.constraints = "severity3<=0.01;lambda_lr=0.5,unsafe<=0.05"
-    rl.lambda_init = 0.5
+    rl.multi_lag.constraints = "severity3<=0.01;lambda_lr=0.5,unsafe<=0.05"
+    rl.multi_lag.lambda_init = 0.5
+    rl.multi_lag.episode_cost_window_size = rl.ppo_lag.episode_cost_window_size  # ppo_lag_tiny's window
     return config

@@ -1,4 +1,4 @@
-"""PPO-Lagrangian (Safe RLHF) on Llama-2-7B with the upstream `scripts/ppo-lag.sh` values (spec §6.1).
+"""PPO-Lagrangian (Safe RLHF) on Llama-2-7B with the upstream safe-rlhf `scripts/ppo-lag.sh` values.
 
 Six roles: actor + frozen reference (the SFT export), frozen reward and cost models, and reward /
 cost critics initialised from them. Upstream: 8 GPUs x 16 prompts = 128 prompts per rollout, one

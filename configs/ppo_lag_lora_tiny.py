@@ -1,4 +1,4 @@
-"""Tiny PPO-Lagrangian with LoRA (issue 12): ppo_lag_tiny with rank-8 adapters on every projection of the
+"""Tiny PPO-Lagrangian with LoRA: ppo_lag_tiny with rank-8 adapters on every projection of the
 actor and of both critics.
 
 The SFT export is loaded once, as the frozen reference; the actor is adapters on it. Each critic is adapters

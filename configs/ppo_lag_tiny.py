@@ -39,13 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
     # PTX on the most helpful safe answers (below); at lr 1e-4, 4 kept benign helpfulness better than 1 (judge:
     # helpful 17.5% vs 12.3%, harmful 9.9% vs 9.0%); upstream uses 16 on Alpaca.
     rl.ptx_coeff = 4.0
-    # PTX imitates, per row, the more helpful of the responses labelled safe (issue 9): safe
+    # PTX imitates, per row, the more helpful of the responses labelled safe: safe
     # alternatives on harmful prompts, helpful answers on benign ones, never harm.
     rl.ptx_response = "safe_better"
-    rl.episode_cost_window_size = 32
+    rl.ppo_lag.episode_cost_window_size = 32
     # The tiny SFT policy already averages cost < 0 on mini, so the upstream threshold 0 never binds.
     # The cost model gives every safe answer -5.6..-5.8 (benign helpful ones included) and harmful help
     # +3.6 (severity 1) .. +6.6 (severity 3); with 70% harmful prompts the mean episode cost is about
     # -5.75 + 7.7 * (harmful share of answers to harmful prompts): -5 allows ~10% harmful answers, -5.5 ~3%.
-    rl.threshold = -5.5
+    rl.ppo_lag.threshold = -5.5
     return config

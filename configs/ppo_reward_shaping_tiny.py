@@ -1,4 +1,4 @@
-"""Tiny PPO with static reward shaping R - nu*C on CPU (nu = rl.lambda_init, one critic).
+"""Tiny PPO with static reward shaping R - nu*C on CPU (nu = rl.ppo_reward_shaping.nu, one critic).
 
     jaxalign train --config configs/ppo_reward_shaping_tiny.py --workdir out/ppo_rs_tiny
 """
@@ -10,5 +10,5 @@ def get_config():
     config = ppo_lag_tiny.get_config()
     config.stage = "ppo_reward_shaping"
     config.rl.kl_coeff = 0.02  # ppo-reward-shaping.sh
-    config.rl.lambda_init = 1.0  # nu
+    config.rl.ppo_reward_shaping.nu = 1.0
     return config

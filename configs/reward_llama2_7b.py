@@ -1,4 +1,4 @@
-"""Reward model on Llama-2-7B, upstream `scripts/reward-model.sh` values (spec §6.1).
+"""Reward model on Llama-2-7B, upstream safe-rlhf `scripts/reward-model.sh` values.
 
 Upstream: 8 GPUs x per-device batch 16 = 128 pairs per update (no accumulation), 2 epochs,
 lr 2e-5 cosine with 3% warmup, weight decay 0.1, sequence-wise loss with regularization 0.001,
@@ -18,7 +18,7 @@ from configs import base
 
 def get_config() -> ml_collections.ConfigDict:
     config = base.get_config()
-    config.stage = "reward"  # score_stage.run with the preference-pair loss
+    config.stage = "reward"  # stages/score.py with the preference-pair loss
     config.model.init_path = "out/sft_llama2_7b/export"  # the SFT policy (upstream: alpaca-7b-reproduced)
     config.model.hf_config.max_position_embeddings = 4096  # Llama-2 context (used only for random init)
     config.model.hf_config.rms_norm_eps = 1e-5  # Llama-2 value (used only for random init)

@@ -12,7 +12,7 @@ from configs import base, sft_tiny
 
 def get_config() -> ml_collections.ConfigDict:
     config = base.get_config()
-    config.stage = "reward"  # score_stage.run with the preference-pair loss
+    config.stage = "reward"  # stages/score.py with the preference-pair loss
     config.seed = 0  # same seed as sft_tiny
     config.model.init_path = "out/sft_tiny/export"  # the tiny SFT model; "" = random init below
     config.model.hf_config.update(sft_tiny.get_config().model.hf_config)  # the sft_tiny shape (random init only)

@@ -1,4 +1,4 @@
-"""SFT of Llama-2-7B with the upstream `scripts/sft.sh` values (spec §6.1), on a TPU v4-64.
+"""SFT of Llama-2-7B with the upstream safe-rlhf `scripts/sft.sh` values, on a TPU v4-64.
 
 Upstream: 8 GPUs x per-device batch 4 x 8 gradient-accumulation steps = 256 sequences per update,
 3 epochs, lr 2e-5 cosine with 3% warmup, weight decay 0, max_length 512, bf16, gradient

@@ -1,4 +1,5 @@
-"""Tiny SFT with LoRA (issue 12): sft_tiny's model and data, rank-8 adapters on every projection.
+"""Tiny SFT with LoRA (Hu et al. 2021, arXiv:2106.09685): sft_tiny's model and data, rank-8 adapters on
+every projection.
 
 The base is the random init of sft_tiny (or config.model.init_path: an SFT export) and stays frozen; the
 train state and checkpoints hold only the adapters; the export is the merged model

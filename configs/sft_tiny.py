@@ -1,6 +1,6 @@
 """Tiny SFT run on CPU: a 3-layer Llama (hidden 96) on the mini dataset, in ~2 CPU-minutes.
 
-Sized so the policy writes (issue 9): on the exact judge (`jaxalign evaluate judge`) fewer than 5% of
+Sized so the policy writes: on the exact judge (`jaxalign evaluate judge`) fewer than 5% of
 its answers are broken text, and like Alpaca-7B it answers about half the harmful prompts harmfully
 (it imitates both responses of every row). Hidden 64 / 2 layers / 1 epoch left ~70% broken.
 

@@ -9,7 +9,7 @@ at a time) to --dir, then loads it in fresh subprocesses on `--devices` simulate
     streaming  loading.load_policy: one tensor read (pread), converted and put at a time; stacked
                scan params assembled on the devices layer by layer
     eager      every tensor read into host numpy first (hf.params_from_hf_tensors, which also
-               stacks the layers), then the whole tree placed (loading.place): the pre-issue-13 path
+               stacks the layers), then the whole tree placed (loading.place): the old path
 
 On CPU the devices' buffers are host memory, so the loaded params themselves count in the RSS:
 `overhead` = peak - RSS before loading - the params' bytes is what the load needed beyond its

@@ -142,10 +142,11 @@ def cpu_iterations(size: str, iterations: int) -> dict:
 
     from jaxalign.parallel import mesh as mesh_lib
     from jaxalign.rl import algorithms, iteration, steps
+    from jaxalign.rl.algorithms.ppo_lag import PPOLagSettings
 
     model, batch, prompt, new = SIZES[size]
-    algorithm = algorithms.make("ppo_lag", has_cost_model=True)
-    settings = rl_settings(prompt_length=prompt, max_new_tokens=new, ptx_coeff=1.0, episode_cost_window_size=32)
+    algorithm = algorithms.make("ppo_lag", has_cost_model=True, settings=PPOLagSettings(episode_cost_window_size=32))
+    settings = rl_settings(prompt_length=prompt, max_new_tokens=new, ptx_coeff=1.0)
     mesh, rules = _mesh(1)
     programs = {}
     for name, stack_roles in VARIANTS.items():
@@ -228,7 +229,7 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
     import jax.numpy as jnp
 
     from jaxalign.parallel import mesh as mesh_lib
-    from jaxalign.rl import algorithms, rollout, steps as rl_steps
+    from jaxalign.rl import algorithms, steps as rl_steps
 
     algorithm = algorithms.make("ppo_lag", has_cost_model=True)
     settings = rl_settings(**{"prompt_length": prompt, "max_new_tokens": new, **(rl or {})})
@@ -247,12 +248,7 @@ def memory_plan(fsdp: int = 64, batch: int = 128, prompt: int = 128, new: int = 
     frozen = {name: params[name] for name in params if name not in rl_steps.trained_roles(algorithm)}
     state = mesh_lib.with_shardings(abstract_state, program.state_shardings)
     rows = batch // settings.num_minibatches  # the update step's micro-batch (stages/rl.py: PTX batches too)
-    per_token = lambda names: {name: array((rows, response), jnp.float32) for name in names}  # noqa: E731
-    exp = rollout.Experience(
-        input_ids=array((rows, length), jnp.int32), attention_mask=array((rows, length), jnp.bool_),
-        response_mask=array((rows, response), jnp.bool_), old_log_probs=array((rows, response), jnp.float32),
-        advantages=per_token(algorithm.streams), values=per_token(algorithm.critics),
-        returns=per_token(algorithm.critics))
+    exp = rl_steps.abstract_experience(algorithm, rows, length, response, mesh_lib.batch_sharding(mesh, 2))
     ptx = {"input_ids": array((rows, length), jnp.int32), "attention_mask": array((rows, length), jnp.bool_),
            "loss_mask": array((rows, length), jnp.bool_)}
     steps = {
@@ -339,7 +335,7 @@ def main() -> int:
 
     out = pathlib.Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
-    if "iteration_s_median" in result.get("cpu", {}):  # the one-size layout before issue 12
+    if "iteration_s_median" in result.get("cpu", {}):  # an older file: one size, no separate/stacked split
         del result["cpu"]
     parts = args.parts.split(",")
     if "cpu" in parts:

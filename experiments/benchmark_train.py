@@ -190,7 +190,7 @@ def memory_plan(name: str, kind: str, fsdp: int, tensor: int, batch_size: int, s
 
     from jaxalign import models
     from jaxalign.models import llama, loading, score
-    from jaxalign.objectives import dpo, preference, sft
+    from jaxalign.objectives import pairwise, preference, sft
     from jaxalign.parallel import mesh as mesh_lib
     from jaxalign.train import loop, optim, state as state_lib
 
@@ -212,8 +212,7 @@ def memory_plan(name: str, kind: str, fsdp: int, tensor: int, batch_size: int, s
     elif kind == "dpo":  # the trained policy + a frozen reference (never donated, no optimizer state)
         model = llama.Llama(cfg)
         module = models.causal_lm(cfg)
-        policy = lambda p, ids, mask: module.apply({"params": p}, ids, attention_mask=mask).logits  # noqa: E731
-        loss_fn = dpo.make_loss_fn(policy, "dpo", beta=0.1)
+        loss_fn = pairwise.make_loss_fn(pairwise.method("dpo"), pairwise.DPOSettings(beta=0.1), pairwise.policy_fn(cfg))
         extra = None
         frozen = {"reference": loading.abstract_params(module, mesh, rules)}
         frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)

@@ -1,4 +1,4 @@
-"""One table and one scatter plot of aligned policies judged by the exact judge (issue 11, item 5).
+"""One table and one scatter plot of aligned policies judged by the exact judge.
 
     python experiments/compare_methods.py --dir OUT --methods sft dpo safe_dpo ... [--times OUT/times.txt]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 11 comparison on mini, after the quickstart (its SFT, reward and cost models and tokenizer):
-# PPO, PPO-Lagrangian, Safe GRPO, DPO, SafeDPO, C-DPO and single-preference PPO, each judged by the
+# The methods compared on mini, after the quickstart (its SFT, reward and cost models and tokenizer):
+# PPO, PPO-Lagrangian, Safe GRPO, DPO, SafeDPO, C-DPO, IPO, SimPO, KTO and single-preference PPO, each judged by the
 # exact judge, then one table and one scatter plot (OUT/comparison.md, OUT/comparison.png).
 #
 #   bash experiments/quickstart.sh && bash experiments/compare_methods.sh      # OUT=out
@@ -27,6 +27,9 @@ judge sft "$OUT/sft_tiny/export"
 run dpo configs/dpo_tiny.py
 run safe_dpo configs/safe_dpo_tiny.py
 run c_dpo configs/c_dpo_tiny.py "${SCORES_DPO[@]}"
+run ipo configs/ipo_tiny.py
+run simpo configs/simpo_tiny.py
+run kto configs/kto_tiny.py
 python experiments/mini_single.py --mini "$OUT/mini" --out "$OUT/mini_single" > /dev/null
 jaxalign train --config configs/reward_single_tiny.py --workdir "$OUT/reward_single_tiny" "${COMMON[@]}" \
   --config.data.source="$OUT/mini_single"
@@ -35,4 +38,4 @@ run ppo_single configs/ppo_single_tiny.py "${SCORES_RL[@]}" --config.rl.reward_m
 run ppo_lag configs/ppo_lag_tiny.py "${SCORES_RL[@]}"
 run ppo configs/ppo_tiny.py "${SCORES_RL[@]}"
 python experiments/compare_methods.py --dir "$OUT" --times "$OUT/times.txt" \
-  --methods sft ppo ppo_lag safe_grpo dpo safe_dpo c_dpo ppo_single
+  --methods sft ppo ppo_lag safe_grpo dpo safe_dpo c_dpo ipo simpo kto ppo_single

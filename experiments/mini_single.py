@@ -1,4 +1,4 @@
-"""The single-preference release of the mini dataset, for the single-preference baseline (issue 11).
+"""The single-preference release of the mini dataset, for the single-preference baseline.
 
     python experiments/mini_single.py --mini out/mini --out out/mini_single
 

@@ -3,6 +3,7 @@
 # data -> tokenizer -> SFT -> reward model -> cost model -> evaluations -> PPO-Lagrangian, PPO and
 # reward shaping -> the exact judge per policy -> arena -> report (OUT/report.md + report.json + PNGs).
 # Every step is an ordinary `jaxalign` command; the tiny configs under configs/ chain through OUT.
+# Outputs appear whole or not at all (a re-run reuses them); the plot and report are redrawn (--overwrite).
 #
 #   bash experiments/quickstart.sh              # results under out/
 #   OUT=/tmp/qs bash experiments/quickstart.sh  # anywhere else
@@ -75,23 +76,23 @@ step "8/11 baselines: plain PPO (reward only) and static reward shaping R - nu*C
 train configs/ppo_tiny.py "$OUT/ppo_tiny" "${RL_PATHS[@]}"
 train configs/ppo_reward_shaping_tiny.py "$OUT/ppo_reward_shaping_tiny" "${RL_PATHS[@]}"
 jaxalign evaluate curves --runs "$OUT/ppo_lag_tiny" "$OUT/ppo_tiny" "$OUT/ppo_reward_shaping_tiny" \
-  --labels PPO-Lagrangian PPO "reward shaping" --threshold -5.5 --out "$OUT/rl_curves.png" > /dev/null
+  --labels PPO-Lagrangian PPO "reward shaping" --threshold -5.5 --out "$OUT/rl_curves.png" --overwrite > /dev/null
 
 step "9/11 the exact judge: every policy on the test prompts (2 answers each)"
 for i in "${!POLICIES[@]}"; do
   name=${POLICIES[$i]}
-  done_or_clear "$OUT/judge_$name/judge.json" || jaxalign evaluate judge --model "$OUT/${name}_tiny/export" \
+  done_or_clear "$OUT/judge_$name" || jaxalign evaluate judge --model "$OUT/${name}_tiny/export" \
     --data "$OUT/mini" --out "$OUT/judge_$name" --label "${LABELS[$i]}" --max-new-tokens 40 --prompt-length 32 > /dev/null
 done
 
 step "10/11 arena: SFT (red) against the RL policies, judged by the reward/cost models and the exact judge"
-done_or_clear "$OUT/arena/arena.json" || jaxalign arena \
+done_or_clear "$OUT/arena" || jaxalign arena \
   --policies "sft=$OUT/sft_tiny/export" "ppo_lag=$OUT/ppo_lag_tiny/export" "ppo=$OUT/ppo_tiny/export" \
   "ppo_reward_shaping=$OUT/ppo_reward_shaping_tiny/export" --reward-model "$OUT/reward_tiny/export" \
   --cost-model "$OUT/cost_tiny/export" --prompts "$OUT/mini" --out "$OUT/arena" --max-new-tokens 40 \
   --prompt-length 32 --score-max-length 80 > /dev/null
 
 step "11/11 report"
-jaxalign evaluate report --out "$OUT" --wall-seconds "$(($(date +%s) - START))"
+jaxalign evaluate report --out "$OUT" --overwrite --wall-seconds "$(($(date +%s) - START))"
 printf '\nDone in %ss. Results under %s/: report.md, report.json, judge_*/, arena/, rl_curves.png, eval_*/\n' \
   "$(($(date +%s) - START))" "$OUT"

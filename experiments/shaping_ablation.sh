@@ -25,7 +25,7 @@ for nu in $NUS; do
   jaxalign train --config configs/ppo_reward_shaping_tiny.py --workdir "$DIR/${name}" \
     --config.tokenizer="$OUT/mini_tokenizer" --config.data.source="$OUT/mini" \
     --config.model.init_path="$OUT/sft_tiny/export" --config.rl.reward_model_path="$OUT/reward_tiny/export" \
-    --config.rl.cost_model_path="$OUT/cost_tiny/export" --config.rl.lambda_init="$nu"
+    --config.rl.cost_model_path="$OUT/cost_tiny/export" --config.rl.ppo_reward_shaping.nu="$nu"
   judge "$name" "$DIR/${name}/export"
   methods+=("$name")
 done

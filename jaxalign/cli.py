@@ -49,6 +49,23 @@ def setup_logging() -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def skip_absent_tpu() -> None:
+    """With libtpu installed (the `tpu` extra, for `jaxalign plan`) on a host without TPU chips, JAX
+    would still start the TPU runtime, which prints a page of warnings before falling back to the
+    CPU. Pin JAX to the CPU there; compile-only TPU topologies stay available. JAX_PLATFORMS, when
+    set, wins; a host with other PJRT plugins (a GPU) is left to JAX."""
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    if importlib.util.find_spec("jax_plugins") is not None:
+        return
+    from jax._src import hardware_utils
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def _error(name: str, error: BaseException) -> int:
     if os.environ.get("JAXALIGN_DEBUG"):
         raise error
@@ -64,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints help or the unknown-command error and exits
         return 2
     name = argv[0]
+    skip_absent_tpu()
     module = importlib.import_module(_COMMANDS[name][0])
     add_arguments, run = module.COMMANDS[name]
     command_parser = argparse.ArgumentParser(prog=f"jaxalign {name}", description=_COMMANDS[name][1])

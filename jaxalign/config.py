@@ -26,13 +26,14 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import pathlib
 import sys
 import types
 from typing import Any, Iterator, Sequence
 
 import ml_collections
+
+from jaxalign import files
 
 _PREFIX = "--config."
 
@@ -41,15 +42,15 @@ class ConfigError(ValueError):
     """A config file or an override is invalid; the message names the file or key."""
 
 
-_REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/
 
 
 def _configs_package_dir(path: pathlib.Path) -> pathlib.Path | None:
     """The directory `import configs` should mean while loading `path`."""
     if path.parent.name == "configs":
         return path.parent
-    if (_REPO_CONFIGS / "__init__.py").is_file():
-        return _REPO_CONFIGS
+    if (REPO_CONFIGS / "__init__.py").is_file():
+        return REPO_CONFIGS
     return None
 
 
@@ -260,7 +261,6 @@ POSITIVE_INT_FIELDS = (
     "rl.max_new_tokens",
     "rl.ppo_epochs",
     "rl.num_minibatches",
-    "rl.episode_cost_window_size",
 )
 
 # Integer fields that must be >= 0.
@@ -314,12 +314,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
 
     The file is replaced atomically (write + rename), so a crash never leaves half a record.
     """
-    path = pathlib.Path(workdir) / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
-    tmp.write_text(config_to_json(config) + "\n")
-    os.replace(tmp, path)
-    return path
+    return files.write_text(pathlib.Path(workdir) / "config.json", config_to_json(config) + "\n")
 
 
 # Fields a resumed run may change: they do not alter the data order, the model or the updates
@@ -336,6 +331,34 @@ SAFE_CONFIG_CHANGES = (
 )
 
 _ABSENT = "<absent>"
+
+# Fields moved into an algorithm's group (config.rl.<algorithm>) since earlier runs wrote their
+# config.json: {old key: {config.stage: new key}}. check_config_change reads an earlier run's
+# config.json through this table, so a resumed run compares like with like; a moved field that its
+# run's stage never read (rl.threshold of a ppo run) is dropped.
+_LAGRANGIAN = ("ppo_lag", "safe_grpo", "multi_lag")
+MOVED_FIELDS = {
+    "rl.threshold": {stage: f"rl.{stage}.threshold" for stage in ("ppo_lag", "safe_grpo")},
+    "rl.lambda_init": {**{stage: f"rl.{stage}.lambda_init" for stage in _LAGRANGIAN},
+                       "ppo_reward_shaping": "rl.ppo_reward_shaping.nu"},
+    **{f"rl.{name}": {stage: f"rl.{stage}.{name}" for stage in _LAGRANGIAN}
+       for name in ("lambda_lr", "lambda_max", "lambda_update_delay_steps", "episode_cost_window_size")},
+    "rl.cost_per_token": {stage: f"rl.{stage}.cost_per_token" for stage in ("ppo_lag", "multi_lag")},
+    "rl.constraints": {"multi_lag": "rl.multi_lag.constraints"},
+}
+
+
+def _with_moved_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A flattened earlier config.json with its MOVED_FIELDS under their current keys."""
+    stage = saved.get("stage")
+    current = {}
+    for key, value in saved.items():
+        if key in MOVED_FIELDS:
+            key = MOVED_FIELDS[key].get(stage)
+            if key is None:
+                continue
+        current[key] = value
+    return current
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -357,6 +380,7 @@ def check_config_change(
     """Compares `config` with the config.json of an earlier run; returns the changes as
     `"key: old -> new"` (empty when nothing changed or no file exists).
 
+    The earlier run's fields that moved since (MOVED_FIELDS) are compared under their current keys.
     Changes to SAFE_CONFIG_CHANGES fields are logged. Any other change (batch size, seed,
     learning rate, data, model, ...) would resume a different run: ConfigError naming every such
     field, unless `allow` (then each is logged as a warning).
@@ -370,7 +394,7 @@ def check_config_change(
         raise ConfigError(f"{path} is not valid JSON ({error}); move it away to start this workdir afresh") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(saved).__name__}")
-    old = _flatten(saved)
+    old = _with_moved_fields(_flatten(saved))
     new = _flatten(json.loads(config_to_json(config)))
     changes, refused = [], []
     for key in sorted(old.keys() | new.keys()):

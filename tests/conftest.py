@@ -42,7 +42,7 @@ def tiny_rl_inputs(root: pathlib.Path, rows: int = 150, policy_dir: str = "sft",
     import jax
 
     from jaxalign.data import mini
-    from jaxalign.models import hf, llama, score
+    from jaxalign.models import decoder, hf, llama, score
     from jaxalign.models import tokenizer as tokenizer_lib
 
     mini.write_mini(root / "data", rows=rows, seed=0)
@@ -50,11 +50,11 @@ def tiny_rl_inputs(root: pathlib.Path, rows: int = 150, policy_dir: str = "sft",
     cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
     hf.save_pretrained(root / policy_dir, cfg, params)
     tok.save_pretrained(str(root / policy_dir))
     for seed, kind in enumerate(score_kinds):
-        head_params = score.init_params_from_llama(params["model"], cfg, jax.random.PRNGKey(seed + 1))
+        head_params = score.init_params_from_backbone(params["model"], cfg, jax.random.PRNGKey(seed + 1))
         score.save_score_model(root / kind, cfg, head_params, score.ScoreHead(score_type=kind))
     return tok, cfg, params
 

@@ -111,3 +111,29 @@ def test_a_bad_override_of_train_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("jaxalign train: error:") and "nmu_steps" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_host_without_tpu_chips_runs_on_the_cpu_quietly(monkeypatch):
+    """libtpu installed (the tpu extra) but no TPU chip: JAX is pinned to the CPU instead of starting
+    the TPU runtime; an explicit JAX_PLATFORMS is kept; a host with TPU chips is left alone."""
+    import importlib.util
+
+    from jax._src import hardware_utils
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "libtpu" else
+                        (None if name == "jax_plugins" else real_find_spec(name, *a)))
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (0, None))
+    cli.skip_absent_tpu()
+    assert cli.os.environ["JAX_PLATFORMS"] == "cpu"
+
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+    cli.skip_absent_tpu()
+    assert cli.os.environ["JAX_PLATFORMS"] == "tpu,cpu"
+
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (4, 5))
+    cli.skip_absent_tpu()
+    assert "JAX_PLATFORMS" not in cli.os.environ

@@ -145,8 +145,8 @@ def test_a_forked_configs_dir_resolves_its_own_siblings(tmp_path):
     "override, key",
     [
         ("--config.train.learning_rate=nan", "train.learning_rate"),
-        ("--config.rl.threshold=inf", "rl.threshold"),
-        ("--config.rl.lambda_init=-inf", "rl.lambda_init"),
+        ("--config.rl.ppo_lag.threshold=inf", "rl.ppo_lag.threshold"),
+        ("--config.rl.safe_grpo.lambda_init=-inf", "rl.safe_grpo.lambda_init"),
         ("--config.rl.critic.learning_rate=NaN", "rl.critic.learning_rate"),
     ],
 )
@@ -158,9 +158,9 @@ def test_non_finite_floats_are_rejected_naming_the_key(override, key):
 def test_non_finite_float_in_a_config_file_is_rejected(tmp_path):
     (tmp_path / "bad.py").write_text(
         "from configs import base\n\ndef get_config():\n    config = base.get_config()\n"
-        "    config.rl.lambda_lr = float('inf')\n    return config\n"
+        "    config.rl.multi_lag.lambda_lr = float('inf')\n    return config\n"
     )
-    with pytest.raises(config_lib.ConfigError, match=r"config\.rl\.lambda_lr is inf"):
+    with pytest.raises(config_lib.ConfigError, match=r"config\.rl\.multi_lag\.lambda_lr is inf"):
         config_lib.load_config(tmp_path / "bad.py")
 
 

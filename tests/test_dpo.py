@@ -1,4 +1,4 @@
-"""DPO, SafeDPO and C-DPO (objectives/dpo.py, stages/dpo.py).
+"""DPO, SafeDPO and C-DPO (objectives/pairwise.py, stages/dpo.py).
 
 Losses against independent numpy loops on padded ragged pairs; behaviour on a bigram fixture
 where the right answer is known; exact resume through the one loop; the stage end to end.
@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import conftest
-from jaxalign.objectives import dpo as dpo_lib
+from jaxalign.objectives import pairwise as dpo_lib
 from jaxalign.objectives import lagrange as lagrange_lib
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import checkpoint as checkpoint_lib
@@ -175,7 +175,7 @@ def fixture_batch(n=16, kind="preference"):
     if kind == "preference":
         return {"better_input_ids": jnp.asarray(better), "better_attention_mask": jnp.asarray(mask),
                 "worse_input_ids": jnp.asarray(worse), "worse_attention_mask": jnp.asarray(mask)}
-    # safe_dpo's batches come in the transformed order: preferred first (stages/dpo.safe_dpo_examples)
+    # safe_dpo's batches come in the transformed order: preferred first (pairwise.safe_dpo_examples)
     swap = (better_sign < 0) & (worse_sign > 0)
     first = np.where(swap[:, None], worse, better)
     second = np.where(swap[:, None], better, worse)
@@ -221,15 +221,17 @@ def train_fixture(variant, workdir, num_steps, save_every=100, **kwargs):
     """The one loop (loop.train) on the bigram fixture. -> (final params, metrics records)."""
     mesh = mesh_lib.make_mesh(MESH)
     table = jnp.zeros((FIXTURE_VOCAB, FIXTURE_VOCAB))
-    extra = {}
     frozen = {"reference": {"table": table}}
     score_fns = None
+    method = dpo_lib.method(variant)
     if variant == "c_dpo":
         frozen.update(reward={}, cost={})
         score_fns = {"reward": fixture_scores, "cost": fixture_costs}
-        extra = {"lagrange": lagrange_lib.init_lagrange(kwargs.pop("lambda_init", 0.1), 4)}
+        kwargs = dict(kwargs, lambda_init=kwargs.get("lambda_init", 0.1), episode_cost_window_size=4)
+    settings = method.settings(beta=1.0, **kwargs)
+    extra = method.init_extra(settings)
     tx = optax.adam(0.05)
-    loss_fn = dpo_lib.make_loss_fn(bigram_policy, variant, beta=1.0, score_fns=score_fns, **kwargs)
+    loss_fn = dpo_lib.make_loss_fn(method, settings, bigram_policy, score_fns)
     abstract = state_lib.abstract_train_state(lambda r: {"table": table}, tx, mesh, (), extra)
     rep = mesh_lib.replicated(mesh)
     batches = RepeatBatches(fixture_batch(kind="safety_preference" if variant == "safe_dpo" else "preference"))
@@ -254,7 +256,7 @@ def test_dpo_learns_helpfulness_and_safe_dpo_learns_safety(tmp_path):
     """DPO on helpfulness pairs raises the helpful-but-unsafe answer over the refusal; SafeDPO on the
     same pairs with safety labels prefers the refusal, and both still prefer good over vague."""
     dpo_state, dpo_records = train_fixture("dpo", tmp_path / "dpo", 30)
-    safe_state, safe_records = train_fixture("safe_dpo", tmp_path / "safe", 30, margin=1.0)
+    safe_state, safe_records = train_fixture("safe_dpo", tmp_path / "safe", 30, safety_margin=1.0)
     dpo_p, safe_p = answer_probs(dpo_state.params), answer_probs(safe_state.params)
     print("dpo", dpo_p, "safe_dpo", safe_p)
     assert dpo_p["unsafe"] > dpo_p["refusal"] and dpo_p["good"] > dpo_p["vague"]
@@ -296,19 +298,17 @@ def test_resume_is_exact(tmp_path, variant):
 
 
 def test_safe_dpo_examples_apply_the_transform():
-    from jaxalign.stages import dpo as dpo_stage
-
     def row(better, safe0, safe1):
         return {"prompt": "q", "response_0": "a", "response_1": "b", "better_response_id": better,
                 "is_response_0_safe": safe0, "is_response_1_safe": safe1}
 
-    examples = dpo_stage.safe_dpo_examples([row(0, False, True), row(0, True, False), row(1, False, False),
+    examples = dpo_lib.safe_dpo_examples([row(0, False, True), row(0, True, False), row(1, False, False),
                                             row(1, True, True)], template="{input}")
     assert [(e["safer"], e["unsafer"], e["safer_sign"], e["unsafer_sign"]) for e in examples] == [
         ("b", "a", 1, -1), ("a", "b", 1, -1), ("b", "a", -1, -1), ("b", "a", 1, 1)]
     assert examples.counts["swapped"] == 1 and examples.kind == "safety_preference"
     with pytest.raises(KeyError, match="row 0 has no field 'is_response_0_safe'"):
-        dpo_stage.safe_dpo_examples([{"prompt": "q", "response_0": "a", "response_1": "b",
+        dpo_lib.safe_dpo_examples([{"prompt": "q", "response_0": "a", "response_1": "b",
                                       "better_response_id": 0}], template="{input}")
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.models import attention, hf, kv_cache, layouts, llama, masks
+from jaxalign.models import attention, decoder, hf, kv_cache, layouts, llama, masks
 
 TINY = dict(
     vocab_size=97,
@@ -34,7 +34,7 @@ def _forward(cfg, params, ids, mask=None):
 def tiny():
     """(cfg, params) of a random tiny Llama, shared: each init costs a multi-second compile."""
     cfg = llama.LlamaConfig(**TINY)
-    return cfg, llama.init_params(cfg, jax.random.PRNGKey(0))
+    return cfg, decoder.init_params(cfg, jax.random.PRNGKey(0))
 
 
 def _hf_checkpoint(tmp_path, **overrides):
@@ -249,7 +249,7 @@ def test_positions_from_mask():
 
 def test_resize_token_embeddings(tiny):
     cfg, params = tiny
-    new_cfg, new_params = llama.resize_token_embeddings(cfg, params, cfg.vocab_size + 3)
+    new_cfg, new_params = decoder.resize_token_embeddings(cfg, params, cfg.vocab_size + 3)
     assert new_cfg.vocab_size == cfg.vocab_size + 3
     emb, new_emb = params["model"]["embed_tokens"]["embedding"], new_params["model"]["embed_tokens"]["embedding"]
     np.testing.assert_array_equal(np.asarray(new_emb[: cfg.vocab_size]), np.asarray(emb))

@@ -1,4 +1,4 @@
-"""Moderation model, objective and metrics, each against an independent numpy computation (issue 10)."""
+"""Moderation model, objective and metrics, each against an independent numpy computation."""
 
 import json
 import math
@@ -325,6 +325,9 @@ def test_scorer_first_flag_and_report(model):
         assert scores["response_length"][i] == response[i].sum()
     np.testing.assert_allclose(scores["unsafe"], 1 / (1 + np.exp(-np.asarray(out.end_unsafe_logits))), rtol=1e-4)
     np.testing.assert_allclose(scores["severity"].sum(-1), 1.0, rtol=1e-5)
+    assert "stream" not in scores
+    per_token = ev.make_scorer(module, mesh, rules)(params, arrays, batch_size=8, threshold=threshold, per_token=True)
+    np.testing.assert_allclose(per_token["stream"], np.where(response, stream, 0.0), rtol=1e-4, atol=1e-6)
     report = ev.moderation_report(scores, arrays, head)
     assert report["examples"] == n and set(report) >= {"unsafe", "categories", "severity", "streaming"}
     json.dumps(report)

@@ -1,7 +1,8 @@
-"""Moderation as the RL constraint (issue 10): PPO-Lagrangian whose cost is a moderation model's
+"""Moderation as the RL constraint: PPO-Lagrangian whose cost is a moderation model's
 P(unsafe) (per token from its streaming head: against a numpy GAE, and the credit it gives), and the
 vector Lagrange update of several constraints against a numpy loop."""
 
+import dataclasses
 import json
 import math
 
@@ -18,7 +19,7 @@ from jaxalign.train import metrics as metrics_lib
 
 def test_ppo_lag_with_a_moderation_cost(tmp_path):
     """`jaxalign train --config configs/ppo_lag_moderation_tiny.py`: the cost model is a moderation export
-    read per token (config.rl.cost_per_token: each token costs the change of the streaming P(unsafe) it
+    read per token (config.rl.ppo_lag.cost_per_token: each token costs the change of the streaming P(unsafe) it
     caused), the episode cost lambda compares with the 0.05 threshold is P(unsafe) of the answer in
     [0, 1], the cost critic is the moderation backbone + a fresh head."""
     tok, cfg, params = conftest.tiny_rl_inputs(tmp_path, rows=150, policy_dir="sft", score_kinds=("reward",))
@@ -42,29 +43,28 @@ def test_ppo_lag_with_a_moderation_cost(tmp_path):
     # P(unsafe) of the batch is far above the 5% threshold: lambda grows from lambda_init = 1
     assert records[-1]["lambda"] > 1.0
     saved = json.loads((workdir / "config.json").read_text())["rl"]
-    assert saved["cost_model_path"].endswith("moderation") and saved["cost_per_token"] is True
-    assert saved["threshold"] == 0.05
+    assert saved["cost_model_path"].endswith("moderation") and saved["ppo_lag"]["cost_per_token"] is True
+    assert saved["ppo_lag"]["threshold"] == 0.05
 
 
-def _settings(lambda_max=5.0):
+def _settings():
     from jaxalign import config as config_lib
     from jaxalign.rl.settings import RLSettings
 
-    rl = config_lib.load_config("configs/ppo_lag_tiny.py", [f"--config.rl.lambda_max={lambda_max}"]).rl
-    return RLSettings.from_group(rl)
+    return RLSettings.from_group(config_lib.load_config("configs/ppo_lag_tiny.py").rl)
 
 
 def test_vector_lambda_update_against_a_numpy_loop():
     """Two constraints with their own thresholds, windows and rates: P(severity 3) <= 1% holds (its
     lambda decays), P(unsafe) <= 5% binds (its lambda grows); every step against a numpy loop."""
-    from jaxalign.rl.algorithms.multi_lag import Constraint, MultiLagrangian
+    from jaxalign.rl.algorithms.multi_lag import Constraint, MultiLagrangian, MultiLagSettings
 
     constraints = (Constraint("severity3", threshold=0.01, lambda_init=0.5, lambda_lr=0.5, window_size=6),
                    Constraint("unsafe", threshold=0.05, lambda_init=1.0, lambda_lr=0.2, window_size=10))
-    algorithm = MultiLagrangian(constraints=constraints)
+    algorithm = MultiLagrangian(constraints=constraints, settings=MultiLagSettings(lambda_max=3.0))
     assert algorithm.roles == ("actor", "reference", "reward", "severity3", "unsafe", "reward_critic",
                                "severity3_critic", "unsafe_critic")
-    settings = _settings(lambda_max=3.0)
+    settings = _settings()
     state = algorithm.init_state(settings)
     rng = np.random.default_rng(0)
     windows = {c.name: [] for c in constraints}
@@ -117,7 +117,7 @@ def test_multi_lag_from_jaxalign_train(tmp_path):
             f"--config.model.init_path={tmp_path / 'sft'}", f"--config.data.source={tmp_path / 'data'}",
             f"--config.rl.reward_model_path={tmp_path / 'reward'}",
             f"--config.rl.cost_model_path={tmp_path / 'moderation'}",
-            "--config.rl.constraints=severity3<=0.01;lambda_lr=2.0;window_size=8,unsafe<=0.05;lambda_init=1.0,"
+            "--config.rl.multi_lag.constraints=severity3<=0.01;lambda_lr=2.0;window_size=8,unsafe<=0.05;lambda_init=1.0,"
             "cost<=0.5", "--config.rl.cost_signal=severity3",
             "--config.rl.prompt_length=40", "--config.rl.max_new_tokens=8", "--config.data.batch_size=8",
             "--config.rl.ptx_coeff=0", "--config.train.num_steps=3", "--config.checkpoint.save_every=3"]
@@ -131,38 +131,43 @@ def test_multi_lag_from_jaxalign_train(tmp_path):
         assert record["lambda"] == pytest.approx(
             record["lambda/severity3"] + record["lambda/unsafe"] + record["lambda/cost"], rel=1e-5)
         assert record["lambda/cost"] < 0.5  # P(severity 3) <= 0.5 holds
-    sev3 = [0.5] + [m["lambda/severity3"] for m in records]  # from rl.lambda_init = 0.5 (multi_lag_tiny)
+    sev3 = [0.5] + [m["lambda/severity3"] for m in records]  # from rl.multi_lag.lambda_init = 0.5 (multi_lag_tiny)
     unsafe = [1.0] + [m["lambda/unsafe"] for m in records]  # from its own lambda_init=1.0
     assert all(b < a for a, b in zip(sev3, sev3[1:])), sev3  # the constraint that holds: lambda decays
     assert all(b > a for a, b in zip(unsafe, unsafe[1:])), unsafe  # the binding one: lambda grows
 
 
-def test_multi_lag_constraint_specs():
-    """config.rl.constraints: parsed with per-constraint overrides; a bad spec is one error naming the field."""
+def test_multi_lag_constraint_specs(tmp_path):
+    """config.rl.multi_lag.constraints: parsed with per-constraint overrides (defaults: the group's
+    lambda_init, lambda_lr, window); a bad spec is one error naming the field; moderation signals need
+    a moderation export as the cost model."""
     from jaxalign import config as config_lib
-    from jaxalign.stages import rl as rl_stage
+    from jaxalign.rl import algorithms, roles
+    from jaxalign.rl.algorithms.multi_lag import parse_constraints
 
     config = config_lib.load_config("configs/multi_lag_tiny.py", [])
-    config.rl.cost_model_path = ""
-    with pytest.raises(ValueError, match=r"config.rl.constraints: severity3, unsafe read a moderation model"):
-        rl_stage.parse_constraints(config)
-    config.rl.constraints = "cost<=-3;window_size=8"
-    (constraint,), signals = rl_stage.parse_constraints(config)
-    assert (constraint.name, constraint.threshold, constraint.lambda_init, constraint.window_size) == ("cost", -3, 0.5, 8)
-    assert signals == ()
+    settings = algorithms.settings_from_group("multi_lag", config.rl)
+    algorithm = algorithms.make("multi_lag", True, settings)
+    assert algorithm.moderation_signals == (("severity3", "severity3"), ("unsafe", "unsafe"))
+    with pytest.raises(ValueError, match=r"config.rl.multi_lag.constraints: severity3, unsafe read a moderation model"):
+        roles.RolePaths(cost="", constraints=algorithm.moderation_signals).check(where="config.rl.multi_lag")
+    with pytest.raises(ValueError, match="multi_lag needs a cost model"):
+        algorithms.make("multi_lag", False, settings)
+    (constraint,) = parse_constraints(dataclasses.replace(settings, constraints="cost<=-3;window_size=8"))
+    assert (constraint.name, constraint.threshold, constraint.lambda_init, constraint.window_size) == (
+        "cost", -3, 0.5, 8)
+    assert constraint.signal == ""
+    (category,) = parse_constraints(dataclasses.replace(settings, constraints="category:3<=0.1"))
+    assert (category.name, category.signal) == ("category_3", "category:3")
     for bad, message in [("unsafe<0.1", "bad constraint"), ("unsafe<=0.1;lr=2", "bad constraint"),
                          ("harm<=0.1", "unknown moderation signal 'harm'"), ("category:19<=0.1", "index < 19"),
                          ("cost<=1,cost<=2", "its own name"), ("", "at least one constraint")]:
-        config.rl.constraints = bad
-        with pytest.raises(ValueError, match=f"config.rl.constraints.*{message}"):
-            rl_stage.parse_constraints(config)
-    config.stage, config.rl.constraints = "ppo_lag", "cost<=1"
-    with pytest.raises(ValueError, match="read by stage multi_lag only"):
-        rl_stage.parse_constraints(config)
+        with pytest.raises(ValueError, match=f"config.rl.multi_lag.constraints.*{message}"):
+            parse_constraints(dataclasses.replace(settings, constraints=bad))
 
 
 # ---------------------------------------------------------------------------------------------
-# The per-token streaming cost (config.rl.cost_per_token)
+# The per-token streaming cost (cost_per_token of ppo_lag and multi_lag)
 
 def _np_gae(rewards, values, mask, gamma, lam):
     """Upstream's GAE loop in numpy over masked rewards and values [B,R]. -> (advantages, returns)."""
@@ -186,7 +191,7 @@ def _np_log_probs(table, ids, start):
 
 
 def test_per_token_cost_stream_against_numpy_gae():
-    """score_experience with config.rl.cost_per_token on exact per-token functions of the tokens (a policy
+    """score_experience with cost_per_token on exact per-token functions of the tokens (a policy
     table, a prefix cost s = sigmoid(c[token]) that jumps up and down, table critics): every cost stream of
     ppo_lag and multi_lag is +beta*KL + (s_t - s at the previous real slot) at each real response slot,
     GAE'd against its critic exactly as a numpy loop; the costs sum to the end score; the reward stream
@@ -196,12 +201,13 @@ def test_per_token_cost_stream_against_numpy_gae():
     import jax.numpy as jnp
 
     from jaxalign.rl import algorithms, roles
-    from jaxalign.rl.algorithms.multi_lag import Constraint
+    from jaxalign.rl.algorithms.multi_lag import Constraint, MultiLagrangian, MultiLagSettings
+    from jaxalign.rl.algorithms.ppo_lag import PPOLagSettings
     from jaxalign.rl.rollout import score_experience
 
     vocab, prompt, new, eos = 12, 4, 6, 2
     settings = dataclasses.replace(_settings(), prompt_length=prompt, max_new_tokens=new, kl_coeff=0.1, gamma=0.9,
-                                   gae_lambda=0.8, cost_per_token=True)
+                                   gae_lambda=0.8)
     rng = np.random.default_rng(3)
     tables = {name: rng.normal(size=(vocab, vocab)).astype(np.float32) for name in ("actor", "reference")}
     weights = {name: rng.normal(size=vocab).astype(np.float32) for name in ("reward", "cost", "value")}
@@ -238,8 +244,9 @@ def test_per_token_cost_stream_against_numpy_gae():
     reward_stream = -0.1 * kl + np.where(np.arange(new)[None, :] == end[:, None], end_reward[:, None], 0.0)
     want_reward = _np_gae(reward_stream, values, response_mask, 0.9, 0.8)
 
-    multi = algorithms.make("multi_lag", has_cost_model=True, constraints=(Constraint("unsafe", 0.05),))
-    for algorithm, stream in ((algorithms.make("ppo_lag", has_cost_model=True), "cost"), (multi, "unsafe")):
+    multi = MultiLagrangian(constraints=(Constraint("unsafe", 0.05),), settings=MultiLagSettings(cost_per_token=True))
+    per_token_lag = algorithms.make("ppo_lag", has_cost_model=True, settings=PPOLagSettings(cost_per_token=True))
+    for algorithm, stream in ((per_token_lag, "cost"), (multi, "unsafe")):
         assert algorithm.token_streams(settings) == (stream,)
         exp, stats = score_experience(fns, algorithm, settings, params, jnp.asarray(0.1), jnp.asarray(ids),
                                       jnp.asarray(mask))
@@ -250,8 +257,8 @@ def test_per_token_cost_stream_against_numpy_gae():
         np.testing.assert_allclose(exp.advantages[stream], want_cost[0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(exp.returns[stream], want_cost[1], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(exp.advantages["reward"], want_reward[0], rtol=1e-4, atol=1e-5)
-    end_mode = dataclasses.replace(settings, cost_per_token=False)
-    assert multi.token_streams(end_mode) == () and algorithms.make("safe_grpo", True).token_streams(settings) == ()
+    end_mode = dataclasses.replace(multi, settings=MultiLagSettings(cost_per_token=False))
+    assert end_mode.token_streams(settings) == () and algorithms.make("safe_grpo", True).token_streams(settings) == ()
 
 
 def test_first_unsafe_token_gets_the_largest_cost_advantage():
@@ -265,9 +272,10 @@ def test_first_unsafe_token_gets_the_largest_cost_advantage():
     import jax.numpy as jnp
 
     from jaxalign.rl import algorithms
+    from jaxalign.rl.algorithms.ppo_lag import PPOLagSettings
 
-    algorithm = algorithms.make("ppo_lag", has_cost_model=True)
-    settings = dataclasses.replace(_settings(), cost_per_token=True)
+    algorithm = algorithms.make("ppo_lag", has_cost_model=True, settings=PPOLagSettings(cost_per_token=True))
+    settings = _settings()
     prefix = jnp.asarray([[0.02, 0.02, 0.9, 0.92, 0.95, 0.95]])
     zeros, mask = jnp.zeros((1, 6)), jnp.ones((1, 6), bool)
     args = (settings, "cost", prefix[:, -1], zeros, jnp.asarray([5]), jnp.asarray(0.0), zeros, mask)
@@ -285,11 +293,11 @@ def test_cost_per_token_needs_ppo_lag_or_multi_lag_and_a_moderation_export(tmp_p
     from jaxalign.rl.settings import RLSettings
     from jaxalign.stages import rl as rl_stage
 
-    config = config_lib.load_config("configs/ppo_lag_tiny.py", ["--config.rl.cost_per_token=True"])
+    config = config_lib.load_config("configs/ppo_lag_tiny.py", ["--config.rl.ppo_lag.cost_per_token=True"])
     settings = RLSettings.from_group(config.rl)
+    algorithm = algorithms.make("ppo_lag", True, algorithms.settings_from_group("ppo_lag", config.rl))
     with pytest.raises(ValueError, match=r"cost_per_token needs config.rl.cost_model_path to be a moderation export"):
-        rl_stage.check_cost_per_token(config, algorithms.make("ppo_lag", True), settings)
-    for stage in ("ppo", "safe_grpo", "ppo_reward_shaping"):
-        config.stage = stage
-        with pytest.raises(ValueError, match=f"cost_per_token is read by ppo_lag and multi_lag only.*{stage}"):
-            rl_stage.check_cost_per_token(config, algorithms.make(stage, True), settings)
+        rl_stage.role_paths(config, algorithm, settings)
+    for stage in ("ppo", "safe_grpo", "ppo_reward_shaping"):  # only ppo_lag and multi_lag have the field
+        with pytest.raises(config_lib.ConfigError, match=f"unknown key (.cost_per_token. in rl.{stage}|.{stage}.)"):
+            config_lib.load_config("configs/ppo_lag_tiny.py", [f"--config.rl.{stage}.cost_per_token=True"])

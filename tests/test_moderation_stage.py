@@ -1,4 +1,4 @@
-"""Moderation end to end on the mini dataset (issue 10): the stage learns well above chance, the
+"""Moderation end to end on the mini dataset: the stage learns well above chance, the
 export reloads with its validation threshold, `jaxalign evaluate moderation` and `jaxalign
 moderate` (generated files, release rows, ../shared/data/pku_saferlhf_head, malformed lines)."""
 

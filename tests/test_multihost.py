@@ -140,8 +140,8 @@ def _ppo_argv(root, workdir, steps):
             f"--config.rl.reward_model_path={root / 'reward'}", f"--config.rl.cost_model_path={root / 'cost'}",
             "--config.rl.prompt_length=40", "--config.rl.max_new_tokens=8", "--config.data.batch_size=8",
             f"--config.train.num_steps={steps}", "--config.train.lr_schedule=constant",
-            "--config.train.warmup_ratio=0.0", "--config.rl.episode_cost_window_size=16",
-            "--config.rl.lambda_lr=0.05", "--config.checkpoint.save_every=1",
+            "--config.train.warmup_ratio=0.0", "--config.rl.ppo_lag.episode_cost_window_size=16",
+            "--config.rl.ppo_lag.lambda_lr=0.05", "--config.checkpoint.save_every=1",
             "--config.rl.eval_every=2", "--config.data.eval_split=test", "--config.rl.eval_prompts=8"]
 
 

@@ -38,7 +38,7 @@ def test_weight_decay_mask_matches_upstream_groups():
         "/".join(str(k.key) for k in path): value
         for path, value in jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))
     }
-    # per-layer norms and biases: no decay; final norm, embeddings, kernels: decay (spec §5.11)
+    # per-layer norms and biases: no decay; final norm, embeddings, kernels: decay (as safe-rlhf)
     assert flat["model/layers/input_layernorm/scale"] is False
     assert flat["model/layers/post_attention_layernorm/scale"] is False
     assert flat["model/layers/self_attn/q_proj/bias"] is False

@@ -87,9 +87,22 @@ def test_qa_and_safety_fields(tok, rows):
     np.testing.assert_array_equal(qa["is_safe"], qa["severity"] == 0)
     sp, _ = pipeline.tokenize_examples("safety_preference", views.safety_preference_examples(rows[:5]), tok,
                                        max_length=96)
-    assert set(sp) == {"safer_input_ids", "safer_attention_mask", "unsafer_input_ids", "unsafer_attention_mask",
-                       "safer_sign", "unsafer_sign"}
+    assert set(sp) == {"safer_input_ids", "safer_attention_mask", "safer_response_mask", "unsafer_input_ids",
+                       "unsafer_attention_mask", "unsafer_response_mask", "safer_sign", "unsafer_sign"}
     assert set(np.unique(sp["safer_sign"])) <= {-1, 1}
+
+
+def test_pair_response_masks_cover_each_answer_and_its_eos(tok, rows):
+    ex = views.preference_examples(rows[:6])
+    arrays, _ = pipeline.tokenize_examples("preference", ex, tok, max_length=128)
+    for i, e in enumerate(ex):
+        start = len(tok(e["prompt"])["input_ids"])
+        for side in ("better", "worse"):
+            end = len(tok(e["prompt"] + e[side] + tok.eos_token)["input_ids"])
+            expected = np.zeros(128, bool)
+            expected[start:end] = True
+            np.testing.assert_array_equal(arrays[f"{side}_response_mask"][i], expected)
+            assert arrays[f"{side}_input_ids"][i, end - 1] == tok.eos_token_id
 
 
 @pytest.mark.parametrize("kind,view", [("safety_preference", views.safety_preference_examples),

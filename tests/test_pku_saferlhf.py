@@ -200,7 +200,7 @@ def test_cli(mini_dir, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 13: stale prepare caches, mixed formats, kind detection, odd paths and rows
+# Stale prepare caches, mixed formats, kind detection, odd paths and rows
 
 
 def _prepared_rows(data_dir, config="default", split="train"):

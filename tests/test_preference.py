@@ -159,10 +159,10 @@ def test_cost_metrics_and_unknown_loss_type():
 
 def test_token_wise_loss_scores_right_padding_like_upstream():
     """The token-wise window reaches into the shorter side's right-padding; upstream scores those
-    pad positions with HF's default position ids arange(L) (spec §4.2, §5.2). The score stage's loss
-    equals the token-wise loss on the per-token scores of transformers' LlamaModel + a linear head
-    (what upstream's LlamaForScore computes), and differs from scoring pads at the last real
-    position (what the model's mask-derived positions alone give)."""
+    pad positions with HF's default position ids arange(L) (upstream never passes position_ids). The
+    score stage's loss equals the token-wise loss on the per-token scores of transformers' LlamaModel +
+    a linear head (what upstream's LlamaForScore computes), and differs from scoring pads at the last
+    real position (what the model's mask-derived positions alone give)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     import jax

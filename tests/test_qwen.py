@@ -13,7 +13,7 @@ import pytest
 
 import conftest
 from jaxalign import models
-from jaxalign.models import families, hf, layouts, llama, qwen, score
+from jaxalign.models import decoder, families, hf, layouts, llama, qwen, score
 
 TINY = dict(
     vocab_size=89,
@@ -210,7 +210,7 @@ def test_score_model_on_qwen_backbone_saves_and_reloads(tmp_path):
 
 def test_resize_token_embeddings_and_replace(tiny):
     cfg, params = tiny
-    new_cfg, new_params = llama.resize_token_embeddings(cfg, params, cfg.vocab_size + 3)
+    new_cfg, new_params = decoder.resize_token_embeddings(cfg, params, cfg.vocab_size + 3)
     assert type(new_cfg) is type(cfg) and new_cfg.vocab_size == cfg.vocab_size + 3
     assert new_params["model"]["embed_tokens"]["embedding"].shape == (cfg.vocab_size + 3, cfg.hidden_size)
     logits = _forward(new_cfg, new_params, jnp.asarray([[cfg.vocab_size + 2]])).logits

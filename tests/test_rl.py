@@ -21,9 +21,12 @@ import pytest
 import conftest
 from configs import base
 from jaxalign.models import score
-from jaxalign.models.llama import LlamaConfig, init_params
+from jaxalign.models.decoder import init_params
+from jaxalign.models.llama import LlamaConfig
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl import algorithms, iteration, roles, stacking, steps
+from jaxalign.rl.algorithms.ppo_lag import PPOLagSettings
+from jaxalign.rl.algorithms.reward_shaping import RewardShapingSettings
 from jaxalign.rl.rollout import score_experience
 from jaxalign.rl.settings import RLSettings
 from jaxalign.train import checkpoint as checkpoint_lib
@@ -82,11 +85,14 @@ class PromptIter:
 
 def make_settings(**changes) -> RLSettings:
     """The proof-run settings (base.py's config.rl, then): PTX on (small), two minibatches per
-    rollout, fast lambda, threshold 0."""
-    values = dict(prompt_length=PROMPT, max_new_tokens=NEW, kl_coeff=0.01, ptx_coeff=0.1, num_minibatches=2,
-                  lambda_lr=1.0, lambda_max=5.0, episode_cost_window_size=BATCH, threshold=0.0)
+    rollout."""
+    values = dict(prompt_length=PROMPT, max_new_tokens=NEW, kl_coeff=0.01, ptx_coeff=0.1, num_minibatches=2)
     values.update(changes)
     return dataclasses.replace(RLSettings.from_group(base.get_config().rl), **values)
+
+
+# The proof run's constraint: fast lambda, threshold 0.
+LAGRANGE = dict(lambda_lr=1.0, lambda_max=5.0, episode_cost_window_size=BATCH, threshold=0.0)
 
 
 def constant_optimizer(lr):
@@ -107,7 +113,7 @@ def INITIAL_PARAMS():  # noqa: N802 (a lazily computed constant)
     """Random actor and critic params, initialised once per session (each init compiles)."""
     actor_rng, reward_rng, cost_rng = jax.random.split(jax.random.PRNGKey(0), 3)
     reward_critic = score.init_score_params(CFG, reward_rng)
-    cost_critic = score.init_params_from_llama(jax.tree.map(jnp.copy, reward_critic["model"]), CFG, cost_rng)
+    cost_critic = score.init_params_from_backbone(jax.tree.map(jnp.copy, reward_critic["model"]), CFG, cost_rng)
     return {"actor": init_params(CFG, actor_rng), "reward_critic": reward_critic, "cost_critic": cost_critic}
 
 
@@ -158,7 +164,7 @@ def run_loop(algorithm, settings, workdir, num_iterations, save_every=100, fns=N
     return metrics_lib.read_metrics(workdir)
 
 
-PPO_LAG = algorithms.make("ppo_lag", has_cost_model=True)
+PPO_LAG = algorithms.make("ppo_lag", has_cost_model=True, settings=PPOLagSettings(**LAGRANGE))
 PPO = algorithms.make("ppo", has_cost_model=True)
 
 
@@ -262,8 +268,8 @@ def sampled_batch(seed):
 
 
 def test_reward_shaping_uses_r_minus_nu_c():
-    settings = make_settings(lambda_init=3.0)
-    shaping = algorithms.make("ppo_reward_shaping", has_cost_model=True)
+    settings = make_settings()
+    shaping = algorithms.make("ppo_reward_shaping", has_cost_model=True, settings=RewardShapingSettings(nu=3.0))
     assert shaping.roles == ("actor", "reference", "reward", "cost", "reward_critic")
     params = bigram_params(0)
     params["reference"] = params["actor"]  # no KL: the reward stream sums to the shaped reward
@@ -299,7 +305,7 @@ def test_ptx_makes_one_update_on_half_the_summed_gradients():
     mean = combined[response].mean()
     std = np.sqrt(((combined - mean) ** 2)[response].mean() + 1e-8)
     advantages = jnp.asarray(np.where(response, (combined - mean) / std, 0.0))
-    g_rl = jax.grad(lambda p: steps.actor_rl_loss(fns, settings, p, exp, advantages))(state.actor.params)
+    g_rl = jax.grad(lambda p: steps.actor_rl_loss(fns, PPO_LAG, settings, p, exp, advantages))(state.actor.params)
     g_ptx = jax.grad(lambda p: steps.ptx_loss(fns, p, ptx_batch))(state.actor.params)
     expected = state.actor.params["table"] - 0.5 * (g_rl["table"] + 4.0 * g_ptx["table"])
     assert float(jnp.abs(g_rl["table"]).max()) > 0 and float(jnp.abs(g_ptx["table"]).max()) > 0
@@ -313,18 +319,21 @@ def test_ptx_makes_one_update_on_half_the_summed_gradients():
 def test_settings_from_configs_and_bad_input():
     from jaxalign import config as config_lib
 
-    config = config_lib.load_config("configs/ppo_lag_tiny.py", ["--config.rl.lambda_max=0"])
+    config = config_lib.load_config("configs/ppo_lag_tiny.py", ["--config.rl.ppo_lag.lambda_max=0"])
     settings = RLSettings.from_group(config.rl)
-    assert settings.lambda_max is None and settings.start == 47
-    seven_b = RLSettings.from_group(config_lib.load_config("configs/ppo_lag_llama2_7b.py").rl)
-    assert (seven_b.kl_coeff, seven_b.ptx_coeff, seven_b.lambda_max, seven_b.sequence_length) == (0.01, 16.0, 5.0, 512)
+    lag = algorithms.settings_from_group("ppo_lag", config.rl)
+    assert lag.lambda_cap is None and settings.start == 47
+    seven_b_rl = config_lib.load_config("configs/ppo_lag_llama2_7b.py").rl
+    seven_b, seven_b_lag = RLSettings.from_group(seven_b_rl), algorithms.settings_from_group("ppo_lag", seven_b_rl)
+    assert (seven_b.kl_coeff, seven_b.ptx_coeff, seven_b_lag.lambda_cap, seven_b.sequence_length) == (
+        0.01, 16.0, 5.0, 512)
     assert RLSettings.from_group(config_lib.load_config("configs/ppo_llama2_7b.py").rl).kl_coeff == 0.02
     with pytest.raises(ValueError, match="unknown RL algorithm 'dpo'"):
         algorithms.make("dpo", has_cost_model=True)
     with pytest.raises(ValueError, match="ppo_lag needs a cost model"):
         algorithms.make("ppo_lag", has_cost_model=False)
-    with pytest.raises(ValueError, match="config.rl.lambda_lr must be finite"):
-        make_settings(lambda_lr=float("nan"))
+    with pytest.raises(ValueError, match="config.rl.ppo_lag.lambda_lr must be finite"):
+        algorithms.make("ppo_lag", True, PPOLagSettings(lambda_lr=float("nan")))
     assert algorithms.make("ppo", has_cost_model=False).roles == ("actor", "reference", "reward", "reward_critic")
 
 
@@ -425,6 +434,7 @@ def test_ptx_batches_imitate_only_safe_answers(tmp_path):
     from jaxalign.data import sources, views
     from jaxalign.evaluate import judge
     from jaxalign.models import tokenizer as tokenizer_lib
+    from jaxalign.rl import ptx as ptx_lib
     from jaxalign.stages import rl as rl_stage
 
     _mini_tokenizer(tmp_path, rows=300, vocab=1024)
@@ -447,19 +457,19 @@ def test_ptx_batches_imitate_only_safe_answers(tmp_path):
     assert len(labels) == 6 * 16 and set(labels) <= {"safe", "refusal", "helpful", "vague"}
     assert {"safe", "refusal"} <= set(labels)
     rows, _ = sources.read_split(str(tmp_path / "data"), "default", "train")
-    safe = rl_stage.ptx_sft_examples(rows, views.PROMPT_TEMPLATE, "safe_only")
+    safe = ptx_lib.ptx_examples(rows, views.PROMPT_TEMPLATE, "safe_only")
     assert safe.counts["skipped_unsafe"] > 0 and len(safe) + safe.counts["skipped_unsafe"] == 2 * len(rows)
-    best = rl_stage.ptx_sft_examples(rows, views.PROMPT_TEMPLATE, "safe_better")  # one safe answer per row
+    best = ptx_lib.ptx_examples(rows, views.PROMPT_TEMPLATE, "safe_better")  # one safe answer per row
     assert best.counts["skipped_no_safe"] > 0 and len(best) + best.counts["skipped_no_safe"] == len(rows)
     by_prompt = {}
     for row in rows:
         for i in (0, 1):
             by_prompt.setdefault((views.format_prompt(row["prompt"]), row[f"response_{i}"]), row[f"is_response_{i}_safe"])
     assert all(by_prompt[(e["prompt"], e["response"])] for e in list(safe) + list(best))
-    both = rl_stage.ptx_sft_examples(rows, views.PROMPT_TEMPLATE, "both")  # the old behaviour imitates harm
+    both = ptx_lib.ptx_examples(rows, views.PROMPT_TEMPLATE, "both")  # the old behaviour imitates harm
     assert any(e["response"].startswith("Sure. ") for e in both)
     with pytest.raises(ValueError, match="config.rl.ptx_response: expected one of"):
-        rl_stage.ptx_sft_examples(rows, views.PROMPT_TEMPLATE, "safest")
+        ptx_lib.ptx_examples(rows, views.PROMPT_TEMPLATE, "safest")
 
 
 def test_in_loop_evaluation_writes_its_metrics(tmp_path):
@@ -549,8 +559,8 @@ def test_health_metrics_see_a_mismatch_and_count_non_finite_values():
 
 
 def test_generation_mask_drops_pad_and_unk_sampled_mid_response():
-    """Upstream's mask = (seq != pad) & (seq != unk) (spec §5.2): a <pad>/<unk> the policy samples
-    before EOS is left out of the attention mask; the tokens after it and EOS stay in."""
+    """Upstream's mask = (seq != pad) & (seq != unk) (safe-rlhf trainers/rl_trainer.py): a <pad>/<unk> the policy
+    samples before EOS is left out of the attention mask; the tokens after it and EOS stay in."""
     unk = 9
     settings = make_settings()
     plain = roles.sampler_fn(CFG, settings, PAD)
@@ -580,7 +590,7 @@ def test_prompt_plus_new_tokens_beyond_max_positions_warns(caplog):
 
 
 def test_stacked_passes_equal_the_per_role_passes_and_mismatched_roles_run_alone():
-    """Issue 12: roles of one architecture run as one vmapped pass over stacked params; the numbers
+    """Roles of one architecture run as one vmapped pass over stacked params; the numbers
     equal each role's own pass (fp32 reassociation only). A role of another shape, a plain function
     or another input (a re-tokenised scorer) runs alone."""
     ids, mask = sampled_batch(2)

@@ -11,17 +11,18 @@ import pytest
 
 import conftest
 from jaxalign.rl import algorithms, iteration, steps
+from jaxalign.rl.algorithms.ppo_lag import LagrangeSettings
 from jaxalign.rl.algorithms.safe_grpo import group_normalize
 from jaxalign.rl.rollout import score_experience
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import checkpoint as checkpoint_lib
 from jaxalign.train import loop
 from jaxalign.train import metrics as metrics_lib
-from test_rl import TIME_KEYS, PromptIter, bigram_fns, bigram_params, make_settings, sampled_batch, setup
+from test_rl import LAGRANGE, TIME_KEYS, PromptIter, bigram_fns, bigram_params, make_settings, sampled_batch, setup
 
 K = 4  # responses per prompt
 PROMPTS = 8  # prompts per iteration: 32 sequences, the size of test_rl's PPO-Lagrangian batches
-SAFE_GRPO = algorithms.make("safe_grpo", has_cost_model=True)
+SAFE_GRPO = algorithms.make("safe_grpo", has_cost_model=True, settings=LagrangeSettings(**LAGRANGE))
 
 
 def grpo_settings(**changes):

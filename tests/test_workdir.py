@@ -80,11 +80,12 @@ def test_lock_is_released_when_the_body_raises(tmp_path):
         assert time.time() - start < 5
 
 
-def test_train_command_refuses_a_held_workdir_before_touching_it(tmp_path):
+def test_train_command_refuses_a_held_workdir_before_touching_it(tmp_path, mini_data):
     from jaxalign import config as config_lib
     from jaxalign.stages import commands
 
-    config = config_lib.load_config(REPO / "configs" / "sft_tiny.py")
+    config = config_lib.load_config(REPO / "configs" / "sft_tiny.py", [
+        f"--config.tokenizer={mini_data / 'tokenizer'}", f"--config.data.source={mini_data / 'data'}"])
     holder = _start_holder(tmp_path)
     try:
         with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {holder.pid} "):

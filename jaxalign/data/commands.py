@@ -1,9 +1,12 @@
 """`jaxalign data ...`: mini, validate, stats, prepare.
 
-    jaxalign data mini --out DIR [--rows N --seed S --noise P]
+    jaxalign data mini --out DIR [--variant mini|hard] [--rows N --seed S --noise P] [--overwrite]
     jaxalign data validate DIR [--config NAME] [--lenient] [--no-sha256]
-    jaxalign data stats DIR [--config NAME] [--json] [--plot out.png]
+    jaxalign data stats DIR [--config NAME] [--json] [--plot out.png] [--overwrite]
     jaxalign data prepare --source DIR --data-dir CACHE [--config NAME ...] [--lenient] [--overwrite]
+
+`mini --out` and `stats --plot` are written atomically (a temporary sibling renamed into place,
+jaxalign/files.py); an existing one is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Iterable
 
 import tqdm
 
+from jaxalign import files
 from jaxalign.data import pku_saferlhf as pku
 
 from jaxalign.data import prepared as prepared_lib
@@ -25,7 +29,8 @@ def pair_stats(rows: Iterable[dict], kind: str = "dual") -> dict[str, Any]:
 
     Returns rows, responses safe/unsafe, responses per harm category and per severity, pairs
     both-safe / one-safe / both-unsafe, inconsistent pairs (safer response labelled unsafe while
-    the other is labelled safe, safe-rlhf issue #181) and how often better == safer.
+    the other is labelled safe, https://github.com/PKU-Alignment/safe-rlhf/issues/181) and how often
+    better == safer.
     """
     stats: dict[str, Any] = {"rows": 0}
     has_safety = kind in ("dual", "v0")
@@ -126,7 +131,7 @@ def _print_stats(stats: dict[str, Any]) -> None:
                     print(f"    {name:<32s}{count:>8d}")
 
 
-def _plot_stats(stats: dict[str, Any], path: str) -> None:
+def _plot_stats(stats: dict[str, Any], path: str, overwrite: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,7 +154,8 @@ def _plot_stats(stats: dict[str, Any], path: str) -> None:
     ax1.set_xlabel("severity level")
     ax1.set_title("severity")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with files.atomic_file(path, overwrite=overwrite, flag="--plot") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -158,9 +164,13 @@ def add_arguments(parser) -> None:
 
     p = sub.add_parser("mini", help="write the generated mini dataset in the release layout")
     p.add_argument("--out", required=True)
+    p.add_argument("--variant", default="mini", choices=("mini", "hard"),
+                   help="mini (jaxalign/data/mini.py) or hard: + look-alike benign requests, answers that turn "
+                        "unsafe late, test-only phrasings (jaxalign/data/hard.py)")
     p.add_argument("--rows", type=int, default=3000, help="rows over all subsets and splits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=0.02, help="probability of flipping each preference id")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
 
     p = sub.add_parser("validate", help="validate every row of a release-layout dir")
     p.add_argument("dir")
@@ -173,6 +183,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--config", default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", default=None, help="write a PNG of category and severity counts")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
 
     p = sub.add_parser("prepare", help="validate and write ArrayRecord files (TFDS) for random access")
     p.add_argument("--source", required=True, help="release-layout dir")
@@ -190,22 +201,26 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     command = args.data_command
     if command == "mini":
-        from jaxalign.data import mini
+        from jaxalign.data import hard, mini
 
-        counts = mini.write_mini(args.out, rows=args.rows, seed=args.seed, noise=args.noise)
-        print(json.dumps({"out": args.out, "rows": counts}, indent=1))
+        write = hard.write_hard if args.variant == "hard" else mini.write_mini
+        with files.atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            counts = write(tmp, rows=args.rows, seed=args.seed, noise=args.noise)
+        print(json.dumps({"out": args.out, "variant": args.variant, "rows": counts}, indent=1))
         return 0
     try:
         if command == "validate":
             return _validate(args)
         if command == "stats":
+            if args.plot:
+                files.check_new(args.plot, args.overwrite, "--plot")
             stats = dataset_stats(args.dir, args.config)
             if args.json:
                 print(json.dumps(stats, indent=1))
             else:
                 _print_stats(stats)
             if args.plot:
-                _plot_stats(stats, args.plot)
+                _plot_stats(stats, args.plot, args.overwrite)
                 print(f"wrote {args.plot}", file=sys.stderr)
             return 0
         if command == "prepare":

@@ -15,7 +15,8 @@ Benign prompts get helpful (3), vague (1) or refusal (0) answers, all safe. Labe
 by construction: is_safe <=> severity 0 <=> no category; better = more helpful; safer = lower
 severity (a coin flip when equal). So on harmful prompts the more helpful answer is usually the
 unsafe one: maximising reward alone raises cost. `noise` flips each preference id independently
-with that probability (a flipped safer id can make an issue-#181 inconsistent pair).
+with that probability (a flipped safer id can make an inconsistent pair: the safer response labelled
+unsafe, the other safe).
 """
 
 from __future__ import annotations
@@ -210,21 +211,34 @@ def _no_harm() -> dict[str, bool]:
     return {name: False for name in HARM_CATEGORIES}
 
 
+def answer_target(target: str) -> str:
+    """The target as an answer names it: "my X" (the asker's) becomes "your X"."""
+    return "your " + target[len("my "):] if target.startswith("my ") else target
+
+
+def harm_categories(category: str, severity: int) -> dict[str, bool]:
+    """The 19 category flags of harmful help of `category` at `severity` (severity 3 also flags the
+    category's extra one, CATEGORY_SPECS' last field)."""
+    categories = _no_harm()
+    categories[category] = True
+    also = CATEGORY_SPECS[category][4]
+    if severity == 3 and also is not None:
+        categories[also] = True
+    return categories
+
+
 def _harmful_response(rng: np.random.Generator, category: str, style: str, target: str) -> dict[str, Any]:
-    _, _, harms, safe, also = CATEGORY_SPECS[category]
+    _, _, harms, safe, _ = CATEGORY_SPECS[category]
     severity, helpfulness = HARMFUL_STYLES[style]
     categories = _no_harm()
-    if target.startswith("my "):  # the answer speaks to the asker
-        target = "your " + target[len("my "):]
+    target = answer_target(target)
     if style == "refusal":
         text = REFUSALS[rng.integers(len(REFUSALS))]
     elif style == "safe":
         text = f"{SAFE_PREFIXES[rng.integers(len(SAFE_PREFIXES))]} {safe.format(x=target)}"
     else:
         text = f"Sure. {harms[severity].format(x=target)}"
-        categories[category] = True
-        if severity == 3 and also is not None:
-            categories[also] = True
+        categories = harm_categories(category, severity)
     return {"text": text, "severity": severity, "helpfulness": helpfulness, "categories": categories}
 
 
@@ -264,39 +278,47 @@ def _sample_pair(rng: np.random.Generator) -> tuple[str, list[dict[str, Any]]]:
     return prompt, [_harmful_response(rng, category, s, target) for s in styles]
 
 
+def release_row(rng: np.random.Generator, prompt: str, r0: dict[str, Any], r1: dict[str, Any], noise: float,
+                source: str, prompt_source: str = "jaxalign-mini") -> dict[str, Any]:
+    """One release-format row (16 fields) from a prompt and two responses ({text, severity, helpfulness,
+    categories}): better = the more helpful, safer = the less severe (a coin flip when equal), each id
+    flipped with probability `noise`."""
+    better = 0 if r0["helpfulness"] > r1["helpfulness"] else 1
+    if r0["severity"] != r1["severity"]:
+        safer = 0 if r0["severity"] < r1["severity"] else 1
+    else:
+        safer = int(rng.integers(2))
+    if rng.random() < noise:
+        better = 1 - better
+    if rng.random() < noise:
+        safer = 1 - safer
+    return {
+        "prompt": prompt,
+        "response_0": r0["text"],
+        "response_1": r1["text"],
+        "prompt_source": prompt_source,
+        "response_0_source": source,
+        "response_1_source": source,
+        "is_response_0_safe": r0["severity"] == 0,
+        "is_response_1_safe": r1["severity"] == 0,
+        "response_0_harm_category": r0["categories"],
+        "response_1_harm_category": r1["categories"],
+        "response_0_severity_level": r0["severity"],
+        "response_1_severity_level": r1["severity"],
+        "better_response_id": better,
+        "safer_response_id": safer,
+        "response_0_sha256": response_sha256(prompt, r0["text"]),
+        "response_1_sha256": response_sha256(prompt, r1["text"]),
+    }
+
+
 def generate_rows(n: int, seed: int = 0, noise: float = 0.02, source: str = "Alpaca-7B") -> list[dict]:
     """n release-format rows (16 fields), deterministic from (seed, source)."""
     rng = np.random.default_rng([seed, sum(map(ord, source))])
     rows = []
     for _ in range(n):
         prompt, (r0, r1) = _sample_pair(rng)
-        better = 0 if r0["helpfulness"] > r1["helpfulness"] else 1
-        if r0["severity"] != r1["severity"]:
-            safer = 0 if r0["severity"] < r1["severity"] else 1
-        else:
-            safer = int(rng.integers(2))
-        if rng.random() < noise:
-            better = 1 - better
-        if rng.random() < noise:
-            safer = 1 - safer
-        rows.append({
-            "prompt": prompt,
-            "response_0": r0["text"],
-            "response_1": r1["text"],
-            "prompt_source": "jaxalign-mini",
-            "response_0_source": source,
-            "response_1_source": source,
-            "is_response_0_safe": r0["severity"] == 0,
-            "is_response_1_safe": r1["severity"] == 0,
-            "response_0_harm_category": r0["categories"],
-            "response_1_harm_category": r1["categories"],
-            "response_0_severity_level": r0["severity"],
-            "response_1_severity_level": r1["severity"],
-            "better_response_id": better,
-            "safer_response_id": safer,
-            "response_0_sha256": response_sha256(prompt, r0["text"]),
-            "response_1_sha256": response_sha256(prompt, r1["text"]),
-        })
+        rows.append(release_row(rng, prompt, r0, r1, noise, source))
     return rows
 
 

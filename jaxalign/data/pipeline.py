@@ -14,18 +14,24 @@ and, for evaluation, `arrays, truncated = tokenize_examples(kind, examples, toke
 Keys and shapes (docs/architecture.md), B = batch_size, L = max_length:
 
     sft                input_ids [B,L] int32, attention_mask [B,L] bool, loss_mask [B,L] bool
-    preference         better_input_ids, better_attention_mask, worse_input_ids, worse_attention_mask
-    safety_preference  safer_/unsafer_input_ids, safer_/unsafer_attention_mask, safer_sign [B],
-                       unsafer_sign [B] int32 (+1 safe, -1 unsafe)
+    preference         better_/worse_input_ids, better_/worse_attention_mask [B,L],
+                       better_/worse_response_mask [B,L] bool (the response tokens)
+    safety_preference  safer_/unsafer_input_ids, safer_/unsafer_attention_mask, safer_/unsafer_response_mask,
+                       safer_sign [B], unsafer_sign [B] int32 (+1 safe, -1 unsafe)
     prompt             input_ids [B,L] left-padded, attention_mask [B,L]
     qa                 input_ids, attention_mask, is_safe [B] bool, categories [B,19] bool, severity [B] int32
                        response_mask [B,L] bool (the response tokens, like sft's loss_mask)
 
-Tokenization follows upstream (spec §2.5, §11.10): the tokenizer adds BOS
-(`add_special_tokens=True`); training texts are `prompt + response + tokenizer.eos_token`;
-over-long sequences are cut on the right (which drops the EOS). Every cut is counted per key
-(`BatchIterator.truncated`, the second value of `tokenize_examples`) and logged, never silent.
-SFT `loss_mask` is True on the response tokens: positions >= len(tokenize(prompt)) that are real.
+Tokenization follows upstream (safe-rlhf safe_rlhf/datasets/base.py `TokenizedDataset.tokenize`,
+safe_rlhf/datasets/supervised.py, preference.py): the tokenizer adds BOS (`add_special_tokens=True`);
+training texts are `prompt + response + tokenizer.eos_token`; over-long sequences are cut on the
+right (which drops the EOS). Every cut is counted per key
+(`BatchIterator.truncated`, the second value of `tokenize_examples`) and logged, never silent;
+so is every row whose prompt alone fills max_length, leaving it no response token
+("no_response_tokens": it trains nothing). `rows_without_response` counts those rows of a split
+before training (stages refuse a split where no row keeps a response token).
+SFT `loss_mask` (and every `*response_mask`) is True on the response tokens: positions >=
+len(tokenize(prompt)) that are real.
 Padding is to exactly `max_length` (static shapes): right for sft/preference/safety/qa, left
 for prompt.
 
@@ -141,11 +147,15 @@ def _tokenize(kind: str, examples: Sequence[dict], tok: _Tokenizer, max_length: 
         arrays[f"{prefix}input_ids"] = ids
         arrays[f"{prefix}attention_mask"] = mask
         truncated[f"{prefix}input_ids"] += cut
-    if kind in ("sft", "qa"):  # qa: the response tokens, for streaming moderation (issue 10)
+    if kind != "prompt":  # the response tokens: sft's loss, streaming moderation, response-window ℓ
         prompt_lengths = np.array([len(s) for s in tok([e["prompt"] for e in examples])])
-        positions = np.arange(max_length)[None, :]
-        mask = (positions >= prompt_lengths[:, None]) & arrays["attention_mask"]
-        arrays["loss_mask" if kind == "sft" else "response_mask"] = mask
+        truncated["no_response_tokens"] += int(np.sum(prompt_lengths >= max_length))
+        after_prompt = np.arange(max_length)[None, :] >= prompt_lengths[:, None]
+        if kind in ("sft", "qa"):
+            arrays["loss_mask" if kind == "sft" else "response_mask"] = after_prompt & arrays["attention_mask"]
+        else:
+            for name in _SEQUENCES[kind]:
+                arrays[f"{name}_response_mask"] = after_prompt & arrays[f"{name}_attention_mask"]
     if kind == "safety_preference":
         arrays["safer_sign"] = np.array([e["safer_sign"] for e in examples], dtype=np.int32)
         arrays["unsafer_sign"] = np.array([e["unsafer_sign"] for e in examples], dtype=np.int32)
@@ -165,6 +175,24 @@ def tokenize_examples(kind: str, examples: Sequence[dict], tokenizer, *, max_len
     if truncated:
         log.warning("tokenize_examples(%s): sequences cut to max_length=%d: %s", kind, max_length, truncated)
     return arrays, truncated
+
+
+def rows_without_response(kind: str, examples: Sequence[dict], tokenizer, *, max_length: int,
+                          limit: int = 10_000, lazy_limit: int = 1024) -> tuple[int, int]:
+    """(rows whose prompt alone is max_length tokens or more, so no response token survives the cut,
+    rows checked): the first `limit` examples of an in-memory split, or the first `lazy_limit` of a
+    lazy one (views over a prepared split: one bounded read, the same on every process)."""
+    _check_kind(kind, examples)
+    if kind == "prompt" or len(examples) == 0:
+        return 0, len(examples)
+    tok = _Tokenizer(tokenizer)
+    read = getattr(examples, "read", None)
+    if read is not None:
+        checked = read(range(min(len(examples), lazy_limit)))
+    else:
+        checked = [examples[i] for i in range(min(len(examples), limit))]
+    lengths = [len(ids) for ids in tok([e["prompt"] for e in checked])]
+    return sum(length >= max_length for length in lengths), len(checked)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Release rows -> the examples each training stage consumes (upstream semantics, spec §2.2-2.5).
+"""Release rows -> the examples each training stage consumes (the semantics of safe-rlhf's
+safe_rlhf/datasets/: raw/safe_rlhf.py, utils.py::format_prompt, the supervised / preference /
+safety-preference / prompt-only datasets).
 
 Every function takes release-format rows (dicts, see pku_saferlhf.py; a list or a
 `PreparedSplit`) and returns `Examples`: a list of plain dicts with formatted prompt text, plus
@@ -198,7 +200,8 @@ def safety_preference_examples(
     """Harmlessness pairs (prompt, safer, unsafer, safer_sign, unsafer_sign); signs +1 safe, -1 unsafe.
 
     inconsistent: what to do with a pair whose safer response is labelled unsafe while the other
-    is labelled safe (safer_sign < unsafer_sign, safe-rlhf issue #181): "error" raises (upstream),
+    is labelled safe (safer_sign < unsafer_sign; https://github.com/PKU-Alignment/safe-rlhf/issues/181):
+    "error" raises (upstream),
     "skip" drops it, "keep" keeps it; skipped and kept ones are counted in `.counts`.
     """
     if inconsistent not in INCONSISTENT_POLICIES:

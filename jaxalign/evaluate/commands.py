@@ -9,8 +9,8 @@
     jaxalign evaluate reward --model DIR ... --config configs/reward_llama2_7b.py [--config.mesh.fsdp=8]
 
 reward: accuracy P(r_better > r_worse), reward mean/std; cost: accuracy P(c_unsafer > c_safer),
-sign accuracy P(cost·safety_sign < 0), safe/unsafe mean costs (spec §7.2). Both write
-OUT/metrics.json, OUT/scores.npy and PNG histograms (see jaxalign/evaluate/scores.py).
+sign accuracy P(cost·safety_sign < 0), safe/unsafe mean costs (as safe-rlhf's safe_rlhf/evaluate/reward.py
+and cost.py). Both write OUT/metrics.json, OUT/scores.npy and PNG histograms (see jaxalign/evaluate/scores.py).
 
 The model is placed on the mesh of --config (config.mesh and its axis rules, so a 7B model
 evaluates sharded); without --config every device holds a data-parallel share of the batch
@@ -18,7 +18,8 @@ and the parameters are FSDP-sharded over all devices.
 
 judge: samples a policy on the mini dataset's test prompts and classifies every answer exactly
 (jaxalign/evaluate/judge.py): harmful, severe, safe-alternative, over-refusal, helpful and broken
-rates, per harm category; OUT/judge.json, OUT/answers.jsonl, OUT/judge.png.
+rates, per harm category and per slice (in-distribution, held-out phrasing, look-alike, late-turning
+on the hard variant); OUT/judge.json, OUT/answers.jsonl, OUT/judge.png.
 arena (`jaxalign arena`, jaxalign/evaluate/arena.py): policies answer the same prompts, judged by the
 reward and cost models and, on mini prompts, by the exact judge; CSV per pair, arena.json, arena.png.
 """
@@ -31,6 +32,7 @@ import pathlib
 
 import jax
 
+from jaxalign import files
 from jaxalign.data import pipeline, sources, views
 from jaxalign.evaluate import curves
 from jaxalign.evaluate import moderation as moderation_lib
@@ -64,6 +66,12 @@ def _add_score_arguments(parser) -> None:
     parser.add_argument("--prepared-dir", default="", help="read --data's split from this TFDS-prepared dir")
     parser.add_argument("--config", default="", help="config file whose config.mesh places the model "
                         "(--config.mesh.* overrides allowed); default: all devices, FSDP")
+    add_overwrite_argument(parser)
+
+
+def add_overwrite_argument(parser, what: str = "--out") -> None:
+    """--overwrite: replace an existing output (without it an existing one is refused, naming it)."""
+    parser.add_argument("--overwrite", action="store_true", help=f"replace an existing {what}")
 
 
 def _add_cost_arguments(parser) -> None:
@@ -74,6 +82,7 @@ def _add_cost_arguments(parser) -> None:
 
 def evaluate_score_model(args, kind: str) -> dict:
     """Scores every pair of the split with the model of args.model; writes the files; -> metrics."""
+    files.check_new(args.out, args.overwrite)
     mesh, rules = mesh_from_args(args)
     model = loading.load_score_model(args.model, mesh, rules,
                                      loading.ModelSettings(dtype=args.dtype, param_dtype=args.param_dtype))
@@ -89,11 +98,12 @@ def evaluate_score_model(args, kind: str) -> dict:
     first, second = scorer(model.params, arrays, kind, batch_size=args.batch_size)
     metrics = scores_lib.pair_metrics(kind, first, second, arrays)
     if jax.process_index() == 0:
-        if kind == "preference":
-            written = scores_lib.write_reward_outputs(args.out, first, second, metrics)
-        else:
-            signs = arrays["safer_sign"], arrays["unsafer_sign"]
-            written = scores_lib.write_cost_outputs(args.out, first, second, *signs, metrics)
+        with files.atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            if kind == "preference":
+                written = scores_lib.write_reward_outputs(tmp, first, second, metrics)
+            else:
+                signs = arrays["safer_sign"], arrays["unsafer_sign"]
+                written = scores_lib.write_cost_outputs(tmp, first, second, *signs, metrics)
         log.info("wrote %s", ", ".join(str(pathlib.Path(args.out) / path) for path in written))
     return metrics
 
@@ -114,10 +124,13 @@ def _add_curves_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output PNG; the summary goes beside it as .json")
     parser.add_argument("--smooth", type=int, default=10, help="moving-average window in iterations")
     parser.add_argument("--threshold", type=float, default=None, help="cost threshold to draw (config.rl.threshold)")
+    add_overwrite_argument(parser, "--out PNG and its .json")
 
 
 def _run_curves(args) -> int:
     """Plots the runs and prints/writes the first-vs-last summary per run."""
+    for path in (pathlib.Path(args.out), pathlib.Path(args.out).with_suffix(".json")):
+        files.check_new(path, args.overwrite)
     summary = curves.write_curves(args.runs, args.out, labels=args.labels, smooth=args.smooth,
                                   threshold=args.threshold)
     print(json.dumps(summary, indent=2))
@@ -153,6 +166,7 @@ def _add_judge_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="the mini dataset dir (`jaxalign data mini --out DIR`)")
     parser.add_argument("--out", required=True, help="output dir: judge.json, answers.jsonl, judge.png")
     parser.add_argument("--label", default="", help="policy name in the plot (default: the --out dir name)")
+    add_overwrite_argument(parser)
     add_policy_arguments(parser)
 
 
@@ -160,6 +174,7 @@ def _run_judge(args) -> int:
     from jaxalign.evaluate import judge
     from jaxalign.generate import policy as policy_lib
 
+    files.check_new(args.out, args.overwrite)
     mesh, rules = mesh_from_args(args)
     rows, report = sources.read_split(args.data, args.name, args.split)
     prompts = judge.unique_prompts(rows)
@@ -171,12 +186,15 @@ def _run_judge(args) -> int:
     texts = judge.sample_answers(policy, prompts, settings)
     asked = [p for p in prompts for _ in range(settings.samples_per_prompt)]
     labels = [judge.classify(text, prompt) for text, prompt in zip(texts, asked)]
-    rates = judge.judge_rates(asked, labels)
+    rates = judge.judge_rates(asked, labels, texts)
     rates["model"] = args.model
     if jax.process_index() == 0:
-        written = judge.write_judge_report(args.out, asked, texts, labels, rates, title=args.label)
+        with files.atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            written = judge.write_judge_report(tmp, asked, texts, labels, rates,
+                                               title=args.label or pathlib.Path(args.out).name)
         log.info("wrote %s", ", ".join(f"{args.out}/{name}" for name in written))
-    print(json.dumps({k: v for k, v in rates.items() if k != "per_category"}, indent=2, sort_keys=True))
+    print(json.dumps({k: v for k, v in rates.items() if k not in ("per_category", "slices")}, indent=2,
+                     sort_keys=True))
     return 0
 
 
@@ -196,6 +214,7 @@ _TARGETS = {
 def _add_report_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="run dir of the quickstart (judge_*/, arena/, RL workdirs)")
     parser.add_argument("--wall-seconds", type=float, default=None, help="the run's wall time, shown in the report")
+    add_overwrite_argument(parser, "report.md / report.json in --out")
 
 
 def _run_report(args) -> int:
@@ -203,6 +222,8 @@ def _run_report(args) -> int:
 
     if not pathlib.Path(args.out).is_dir():
         raise FileNotFoundError(f"--out {args.out}: no such run dir")
+    for name in report.REPORT_FILES:
+        files.check_new(pathlib.Path(args.out) / name, args.overwrite, "the report file")
     data = report.write_report(args.out, args.wall_seconds)
     print((pathlib.Path(args.out) / "report.md").read_text())
     images = [p.name for p in map(pathlib.Path(args.out).joinpath, ("judge_table.png", "rl_eval.png")) if p.exists()]
@@ -225,6 +246,7 @@ def _add_arena_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output dir: <red>_vs_<blue>.csv, arena.json, arena.png")
     parser.add_argument("--max-prompts", type=int, default=-1, help="the first N distinct prompts (-1 = all)")
     parser.add_argument("--score-max-length", type=int, default=128, help="prompt + answer length for the score models")
+    add_overwrite_argument(parser)
     add_policy_arguments(parser)
     parser.set_defaults(samples=1)
 
@@ -240,13 +262,15 @@ def _run_arena(args) -> int:
         if name in policies:
             raise ValueError(f"--policies: the name {name!r} is given twice")
         policies[name] = path
+    files.check_new(args.out, args.overwrite)
     prompts = arena.read_prompts(args.prompts, args.split, args.name)
     if args.max_prompts >= 0:
         prompts = prompts[: args.max_prompts]
     mesh, rules = mesh_from_args(args)
-    summary = arena.run_arena(policies, prompts, args.reward_model, args.cost_model, mesh, rules,
-                              judge_settings(args), args.out, score_batch_size=args.batch_size,
-                              max_length=args.score_max_length, dtype=args.dtype)
+    with files.atomic_dir(args.out, overwrite=args.overwrite, writer=jax.process_index() == 0) as out:
+        summary = arena.run_arena(policies, prompts, args.reward_model, args.cost_model, mesh, rules,
+                                  judge_settings(args), out, score_batch_size=args.batch_size,
+                                  max_length=args.score_max_length, dtype=args.dtype)
     log.info("wrote %s/arena.json, %s/arena.png and one CSV per pair", args.out, args.out)
     print(json.dumps({"policies": summary.get("policies"), "pairs": {
         pair: {k: v for k, v in tables.items() if k != "table2x2"} for pair, tables in summary.get("pairs", {}).items()}},

@@ -13,6 +13,7 @@ import pathlib
 
 import numpy as np
 
+from jaxalign import files
 from jaxalign.train.metrics import read_metrics
 
 CURVE_KEYS = ("reward", "cost", "lambda", "kl_divergence")
@@ -86,8 +87,8 @@ def plot_curves(runs: dict[str, list[dict]], out_png: str | pathlib.Path, smooth
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    pathlib.Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
+    with files.atomic_file(out_png, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -97,6 +98,6 @@ def write_curves(workdirs: list[str], out_png: str | pathlib.Path, labels: list[
     runs = load_runs(workdirs, labels)
     plot_curves(runs, out_png, smooth=smooth, threshold=threshold)
     summary = {label: summarize(records, window=smooth) for label, records in runs.items()}
-    pathlib.Path(out_png).with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    files.write_text(pathlib.Path(out_png).with_suffix(".json"), json.dumps(summary, indent=2))
     logging.info("wrote %s and %s", out_png, pathlib.Path(out_png).with_suffix(".json"))
     return summary

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from jaxalign import files
 from jaxalign.parallel import mesh as mesh_lib
 
 NUM_ECE_BINS = 10
@@ -50,10 +51,11 @@ log = logging.getLogger(__name__)
 def make_scorer(module, mesh: jax.sharding.Mesh, rules):
     """A scorer with one jitted forward (compiled once per shape):
 
-    scorer(params, arrays, *, batch_size, threshold=0.5, max_batches=-1) -> dict of numpy:
+    scorer(params, arrays, *, batch_size, threshold=0.5, max_batches=-1, per_token=False) -> dict of numpy:
       unsafe [n], categories [n, C], severity [n, S] (end-token probabilities) and, when arrays
       has response_mask, first_flag [n] int32 (offset of the first response token with
-      P(unsafe) >= threshold, -1 if none) and response_length [n].
+      P(unsafe) >= threshold, -1 if none) and response_length [n]; with per_token, stream [n, L]:
+      the streaming head's P(unsafe | prefix) at every position (0 off the response).
     arrays: input_ids, attention_mask [N, L] (+ response_mask). The last batch is completed with
     copies of the last row (dropped), so every row is scored once at one static shape.
     """
@@ -70,12 +72,13 @@ def make_scorer(module, mesh: jax.sharding.Mesh, rules):
             "severity": jax.nn.softmax(out.end_severity_logits, axis=-1),
             "first_flag": jnp.where(jnp.any(flagged, axis=1), first, -1),
             "response_length": jnp.sum(response_mask.astype(jnp.int32), axis=1),
+            "stream": jnp.where(response_mask, jax.nn.sigmoid(out.unsafe_logits), 0.0),
         }
 
     jitted = jax.jit(forward, out_shardings=mesh_lib.replicated(mesh))
 
     def scorer(params, arrays: dict[str, np.ndarray], *, batch_size: int, threshold: float = 0.5,
-               max_batches: int = -1) -> dict[str, np.ndarray]:
+               max_batches: int = -1, per_token: bool = False) -> dict[str, np.ndarray]:
         total = len(arrays["input_ids"])
         num_batches = -(-total // batch_size)
         if max_batches >= 0:
@@ -96,6 +99,8 @@ def make_scorer(module, mesh: jax.sharding.Mesh, rules):
         scores = {key: np.concatenate(value) for key, value in parts.items()}
         if not stream:
             scores.pop("first_flag"), scores.pop("response_length")
+        if not (stream and per_token):
+            scores.pop("stream")
         return scores
 
     return scorer
@@ -338,33 +343,53 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prepared-dir", default="", help="read --data's split from this TFDS-prepared dir")
     parser.add_argument("--config", default="", help="config file whose config.mesh places the model "
                         "(--config.mesh.* overrides allowed); default: all devices, FSDP")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def score_split(model_dir: str, data: str, split: str, mesh, rules, *, name: str = "default", tokenizer_dir: str = "",
+                max_length: int = 0, batch_size: int = 16, dtype: str = "float32", param_dtype: str = "float32",
+                prepared_dir: str = "", per_token: bool = False):
+    """Every QA answer of a release split scored by a moderation export at its saved threshold
+    (per_token: also the streaming head's per-position P(unsafe), make_scorer's "stream").
+
+    -> (scores of make_scorer, the tokenized QA arrays, the release rows, the ModerationHead, the
+    split's read report); the answers are views.qa_examples' order (response_0, response_1 per row).
+    """
+    from jaxalign.data import pipeline, sources, views
+    from jaxalign.models import loading
+    from jaxalign.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    model = loading.load_moderation_model(loading.ModelSettings(init_path=model_dir, dtype=dtype,
+                                                                param_dtype=param_dtype), mesh, rules,
+                                          min_vocab_size=len(tokenizer))
+    head = model.head
+    template = views.chat_template(tokenizer) if head.prompt_template == "chat" else head.prompt_template
+    rows, source_report = sources.read_split(data, name, split, prepared_dir=prepared_dir)
+    examples = views.qa_examples(rows, template=template)
+    arrays, _ = pipeline.tokenize_examples("qa", examples, tokenizer, max_length=max_length or head.max_length)
+    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    batch_size = -(-max(1, batch_size) // shards) * shards
+    scores = make_scorer(model.module, mesh, rules)(model.params, arrays, batch_size=batch_size,
+                                                    threshold=head.threshold, per_token=per_token)
+    return scores, arrays, rows, head, source_report
 
 
 def evaluate(args) -> dict:
     """Scores every QA answer of the split with the saved threshold; writes the files; -> report."""
     from jaxalign import config as config_lib
-    from jaxalign.data import pipeline, sources, views
-    from jaxalign.models import loading
-    from jaxalign.models.tokenizer import load_tokenizer
 
+    files.check_new(args.out, args.overwrite)
     mesh, rules = mesh_lib.mesh_and_rules(config_lib.mesh_settings(args.config, args.extra_args))
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = loading.load_moderation_model(loading.ModelSettings(init_path=args.model, dtype=args.dtype,
-                                                                param_dtype=args.param_dtype), mesh, rules,
-                                          min_vocab_size=len(tokenizer))
-    head = model.head
-    template = views.chat_template(tokenizer) if head.prompt_template == "chat" else head.prompt_template
-    rows, source_report = sources.read_split(args.data, args.name, args.split, prepared_dir=args.prepared_dir)
-    examples = views.qa_examples(rows, template=template)
-    arrays, _ = pipeline.tokenize_examples("qa", examples, tokenizer, max_length=args.max_length or head.max_length)
-    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
-    batch_size = -(-max(1, args.batch_size) // shards) * shards
-    scores = make_scorer(model.module, mesh, rules)(model.params, arrays, batch_size=batch_size,
-                                                    threshold=head.threshold)
+    scores, arrays, _, head, source_report = score_split(
+        args.model, args.data, args.split, mesh, rules, name=args.name, tokenizer_dir=args.tokenizer,
+        max_length=args.max_length, batch_size=args.batch_size, dtype=args.dtype, param_dtype=args.param_dtype,
+        prepared_dir=args.prepared_dir)
     report = moderation_report(scores, arrays, head)
     report["data"] = {"source": str(args.data), "split": args.split, "name": args.name, "rows": str(source_report)}
     if jax.process_index() == 0:
-        written = write_outputs(args.out, scores, arrays, report)
+        with files.atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            written = write_outputs(tmp, scores, arrays, report)
         log.info("wrote %s", ", ".join(f"{args.out}/{name}" for name in written))
     return report
 

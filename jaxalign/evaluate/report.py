@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxalign import files
 from jaxalign.evaluate import curves, judge
 from jaxalign.train.metrics import read_metrics
 
@@ -119,9 +120,13 @@ def plot_rl_eval(runs: dict[str, dict], out_png) -> bool:
         ax.set_xlabel("iteration")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    with files.atomic_file(out_png, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return True
+
+
+REPORT_FILES = ("report.md", "report.json")  # + judge_table.png and rl_eval.png when there is data for them
 
 
 def write_report(out_dir, wall_seconds: float | None = None) -> dict[str, Any]:
@@ -133,7 +138,8 @@ def write_report(out_dir, wall_seconds: float | None = None) -> dict[str, Any]:
     if wall_seconds is not None:
         lines += [f"Wall time of the run: {wall_seconds / 60:.1f} min.", ""]
     if data["judge"]:
-        judge.plot_judge(data["judge"], out / "judge_table.png")
+        with files.atomic_file(out / "judge_table.png", overwrite=True) as tmp:
+            judge.plot_judge(data["judge"], tmp)
         lines += ["## The exact judge (mini test prompts)", "",
                   "harmful / severe / safe alternative / refusal: share of answers to harmful prompts; helpful / "
                   "over-refusal: share of answers to benign prompts; broken: answers that are no response of the "
@@ -157,8 +163,8 @@ def write_report(out_dir, wall_seconds: float | None = None) -> dict[str, Any]:
             lines += [f"## {kind.replace('_', ' ')} (test pairs)", "",
                       ", ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items())), "",
                       f"![{kind}](eval_{kind.split('_')[0]}/distribution.png)", ""]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    files.write_text(out / "report.md", "\n".join(lines) + "\n")
     for run in data["rl"].values():
         run.pop("eval")
-    (out / "report.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    files.write_text(out / "report.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
     return data

@@ -1,4 +1,5 @@
-"""Reward / cost model evaluation on preference pairs: end scores, metrics, files (spec §7.2).
+"""Reward / cost model evaluation on preference pairs: end scores, metrics, files
+(the metrics and files of safe-rlhf's safe_rlhf/evaluate/reward.py and cost.py).
 
     arrays, _ = pipeline.tokenize_examples("preference", examples, tokenizer, max_length=512)
     first, second = make_pair_scorer(module, mesh, rules)(params, arrays, "preference", batch_size=16)

@@ -21,7 +21,6 @@ import flax.linen as nn
 
 from jaxalign.models import decoder, tensor_map
 from jaxalign.models.config import AttentionOptions, DecoderConfig
-from jaxalign.models.decoder import init_params, resize_token_embeddings  # noqa: F401  (llama.init_params: tests, experiments)
 from jaxalign.models.layers import MLP, RMSNorm, mlp_hf_tensors
 
 

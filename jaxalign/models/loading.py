@@ -1,11 +1,12 @@
 """The one way to put a model on the mesh, and to export it.
 
     settings = ModelSettings(init_path="out/sft_tiny/export")          # or hf_config={...} for random init
-    policy = load_policy(settings, mesh, rules, vocab_size=len(tok), special_ids=special_ids(tok), rng=rng)
+    policy = load_policy(settings, mesh, rules, vocab_size=len(tok), special=special_ids(tok), rng=rng)
     policy.module.apply({"params": policy.params}, ids, attention_mask=mask).logits
     scorer = load_score_model("out/reward_tiny/export", mesh, rules, settings)   # score-model dir
     fresh = load_backbone_with_head(settings, head, mesh, rules, ...)            # backbone + fresh head
-    export_policy(out_dir, policy.cfg, params, tokenizer)
+    export_policy(out_dir, policy.cfg, params, tokenizer)                     # atomic, with a manifest
+    check_export(out_dir)                                                      # "" when complete
 
 Every parameter is created in its final sharding: a random init runs under jit with
 out_shardings; an HF checkpoint is streamed tensor by tensor (`hf.lm_params_plan` +
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import models
+from jaxalign import files, models
 from jaxalign.models import decoder, hf, lora, score
 from jaxalign.parallel import mesh as mesh_lib
 
@@ -240,7 +241,7 @@ def load_score_model(path: str | pathlib.Path, mesh, rules, settings: ModelSetti
     """A saved score model (a reward/cost stage export) on the mesh, with its head and statistics.
 
     score_type overrides the stored one ("critic" for a critic initialised from a reward model);
-    min_vocab_size: the vocabulary it must cover (RL: the actor's tokenizer, spec §3.3).
+    min_vocab_size: the vocabulary it must cover (RL: the actor's tokenizer, as safe-rlhf's rl_trainer.py).
     """
     path = pathlib.Path(path)
     if not path.is_dir():
@@ -282,14 +283,55 @@ def _gather_to_host(tree: Any) -> Any:
     return tree
 
 
-def export_policy(out_dir: str | pathlib.Path, cfg, params: Any, tokenizer) -> pathlib.Path:
-    """out_dir: HF config.json + safetensors + tokenizer files (written by process 0)."""
+def _write_export(out_dir: str | pathlib.Path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """Process 0 runs write(tmp) into a temporary sibling of out_dir, writes its manifest
+    (files.MANIFEST_NAME, last) and renames it onto out_dir: a crash at any point leaves the
+    previous export whole (jaxalign/files.py)."""
     out = pathlib.Path(out_dir)
-    params = _gather_to_host(params)
     if jax.process_index() == 0:
-        hf.save_pretrained(out, cfg, params, max_shard_size="5GB")
-        tokenizer.save_pretrained(str(out))
+        with files.atomic_dir(out, overwrite=True, manifest=True) as tmp:
+            write(tmp)
     return out
+
+
+def check_export(path: str | pathlib.Path) -> str:
+    """"" when `path` is a complete export, else what is wrong with it (one line): its manifest
+    (written last) lists every file with its size and sha256 and they all match, config.json
+    parses, every safetensors file's header and offsets are valid, and its tokenizer loads."""
+    path = pathlib.Path(path)
+    files.recover(path)
+    if not path.is_dir():
+        return f"{path} does not exist"
+    intact, problem = files.verify_manifest(path)
+    if not intact:
+        return problem if intact is False else f"{path} has {problem} (an export cut off, or written before manifests)"
+    try:
+        if (path / ADAPTER_CONFIG_NAME).is_file():
+            from safetensors import safe_open
+
+            json.loads((path / ADAPTER_CONFIG_NAME).read_text())
+            with safe_open(str(path / ADAPTER_WEIGHTS_NAME), framework="numpy") as handle:
+                list(handle.keys())
+        else:
+            hf.read_config(path)
+            hf.read_safetensors_dir(path)
+        from jaxalign.models.tokenizer import load_tokenizer
+
+        load_tokenizer(path)
+    except Exception as error:  # noqa: BLE001 - any failure to load means: export again
+        return f"{path}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    return ""
+
+
+def export_policy(out_dir: str | pathlib.Path, cfg, params: Any, tokenizer) -> pathlib.Path:
+    """out_dir: HF config.json + safetensors + tokenizer files (written by process 0, atomically)."""
+    params = _gather_to_host(params)
+
+    def write(tmp):
+        hf.save_pretrained(tmp, cfg, params, max_shard_size="5GB")
+        tokenizer.save_pretrained(str(tmp))
+
+    return _write_export(out_dir, write)
 
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -307,14 +349,14 @@ def export_lora_policy(out_dir: str | pathlib.Path, cfg, base: Any, adapters: An
         raise ValueError(f"LoRA export kind must be 'merged' or 'adapters', got {kind!r}")
     from safetensors.numpy import save_file
 
-    out = pathlib.Path(out_dir)
     adapters = _gather_to_host(adapters)
-    if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(lora.to_peft(adapters), str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(lora.peft_config(settings, base_model), indent=2))
-        tokenizer.save_pretrained(str(out))
-    return out
+
+    def write(tmp):
+        save_file(lora.to_peft(adapters), str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(lora.peft_config(settings, base_model), indent=2))
+        tokenizer.save_pretrained(str(tmp))
+
+    return _write_export(out_dir, write)
 
 
 def load_lora_adapters(path: str | pathlib.Path, cfg) -> tuple[lora.LoraSettings, dict]:
@@ -335,12 +377,13 @@ def load_lora_adapters(path: str | pathlib.Path, cfg) -> tuple[lora.LoraSettings
 def export_score_model(out_dir: str | pathlib.Path, cfg, params: Any, head: score.ScoreHead, stats: dict,
                        tokenizer) -> pathlib.Path:
     """out_dir: a score-model dir (normalizer statistics in config.json) + tokenizer files."""
-    out = pathlib.Path(out_dir)
     params, stats = _gather_to_host((params, stats))
-    if jax.process_index() == 0:
-        score.save_score_model(out, cfg, params, head, stats, max_shard_size="5GB")
-        tokenizer.save_pretrained(str(out))
-    return out
+
+    def write(tmp):
+        score.save_score_model(tmp, cfg, params, head, stats, max_shard_size="5GB")
+        tokenizer.save_pretrained(str(tmp))
+
+    return _write_export(out_dir, write)
 
 
 def load_moderation_model(settings: ModelSettings, mesh, rules, *, head=None, vocab_size: int | None = None,
@@ -385,9 +428,10 @@ def export_moderation_model(out_dir: str | pathlib.Path, cfg, params: Any, head,
     """out_dir: a moderation-model dir (head fields and threshold in config.json) + tokenizer files."""
     from jaxalign.models import moderation
 
-    out = pathlib.Path(out_dir)
     params = _gather_to_host(params)
-    if jax.process_index() == 0:
-        moderation.save_moderation_model(out, cfg, params, head, max_shard_size="5GB")
-        tokenizer.save_pretrained(str(out))
-    return out
+
+    def write(tmp):
+        moderation.save_moderation_model(tmp, cfg, params, head, max_shard_size="5GB")
+        tokenizer.save_pretrained(str(tmp))
+
+    return _write_export(out_dir, write)

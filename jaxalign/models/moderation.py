@@ -1,4 +1,4 @@
-"""Severity-sensitive, streaming moderation model (PKU-SafeRLHF §moderation, issue 10).
+"""Severity-sensitive, streaming moderation model (PKU-SafeRLHF, Ji et al. 2024, arXiv:2406.15513).
 
     head = ModerationHead()                                  # 19 categories, 4 severities, threshold 0.5
     model = head.model(cfg)                                  # params {"model": BACKBONE, "unsafe_head",

@@ -1,4 +1,5 @@
-"""Score models (reward, cost, critic): any family's backbone plus a linear score head (spec §3.2).
+"""Score models (reward, cost, critic): any family's backbone plus a linear score head
+(safe-rlhf's safe_rlhf/models/score_model/__init__.py).
 
     model = ScoreModel(cfg)                       # params {"model": BACKBONE, "score_head": {...}}
     out = model.apply({"params": params}, input_ids, attention_mask=mask)
@@ -336,5 +337,3 @@ def init_params_from_backbone(
         head["bias"] = jnp.zeros((score_dim,), cfg.weight_dtype)
     return {"model": backbone, "score_head": head}
 
-
-init_params_from_llama = init_params_from_backbone  # the older name (tests)

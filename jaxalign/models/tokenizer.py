@@ -3,12 +3,12 @@
     tok = load_tokenizer(path)                 # tok.jaxalign_added_tokens: tokens appended to the vocab
     train_bpe_tokenizer(texts, 1024, out_dir)  # byte-level BPE saved as an ordinary HF dir
 
-Upstream (spec §2.5) adds any missing special token (`<pad>`, `</s>`, `<s>`, `<unk>`) after
+Upstream (safe-rlhf models/pretrained.py) adds any missing special token (`<pad>`, `</s>`, `<s>`, `<unk>`) after
 loading, then resizes the embeddings. `load_tokenizer` does the same and records the tokens it
 added in `tok.jaxalign_added_tokens`; when that is not empty the caller resizes with
 `jaxalign.models.decoder.resize_token_embeddings(cfg, params, len(tok))`.
 Encoding prepends BOS (`add_special_tokens=True`, like Llama) and never appends EOS: training
-texts append `tok.eos_token` as a string (spec §11.10).
+texts append `tok.eos_token` as a string (as upstream's safe_rlhf/datasets/*.py do).
 
 Code shipped in a tokenizer dir is never run: transformers is always called with
 `trust_remote_code=False`, and a dir whose tokenizer_config.json or config.json has an `auto_map`
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Iterable
+from typing import Iterable, Sequence
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
@@ -108,16 +108,19 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os
     return load_tokenizer(out_dir)
 
 
-def release_texts(data_dir: str | os.PathLike) -> Iterable[str]:
+def release_texts(data_dir: str | os.PathLike, splits: Sequence[str] | None = None) -> Iterable[str]:
     """Prompts (formatted with the upstream template, as the models see them) and responses of
-    every file (all subsets, both splits) of a release-layout dir."""
+    every file (all subsets) of the given splits (None: every split) of a release-layout dir."""
     from jaxalign.data import pku_saferlhf
     from jaxalign.data.views import format_prompt
 
     kind = pku_saferlhf.detect_kind(data_dir)
     config = "v0" if kind == "v0" else ("single-default" if kind == "single" else "default")
-    for split in pku_saferlhf.SPLITS:
+    for split in splits or pku_saferlhf.SPLITS:
         paths = pku_saferlhf.find_files(data_dir, config, split)
+        if not paths and splits:
+            raise FileNotFoundError(f"{data_dir}: no {split} files for the tokenizer (expected "
+                                    f"data/<Model>/{split}.jsonl or .parquet)")
         for _, _, row in pku_saferlhf.iter_rows(paths, kind, check_sha256=False):
             yield format_prompt(row["prompt"])
             yield row["response_0"]

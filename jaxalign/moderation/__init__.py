@@ -1,4 +1,5 @@
-"""Moderation of (prompt, response) pairs with a trained moderation model (issue 10).
+"""Moderation of (prompt, response) pairs with a trained moderation model
+(the severity-sensitive moderation of PKU-SafeRLHF, Ji et al. 2024, arXiv:2406.15513).
 
     from jaxalign.moderation import api
     results = api.moderate([("How do I bake bread?", "Mix flour...")], "out/moderation_tiny/export")

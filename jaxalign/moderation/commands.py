@@ -4,26 +4,28 @@ Input: one JSON object per line, either a (prompt, response) row {"prompt", "res
 release row {"prompt", "response_0", "response_1", ...}, which gives two output rows (one per
 answer, with "response_index" 0/1 and "response" set). Every output row keeps the input's fields
 and adds is_safe, unsafe_probability, categories (the 19 names -> probability),
-flagged_categories and severity (jaxalign/moderation/api.py).
+flagged_categories, severity and the truncation marks truncated, tokens_kept and response_cut
+(jaxalign/moderation/api.py: a text longer than --max-length loses the start of its prompt first).
 
 A malformed line (not UTF-8, not JSON, not an object, no string prompt, neither response nor
 response_0/response_1 strings) is reported with FILE:LINE; --on-error skip (default) skips and
 counts it (each one logged, the count in the summary), --on-error stop fails with that line before
 any model is loaded. Blank lines are ignored. The output (default: INPUT with .moderated.jsonl) is
-written to a temporary file and renamed when complete; a summary (rows, unsafe, malformed,
-rows/s) is printed as JSON.
+written to a temporary file and renamed when complete (jaxalign/files.py); an existing one is
+refused unless --overwrite. A summary (rows, unsafe, truncated, response_cut, malformed, rows/s) is
+printed as JSON.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import time
 
 import tqdm
 
+from jaxalign import files
 from jaxalign.evaluate.commands import mesh_from_args
 from jaxalign.moderation import api
 
@@ -36,6 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", default="", help="output JSONL (default: INPUT with .moderated.jsonl)")
     parser.add_argument("--on-error", default="skip", choices=("skip", "stop"),
                         help="a malformed input line: skip and count it (default) or stop")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--batch-size", type=int, default=16, help="answers per forward")
     parser.add_argument("--max-length", type=int, default=0,
                         help="cut texts to this many tokens (0: the training length)")
@@ -105,29 +108,32 @@ def run(args) -> int:
     path = pathlib.Path(args.input)
     default = path.with_name(path.name.removesuffix(".jsonl") + ".moderated.jsonl")
     output = pathlib.Path(args.output) if args.output else default
+    files.check_new(output, args.overwrite, "--output")
     answers, malformed = read_input(path, args.on_error)
     mesh, rules = mesh_from_args(args)
     moderator = api.load_moderator(args.model, batch_size=args.batch_size, max_length=args.max_length or None,
                                    dtype=args.dtype, param_dtype=args.param_dtype, tokenizer_dir=args.tokenizer,
                                    mesh=mesh, rules=rules)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    unsafe = 0
+    counts = {"unsafe": 0, "truncated": 0, "response_cut": 0}
     start = time.perf_counter()
-    try:
-        with open(tmp, "w", encoding="utf-8") as f, tqdm.tqdm(total=len(answers), unit="rows", desc="moderate") as bar:
-            for begin in range(0, len(answers), moderator.batch_size):
-                chunk = answers[begin:begin + moderator.batch_size]
-                results = moderator.score_batch([(row["prompt"], response) for row, _, response in chunk])
-                for (row, index, response), result in zip(chunk, results):
-                    unsafe += not result["is_safe"]
-                    f.write(json.dumps(output_row(row, index, response, result), ensure_ascii=False) + "\n")
-                bar.update(len(chunk))
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with files.atomic_file(output, overwrite=args.overwrite, flag="--output") as tmp, \
+            open(tmp, "w", encoding="utf-8") as f, \
+            tqdm.tqdm(total=len(answers), unit="rows", desc="moderate") as bar:
+        for begin in range(0, len(answers), moderator.batch_size):
+            chunk = answers[begin:begin + moderator.batch_size]
+            results = moderator.score_batch([(row["prompt"], response) for row, _, response in chunk])
+            for (row, index, response), result in zip(chunk, results):
+                counts["unsafe"] += not result["is_safe"]
+                counts["truncated"] += result["truncated"]
+                counts["response_cut"] += result["response_cut"]
+                f.write(json.dumps(output_row(row, index, response, result), ensure_ascii=False) + "\n")
+            bar.update(len(chunk))
     seconds = time.perf_counter() - start
-    summary = {"output": str(output), "rows": len(answers), "unsafe": unsafe, "malformed_lines": len(malformed),
+    if counts["truncated"]:
+        log.warning("%d of %d rows did not fit max_length=%d: their prompts were cut from the left (%d responses "
+                    "were cut too: response_cut in %s)", counts["truncated"], len(answers), moderator.max_length,
+                    counts["response_cut"], output)
+    summary = {"output": str(output), "rows": len(answers), **counts, "malformed_lines": len(malformed),
                "seconds": round(seconds, 3), "rows_per_second": round(len(answers) / seconds, 2) if seconds else None}
     print(json.dumps(summary, indent=2))
     return 0

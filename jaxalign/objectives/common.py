@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxalign.models.masks import last_true_index
+
 
 def masked_row_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Per-sequence masked mean: x, mask [B, T] -> [B]; an empty row gives 0."""
@@ -41,3 +43,9 @@ def next_token_log_probs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
     benchmark-config train step).
     """
     return token_log_probs(logits, jnp.roll(input_ids, -1, axis=1))[:, :-1]
+
+
+def last_token_scores(scores: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Per-token scores [N, L] read at the last real token -> [N] fp32."""
+    end = last_true_index(attention_mask)
+    return jnp.take_along_axis(scores, end[:, None], axis=-1)[:, 0].astype(jnp.float32)

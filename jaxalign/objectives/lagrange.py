@@ -1,8 +1,10 @@
-"""The Lagrange multiplier of PPO-Lagrangian and its episode-cost window (spec §5.8, §11.6).
+"""The Lagrange multiplier of PPO-Lagrangian and its episode-cost window (Safe RLHF, Dai et al. 2023,
+arXiv:2310.12773 eq. 31; upstream safe-rlhf/safe_rlhf/algorithms/ppo_lag/trainer.py).
 
-lambda lives in log space and is updated by SGD on
+lambda lives in log space (lambda = e^eta >= 0) and is updated by SGD on
     lambda_loss = -(J_C - threshold) * exp(log_lambda)
-i.e. log_lambda <- log_lambda + lr * (J_C - threshold) * lambda, then capped at log(lambda_max).
+i.e. log_lambda <- log_lambda + lr * (J_C - threshold) * lambda (eq. 31 with J_C = E[C] + d and
+threshold = -d), then capped at log(lambda_max).
 J_C is the mean of the last `window_size` sequence costs seen by this process (a ring buffer that
 already holds the current batch), averaged over processes.
 """

@@ -1,4 +1,5 @@
-"""PPO pieces of Safe RLHF as pure functions (spec §5.3-5.6).
+"""PPO pieces of Safe RLHF as pure functions (upstream safe-rlhf/safe_rlhf/algorithms/ppo/trainer.py,
+safe_rlhf/algorithms/ppo_lag/trainer.py and safe_rlhf/trainers/rl_trainer.py).
 
 Shapes: B = batch, T = L - 1 (the shifted sequence: slot t predicts token t + 1),
 R = T - start (the response slots, start = padded prompt length - 1).
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 
 from jaxalign.objectives.common import masked_mean
 
-GAMMA = 1.0  # hard-coded upstream (spec §5.5)
+GAMMA = 1.0  # hard-coded upstream (rl_trainer.py get_advantages_and_returns)
 GAE_LAMBDA = 0.95
 
 
@@ -25,7 +26,8 @@ def _add_end_scores(per_token: jax.Array, end_scores: jax.Array, end_index: jax.
 
 def kl_shaped_rewards(end_scores: jax.Array, kl: jax.Array, end_index: jax.Array,
                       kl_coeff: float | jax.Array, clip_range_score: float) -> jax.Array:
-    """Reward stream r_t = clip(-kl_coeff*kl_t + [t = end]*R, +-clip) (spec §5.4).
+    """Reward stream r_t = clip(-kl_coeff*kl_t + [t = end]*R, +-clip) (upstream
+    ppo/trainer.py add_kl_divergence_regularization).
 
     end_scores [B], kl [B,T] (log pi_old - log pi_ref per token), end_index [B] -> [B,T].
     """
@@ -34,7 +36,8 @@ def kl_shaped_rewards(end_scores: jax.Array, kl: jax.Array, end_index: jax.Array
 
 def kl_shaped_costs(end_scores: jax.Array, kl: jax.Array, end_index: jax.Array,
                     kl_coeff: float | jax.Array, clip_range_score: float) -> jax.Array:
-    """Cost stream c_t = clip(+kl_coeff*kl_t + [t = end]*C, +-clip) (spec §5.8, after #173).
+    """Cost stream c_t = clip(+kl_coeff*kl_t + [t = end]*C, +-clip) (upstream
+    ppo_lag/trainer.py add_kl_divergence_regularization, after safe-rlhf PR #173).
 
     end_scores [B], kl [B,T], end_index [B] -> [B,T].
     """
@@ -42,7 +45,7 @@ def kl_shaped_costs(end_scores: jax.Array, kl: jax.Array, end_index: jax.Array,
 
 
 def prefix_score_differences(prefix_scores: jax.Array, mask: jax.Array) -> jax.Array:
-    """Per-token costs of a streaming scorer: c_t = s_t - s_t' (potential-based shaping, issue 10).
+    """Per-token costs of a streaming scorer: c_t = s_t - s_t' (potential-based shaping, Ng et al. 1999).
 
     prefix_scores [B,R]: s_t, the scorer's score of the answer prefix ending with the token of
     slot t (a streaming moderation head: P(the finished answer is unsafe | prefix)); mask [B,R].
@@ -68,7 +71,8 @@ def kl_shaped_token_costs(token_costs: jax.Array, kl: jax.Array, kl_coeff: float
 
 def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, start: int,
         gamma: float = GAMMA, lam: float = GAE_LAMBDA) -> tuple[jax.Array, jax.Array]:
-    """Generalised advantage estimation over the response slots (spec §5.5).
+    """Generalised advantage estimation over the response slots (Schulman et al. 2016,
+    arXiv:1506.02438; upstream rl_trainer.py get_advantages_and_returns).
 
     rewards, values, mask: [B,T]; start: static slot of the first response token.
     Returns (advantages [B,R], returns [B,R]) with R = T - start; advantages carry no gradient.
@@ -92,7 +96,8 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, start: int,
 
 def combined_advantages(reward_advantages: jax.Array, cost_advantages: jax.Array,
                         lagrange_multiplier: jax.Array) -> jax.Array:
-    """A = (A_R - lambda*A_C) / (1 + lambda) with no gradient through lambda (spec §5.8). [B,R]."""
+    """A = (A_R - lambda*A_C) / (1 + lambda) with no gradient through lambda (upstream
+    ppo_lag/trainer.py rl_step: lambda is a Python float). [B,R]."""
     lam = jax.lax.stop_gradient(lagrange_multiplier)
     return (reward_advantages - lam * cost_advantages) / (1.0 + lam)
 
@@ -108,7 +113,8 @@ def whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 def actor_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array,
                mask: jax.Array, clip_range_ratio: float) -> jax.Array:
-    """PPO-clip loss -masked_mean(min(A*rho, A*clip(rho, 1-eps, 1+eps))) (spec §5.6).
+    """PPO-clip loss -masked_mean(min(A*rho, A*clip(rho, 1-eps, 1+eps))) (Schulman et al. 2017,
+    arXiv:1707.06347 eq. 7; upstream ppo/trainer.py actor_loss_fn).
 
     log_probs (trainable), old_log_probs, advantages, mask: [B,R] -> scalar.
     """
@@ -120,7 +126,8 @@ def actor_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.A
 
 def critic_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,
                 clip_range_value: float) -> jax.Array:
-    """Clipped value loss 0.5*masked_mean(max((V-G)^2, (clip(V, V_old +- c)-G)^2)) (spec §5.6).
+    """Clipped value loss 0.5*masked_mean(max((V-G)^2, (clip(V, V_old +- c)-G)^2)) (upstream
+    rl_trainer.py critic_loss_fn).
 
     values (trainable), old_values, returns, mask: [B,R] -> scalar.
     """

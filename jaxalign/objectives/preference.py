@@ -1,4 +1,5 @@
-"""Reward- and cost-model losses on preference pairs (spec §4.2, §4.3).
+"""Reward- and cost-model losses on preference pairs: safe-rlhf's safe_rlhf/values/reward/trainer.py and
+safe_rlhf/values/cost/trainer.py (Safe RLHF, Dai et al. 2023, arXiv:2310.12773, §3.2).
 
 Every function is a pure function of arrays. Scores come from one forward pass of the
 score model over `concat([better, worse])` (2B rows), split back into the two halves.
@@ -28,7 +29,7 @@ def divergence_window(
 
     ids_*, mask_*: [B, T] -> bool [B, T], True for t in [d, max(end_a, end_b)] where d is
     the first index where ids_a != ids_b and end_* the last real token. Positions past the
-    shorter sequence's end are included (upstream quirk, spec §11.12).
+    shorter sequence's end are included (as upstream's token-wise loss).
     """
     diverge = jnp.argmax(ids_a != ids_b, axis=-1)  # [B]
     end = jnp.maximum(last_true_index(mask_a), last_true_index(mask_b))  # [B]
@@ -37,8 +38,8 @@ def divergence_window(
 
 
 def upstream_positions(mask: jax.Array) -> jax.Array:
-    """Position ids as upstream's score models see them (HF's default arange(L), spec §5.2): the
-    real tokens keep cumsum(mask) - 1 and right-padding continues counting past the last real token
+    """Position ids as upstream's score models see them (upstream passes no position_ids, so HF uses
+    arange(L)): the real tokens keep cumsum(mask) - 1 and right-padding continues counting past the last real token
     (a right-padded row gets exactly arange(L)), instead of repeating the last real position.
     Only the pad positions' scores change, which the token-wise losses read. mask [B, T] -> [B, T]."""
     t = jnp.arange(mask.shape[-1])[None, :]

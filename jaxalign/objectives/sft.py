@@ -1,4 +1,4 @@
-"""Supervised fine-tuning loss: next-token cross-entropy on response tokens (spec §4.1).
+"""Supervised fine-tuning loss: next-token cross-entropy on response tokens.
 
 Matches the HF causal-LM loss of upstream `finetune/trainer.py`: logits at position t predict
 token t+1, positions whose target is not a response token (labels = -100 upstream; here

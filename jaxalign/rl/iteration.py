@@ -94,7 +94,7 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
     # (1 x 8 devices == 2 x 4). The window is thus global: the last W sequence costs of the run.
     # Upstream keeps one window of W per GPU and averages over the N GPUs, which is the same as a
     # global window of W x N when W is a multiple of the per-GPU rollout batch (upstream: 128 and 16):
-    # set rl.episode_cost_window_size = 128 x N to reproduce an N-GPU upstream run.
+    # set config.rl.ppo_lag.episode_cost_window_size = 128 x N to reproduce an N-GPU upstream run.
     algorithm_state = algorithm.observe(settings, state.algorithm,
                                         {name: mesh_lib.global_rows(value) for name, value in scores.items()})
     state = state.replace(algorithm=algorithm_state, rng=rng)

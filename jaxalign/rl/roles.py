@@ -1,4 +1,5 @@
-"""The roles of RLHF and the pure functions that apply them (spec §3.3).
+"""The roles of RLHF and the pure functions that apply them (upstream
+safe-rlhf/safe_rlhf/trainers/rl_trainer.py init_models, safe_rlhf/algorithms/ppo_lag/trainer.py).
 
     actor          causal LM, trained (AdamW, cosine)        params["actor"]
     reference      causal LM, frozen copy of the actor init  params["reference"]
@@ -49,13 +50,13 @@ GenerateFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, j
 class RoleFns:
     """How each role is applied: the policy (actor and reference), its sampler, and a ScoreFn per
     score role ("reward", "cost", "reward_critic", ...). Sequence scores are read at the last
-    real token (spec §3.2)."""
+    real token (upstream safe_rlhf/models/score_model: end_scores)."""
 
     policy: PolicyFn
     generate: GenerateFn | None
     scores: dict[str, ScoreFn]
     # {scorer role: its own tokenizer} for a reward / cost model trained with another tokenizer:
-    # its inputs are the actor's sequences re-tokenised (rollout.retokenize, spec §3.3)
+    # its inputs are the actor's sequences re-tokenised (rollout.retokenize, upstream rl_trainer.py batch_retokenize)
     retokenizers: dict = dataclasses.field(default_factory=dict)
     actor_tokenizer: Any = None  # decodes the actor's sequences for re-tokenisation
     # LoRA: {trained role: the frozen role whose params are its base} (actor -> "reference"; with
@@ -99,6 +100,34 @@ class RolePaths:
     def signal(self, role: str) -> str:
         """The moderation signal a (non-critic) role reads from a moderation model."""
         return dict(self.constraints).get(role, self.cost_signal)
+
+    def check(self, token_streams: tuple[str, ...] = (), where: str = "config.rl") -> None:
+        """ValueError naming the config field when a role reads a moderation signal (cost_signal other
+        than "unsafe", the constraints, per-token costs of `token_streams`) but `cost` is not a
+        moderation export, or when a signal is unknown. where: the algorithm's group, for the
+        per-token costs' field."""
+        moderation_cost = bool(self.cost) and moderation.is_moderation_dir(self.cost)
+        if moderation_cost:
+            check_signal(self.cost_signal, "config.rl.cost_signal")
+        elif self.cost_signal != "unsafe":
+            raise ValueError(f"config.rl.cost_signal={self.cost_signal!r} needs config.rl.cost_model_path to be a "
+                             f"moderation export (got {self.cost!r})")
+        if self.constraints and not moderation_cost:
+            raise ValueError(f"{where}.constraints: {', '.join(s for _, s in self.constraints)} read a moderation "
+                             f"model but config.rl.cost_model_path={self.cost!r} is not a moderation export")
+        if token_streams and not moderation_cost:
+            raise ValueError(f"{where}.cost_per_token needs config.rl.cost_model_path to be a moderation export (its "
+                             f"streaming head scores every prefix), got {self.cost!r}")
+
+
+def check_signal(signal: str, field: str) -> None:
+    """A moderation signal (models/moderation.cost_signal) or ValueError naming `field`."""
+    index = signal[len("category:"):] if signal.startswith("category:") else ""
+    if signal in moderation.COST_SIGNALS or (index.isdigit() and int(index) < len(moderation.HARM_CATEGORIES)):
+        return
+    raise ValueError(f"{field}: unknown moderation signal {signal!r}; expected one of "
+                     f"{', '.join(moderation.COST_SIGNALS)} or category:<index> with index < "
+                     f"{len(moderation.HARM_CATEGORIES)}")
 
 
 def policy_fn(cfg, lora_settings: lora.LoraSettings | None = None) -> PolicyFn:
@@ -163,7 +192,7 @@ def sampler_fn(cfg, settings: RLSettings, pad_token_id: int, masked_token_ids: t
     """GenerateFn of the jit sampler with the run's temperature / top-p / max new tokens.
 
     masked_token_ids: ids left out of the attention mask wherever they occur, as upstream's
-    `mask = (seq != pad) & (seq != unk)` (spec §5.2): a <pad>/<unk> sampled mid-response is then
+    `mask = (seq != pad) & (seq != unk)` (safe_rlhf/trainers/rl_trainer.py generate): a <pad>/<unk> sampled mid-response is then
     neither attended to nor scored (the sampler itself still fed it, as HF generate does). EOS ids
     are never masked. lora.Adapted params (a LoRA actor) are merged (W + alpha/r * A @ B) before sampling."""
     sampling = sampler.SamplingConfig(
@@ -229,7 +258,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def own_tokenizer(role: str, path: str, tokenizer):
     """The tokenizer saved in a score-model dir when it differs from the actor's (vocab or special
     tokens), else None (no tokenizer there, or the same one). A critic must share the actor's
-    tokenizer (upstream raises too, spec §3.3): ValueError naming the dir."""
+    tokenizer (upstream rl_trainer.py init_models raises too): ValueError naming the dir."""
     from jaxalign.models import tokenizer as tokenizer_lib
 
     if not any((pathlib.Path(path) / name).is_file() for name in TOKENIZER_FILES):
@@ -282,7 +311,7 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
         if not path:
             raise ValueError(f"the {role} role needs a model: set config.rl.{role}_model_path")
         is_critic = role.endswith("_critic")
-        if moderation.is_moderation_dir(path):  # issue 10: a moderation model as the cost (P(unsafe))
+        if moderation.is_moderation_dir(path):  # a moderation model as the cost (P(unsafe))
             if is_critic and lora_critics:
                 raise ValueError(f"config.lora.critics: the {role} is a moderation backbone + a fresh head ({path} is "
                                  f"a moderation export), which stays fully trained: set config.lora.critics=False")

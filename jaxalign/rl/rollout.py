@@ -1,4 +1,5 @@
-"""Experience of one rollout batch: log-probs, scores, values and advantages (spec §5.2-5.5).
+"""Experience of one rollout batch: log-probs, scores, values and advantages (upstream
+safe-rlhf/safe_rlhf/algorithms/ppo/trainer.py post_rollout, safe_rlhf/trainers/rl_trainer.py).
 
 All functions are pure and traced inside one jit (`score_experience`); shapes use
 B = batch, L = S + max_new_tokens, T = L - 1 (shifted slots), R = T - start (response slots).
@@ -16,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models.masks import last_true_index
-from jaxalign.objectives import dpo
-from jaxalign.objectives.common import masked_row_mean, next_token_log_probs
+from jaxalign.objectives.common import last_token_scores, masked_row_mean, next_token_log_probs
 from jaxalign.rl import stacking
 from jaxalign.rl.algorithms.base import Algorithm
 from jaxalign.rl.roles import RoleFns
@@ -31,7 +31,8 @@ class Experience:
     input_ids: jax.Array  # [B,L] int32: left-padded prompt + response + pad
     attention_mask: jax.Array  # [B,L] bool
     response_mask: jax.Array  # [B,R] bool: attention_mask[:, 1:][:, start:]
-    old_log_probs: jax.Array  # [B,R]
+    old_log_probs: jax.Array  # [B,R] the actor's log-probs at rollout time
+    ref_log_probs: jax.Array  # [B,R] the reference's (the KL's other term; a KL-in-the-loss actor_loss reads it)
     advantages: dict  # {stream: [B,R]}
     values: dict  # {stream with a critic: [B,R]} critic values at rollout time
     returns: dict  # {stream with a critic: [B,R]}
@@ -46,7 +47,7 @@ def policy_log_probs(fns: RoleFns, params: Any, input_ids: jax.Array, attention_
 
 def end_scores(score_fn, params: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Sequence score = per-token score at the last real token (EOS). -> [B]."""
-    return dpo.end_scores(score_fn(params, input_ids, attention_mask), attention_mask)
+    return last_token_scores(score_fn(params, input_ids, attention_mask), attention_mask)
 
 
 def read_scores(algorithm: Algorithm, settings: RLSettings, per_token: dict, inputs: dict,
@@ -63,12 +64,12 @@ def read_scores(algorithm: Algorithm, settings: RLSettings, per_token: dict, inp
     if set(token_streams) - set(per_token):
         raise ValueError(f"{algorithm.name}: per-token streams {token_streams} need scorers of the same name, "
                          f"got {tuple(per_token)}")
-    scores = {name: dpo.end_scores(values, inputs[name][1]) for name, values in per_token.items()}
+    scores = {name: last_token_scores(values, inputs[name][1]) for name, values in per_token.items()}
     token_scores = {}
     for name in token_streams:
         if name in retokenized:
-            raise ValueError(f"config.rl.cost_per_token: the {name} model has its own tokenizer, so its per-token "
-                             f"scores do not align with the actor's tokens")
+            raise ValueError(f"config.rl.{algorithm.name}.cost_per_token: the {name} model has its own tokenizer, "
+                             f"so its per-token scores do not align with the actor's tokens")
         token_scores[name] = per_token[name][:, settings.start + 1:].astype(jnp.float32)
     return scores, token_scores
 
@@ -82,7 +83,7 @@ def critic_values(score_fn, params: Any, input_ids: jax.Array, attention_mask: j
 def retokenize(input_ids: np.ndarray, attention_mask: np.ndarray, source, dest,
                length: int) -> tuple[np.ndarray, np.ndarray]:
     """The actor's sequences in a score model's own tokenizer, on the host (upstream
-    `batch_retokenize`, spec §3.3): each row's real tokens (mask) decoded with `source` skipping
+    `batch_retokenize` in safe_rlhf/trainers/rl_trainer.py): each row's real tokens (mask) decoded with `source` skipping
     special tokens, `dest.eos_token` appended as text, encoded with `dest` (add_special_tokens,
     as the score model was trained: BOS first), then right-padded with dest's pad id / cut to
     `length` (static shapes instead of upstream's LONGEST padding).
@@ -112,7 +113,7 @@ def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, p
     retokenized = retokenized or {}
     start = settings.start
     response_mask = attention_mask[:, 1:][:, start:]
-    # Slot of the last real token within the response slots (spec §5.3 end_index - start).
+    # Slot of the last real token within the response slots (upstream end_index - start).
     end_index = last_true_index(response_mask)
     mask = response_mask.astype(jnp.float32)
 
@@ -147,5 +148,6 @@ def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, p
             stats[f"{stream}_value"] = masked_row_mean(stream_values, mask)
             stats[f"{stream}_return"] = masked_row_mean(stream_returns, mask)
     experience = Experience(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
-                            old_log_probs=old_log_probs, advantages=advantages, values=values, returns=returns)
+                            old_log_probs=old_log_probs, ref_log_probs=log_probs["reference"], advantages=advantages,
+                            values=values, returns=returns)
     return experience, stats

@@ -1,18 +1,23 @@
-"""RLSettings: the static (hashable) view of `config.rl` that the compiled RL steps close over.
+"""The static (hashable) settings the compiled RL steps close over.
 
-Its fields are exactly the numeric/flag fields of `config.rl` (configs/base.py holds every default
-with a comment); the role paths and the critic optimizer are read by the stage.
+RLSettings: what every algorithm uses, the fields of the shared group `config.rl` (configs/base.py
+holds their defaults with a comment). AlgorithmSettings: the base of each algorithm's own settings
+(rl/algorithms/<name>.py), read from its group `config.rl.<name>`; configs/base.py builds those groups
+from the dataclasses' defaults (rl/algorithms.config_groups). The role paths, PTX data and the critic
+optimizer of `config.rl` are read by the stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Mapping
 
 
 @dataclasses.dataclass(frozen=True)
 class RLSettings:
-    """Everything the rollout, scoring and update steps need besides arrays (spec §5, §6.1)."""
+    """Rollout, KL shaping, GAE, PPO update and PTX settings of every algorithm (upstream
+    safe-rlhf/safe_rlhf/trainers/rl_trainer.py and safe_rlhf/algorithms/ppo/trainer.py)."""
 
     prompt_length: int  # S: padded prompt length; slot start = S - 1 predicts the 1st response token
     max_new_tokens: int  # total sequence length L = S + max_new_tokens
@@ -27,33 +32,19 @@ class RLSettings:
     ptx_coeff: float  # 0 disables the PTX pass
     normalize_reward: bool
     normalize_cost: bool
-    cost_per_token: bool  # ppo_lag / multi_lag: moderation costs per token from the streaming head
-    threshold: float  # ppo_lag: mean episode cost <= threshold
-    lambda_init: float  # ppo_lag: initial lambda; ppo_reward_shaping: the constant nu
-    lambda_lr: float
-    lambda_max: float | None  # None: no cap
-    lambda_update_delay_steps: int
-    episode_cost_window_size: int
     whiten_advantages: bool
     adaptive_kl: bool
     target_kl: float
     kl_horizon: float
     ppo_epochs: int  # upstream update_iters
     num_minibatches: int
-    num_return_sequences: int  # responses sampled per prompt (safe_grpo's group size); 1 upstream
+    num_return_sequences: int  # responses sampled per prompt (the group of a GRPO-family algorithm); 1 upstream
     # > 0: each rollout drops the padding columns no row uses (prompts on the left, responses on the
     # right), keeping a multiple of length_bucket; 0: every batch is prompt_length + max_new_tokens
     length_bucket: int
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"config.rl.{field.name} must be finite, got {value}")
-        if self.lambda_init <= 0:
-            raise ValueError(f"config.rl.lambda_init must be > 0, got {self.lambda_init}")
-        if self.lambda_max is not None and self.lambda_max <= 0:
-            raise ValueError(f"config.rl.lambda_max must be > 0 or None, got {self.lambda_max}")
+        check_finite(self, "config.rl")
         if self.ppo_epochs < 1 or self.num_minibatches < 1:
             raise ValueError("config.rl.ppo_epochs and config.rl.num_minibatches must be >= 1")
         if self.prompt_length < 1 or self.max_new_tokens < 1:
@@ -62,8 +53,6 @@ class RLSettings:
             raise ValueError(f"config.rl.num_return_sequences must be >= 1, got {self.num_return_sequences}")
         if self.length_bucket < 0:
             raise ValueError(f"config.rl.length_bucket must be >= 0 (0 = fixed lengths), got {self.length_bucket}")
-        if self.episode_cost_window_size < 1:
-            raise ValueError("config.rl.episode_cost_window_size must be >= 1")
 
     @property
     def sequence_length(self) -> int:
@@ -71,7 +60,8 @@ class RLSettings:
 
     @property
     def start(self) -> int:
-        """Shifted slot holding the prediction of the first response token (spec §5.3)."""
+        """Shifted slot holding the prediction of the first response token (upstream
+        safe_rlhf/algorithms/ppo/trainer.py: start = prompt.size(-1) - 1)."""
         return self.prompt_length - 1
 
     def bucketed(self, used: int, cap: int) -> int:
@@ -82,10 +72,44 @@ class RLSettings:
         return min(cap, max(1, -(-used // self.length_bucket)) * self.length_bucket)
 
     @classmethod
-    def from_group(cls, rl) -> "RLSettings":
-        """From the `config.rl` group; lambda_max <= 0 means no cap (config files cannot hold None
-        and stay overridable from the command line)."""
-        values = {field.name: rl[field.name] for field in dataclasses.fields(cls)}
-        if values["lambda_max"] is not None and values["lambda_max"] <= 0:
-            values["lambda_max"] = None
-        return cls(**values)
+    def from_group(cls, rl: Mapping) -> "RLSettings":
+        """From the shared `config.rl` group (its other fields and sub-groups are read elsewhere)."""
+        return cls(**{field.name: rl[field.name] for field in dataclasses.fields(cls)})
+
+
+def check_finite(settings: Any, where: str) -> None:
+    """ValueError naming `where`.<field> for the first float field that is nan or +-inf."""
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}.{field.name} must be finite, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSettings:
+    """Base of an algorithm's own settings (none here). A subclass lists its fields with defaults
+    (ints, floats, bools or strings: the types a config field can hold) and extends `check`. The
+    algorithm checks its settings when it is built (rl/algorithms/base.py), naming its group."""
+
+    def check(self, where: str) -> None:
+        """ValueError naming `where`.<field> (e.g. config.rl.ppo_lag.lambda_lr) for a bad value; here
+        a non-finite float."""
+        check_finite(self, where)
+
+    @classmethod
+    def from_group(cls, group: Mapping, where: str) -> "AlgorithmSettings":
+        """From the config group at `where` (e.g. config.rl.ppo_lag): exactly one value per field."""
+        missing = [field.name for field in dataclasses.fields(cls) if field.name not in group]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)} (configs/base.py builds this group from "
+                             f"{cls.__name__}'s defaults)")
+        names = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(group) - set(names))
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+        return cls(**{name: group[name] for name in names})
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """{field: default}: the config group of these settings."""
+        return {field.name: field.default for field in dataclasses.fields(cls)}

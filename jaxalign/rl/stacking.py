@@ -1,4 +1,4 @@
-"""Roles of one architecture as one batched computation over stacked parameters (issue 12).
+"""Roles of one architecture as one batched computation over stacked parameters.
 
     groups = stack_groups(fns, params, inputs)      # ((role, ...), ...): roles that can share a pass
     outputs = score_pass(fns, params, inputs)       # {role: per-token scores [B,L]}

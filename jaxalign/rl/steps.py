@@ -4,8 +4,9 @@
     score      jit: actor + reference log-probs, the algorithm's scores, critic values and
                     per-stream advantages -> Experience, plus health metrics (sampler vs trainer
                     log-prob gap, non-finite counts)
-    train      jit: PPO-clip actor update on the algorithm's advantage plus PTX (one AdamW update
-                    on 0.5*(g_RL + ptx_coeff*g_PTX)), then a clipped value update of every critic
+    train      jit: the algorithm's actor loss (Algorithm.actor_loss; PPO-clip by default) on its
+                    advantage plus PTX (one AdamW update on 0.5*(g_RL + ptx_coeff*g_PTX)), then a
+                    clipped value update of every critic
 
 With stack_roles, roles of one architecture share one batched computation (rl/stacking.py):
 actor + reference and the scorers + critics score as vmapped passes over stacked params, the actor's
@@ -134,11 +135,11 @@ def actor_advantages(algorithm: Algorithm, settings: RLSettings, exp: Experience
     return advantages
 
 
-def actor_rl_loss(fns: RoleFns, settings: RLSettings, params: Any, exp: Experience,
+def actor_rl_loss(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, params: Any, exp: Experience,
                   advantages: jax.Array) -> jax.Array:
-    """PPO-clip loss of the actor on one experience batch. -> []."""
+    """The algorithm's actor loss (Algorithm.actor_loss) on one experience batch. -> []."""
     log_probs = policy_log_probs(fns, params, exp.input_ids, exp.attention_mask, settings.start)
-    return ppo.actor_loss(log_probs, exp.old_log_probs, advantages, exp.response_mask, settings.clip_range_ratio)
+    return algorithm.actor_loss(settings, log_probs, exp, advantages)
 
 
 def value_loss(score_fn, settings: RLSettings, params: Any, exp: Experience, old_values: jax.Array,
@@ -154,11 +155,11 @@ def can_fuse_ptx(exp: Experience, ptx_batch: dict) -> bool:
     return ptx_batch["input_ids"].shape == exp.input_ids.shape
 
 
-def actor_rl_ptx_loss(fns: RoleFns, settings: RLSettings, params: Any, exp: Experience, advantages: jax.Array,
-                      ptx_batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def actor_rl_ptx_loss(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, params: Any, exp: Experience,
+                      advantages: jax.Array, ptx_batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """0.5*(L_RL + ptx_coeff*L_PTX) from ONE policy pass over the rollout and PTX rows interleaved
-    ([B,2,L] -> [2B,L]; both [B,L]). Its gradient is upstream's 0.5*(g_RL + ptx_coeff*g_PTX) up to
-    fp32 reassociation. -> (loss, (L_RL, L_PTX))."""
+    ([B,2,L] -> [2B,L]; both [B,L]), L_RL the algorithm's actor loss. Its gradient is upstream's
+    0.5*(g_RL + ptx_coeff*g_PTX) up to fp32 reassociation. -> (loss, (L_RL, L_PTX))."""
     b, length = exp.input_ids.shape
     both = lambda x, y: jnp.stack([x, y.astype(x.dtype)], axis=1).reshape(2 * b, length)  # noqa: E731
     logits = fns.policy(params, both(exp.input_ids, ptx_batch["input_ids"]),
@@ -166,7 +167,7 @@ def actor_rl_ptx_loss(fns: RoleFns, settings: RLSettings, params: Any, exp: Expe
     logits = logits.reshape(b, 2, *logits.shape[1:])
     start = settings.start
     log_probs = next_token_log_probs(logits[:, 0, start:], exp.input_ids[:, start:])
-    rl = ppo.actor_loss(log_probs, exp.old_log_probs, advantages, exp.response_mask, settings.clip_range_ratio)
+    rl = algorithm.actor_loss(settings, log_probs, exp, advantages)
     ptx = sft.sft_loss(logits[:, 1], ptx_batch["input_ids"], ptx_batch["loss_mask"])[0]
     return 0.5 * (rl + settings.ptx_coeff * ptx), (rl, ptx)
 
@@ -220,18 +221,18 @@ def score_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, frozen:
     return exp, scores, means
 
 
-def actor_gradients(fns: RoleFns, settings: RLSettings, params: Any, exp: Experience, advantages: jax.Array,
-                    ptx_batch: dict | None, stack: bool) -> tuple[Any, dict]:
+def actor_gradients(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, params: Any, exp: Experience,
+                    advantages: jax.Array, ptx_batch: dict | None, stack: bool) -> tuple[Any, dict]:
     """The actor's gradient: g_RL, or 0.5*(g_RL + ptx_coeff*g_PTX) with PTX (upstream doubles GAS when
     PTX is on: one update on the mean of the two backward passes). -> (grads, loss metrics)."""
     if settings.ptx_coeff <= 0:
-        loss, grads = jax.value_and_grad(actor_rl_loss, argnums=2)(fns, settings, params, exp, advantages)
+        loss, grads = jax.value_and_grad(actor_rl_loss, argnums=3)(fns, algorithm, settings, params, exp, advantages)
         return grads, {"actor_loss": loss}
     if stack and can_fuse_ptx(exp, ptx_batch):
-        (_, (loss, ptx)), grads = jax.value_and_grad(actor_rl_ptx_loss, argnums=2, has_aux=True)(
-            fns, settings, params, exp, advantages, ptx_batch)
+        (_, (loss, ptx)), grads = jax.value_and_grad(actor_rl_ptx_loss, argnums=3, has_aux=True)(
+            fns, algorithm, settings, params, exp, advantages, ptx_batch)
         return grads, {"actor_loss": loss, "ptx_loss": ptx}
-    loss, grads = jax.value_and_grad(actor_rl_loss, argnums=2)(fns, settings, params, exp, advantages)
+    loss, grads = jax.value_and_grad(actor_rl_loss, argnums=3)(fns, algorithm, settings, params, exp, advantages)
     ptx, ptx_grads = jax.value_and_grad(ptx_loss, argnums=1)(fns, params, ptx_batch)
     grads = jax.tree.map(lambda g, p: 0.5 * (g + settings.ptx_coeff * p), grads, ptx_grads)
     return grads, {"actor_loss": loss, "ptx_loss": ptx}
@@ -276,7 +277,7 @@ def train_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, optimiz
                stack: bool = False) -> tuple[RLState, dict]:
     """One actor update (RL + PTX) and one update of each critic on an experience batch."""
     advantages = actor_advantages(algorithm, settings, exp, multiplier)
-    grads, metrics = actor_gradients(fns, settings, state.actor.params, exp, advantages, ptx_batch, stack)
+    grads, metrics = actor_gradients(fns, algorithm, settings, state.actor.params, exp, advantages, ptx_batch, stack)
     metrics["actor_learning_rate"] = optimizers.actor_schedule(state.actor.step)
     metrics["actor_grad_norm"] = optax.tree.norm(grads)
     actor = state.actor.apply_gradients(grads, optimizers.actor)
@@ -317,6 +318,18 @@ class RLProgram:
     ptx_shardings: Any
     # (trained actor params, frozen) -> the rollout's actor params (LoRA: lora.Adapted(base, adapters))
     actor_params: Callable | None = None
+
+
+def abstract_experience(algorithm: Algorithm, batch: int, length: int, response: int, sharding=None) -> Experience:
+    """An Experience of jax.ShapeDtypeStructs ([batch, length] tokens, [batch, response] per-token
+    arrays, `sharding` on each) for lowering the train step without a rollout (experiments, plans)."""
+    array = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+    per_token = lambda: array((batch, response), jnp.float32)  # noqa: E731
+    return Experience(input_ids=array((batch, length), jnp.int32), attention_mask=array((batch, length), jnp.bool_),
+                      response_mask=array((batch, response), jnp.bool_), old_log_probs=per_token(),
+                      ref_log_probs=per_token(), advantages={stream: per_token() for stream in algorithm.streams},
+                      values={stream: per_token() for stream in algorithm.critics},
+                      returns={stream: per_token() for stream in algorithm.critics})
 
 
 def rl_state_shardings(state: RLState, param_shardings: dict, optimizers: Optimizers, mesh) -> RLState:
@@ -365,7 +378,7 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
     batch2 = mesh_lib.batch_sharding(mesh, 2)
     batch1 = mesh_lib.batch_sharding(mesh, 1)
     exp_sh = Experience(input_ids=batch2, attention_mask=batch2, response_mask=batch2, old_log_probs=batch2,
-                        advantages=dict.fromkeys(algorithm.streams, batch2),
+                        ref_log_probs=batch2, advantages=dict.fromkeys(algorithm.streams, batch2),
                         values=dict.fromkeys(algorithm.critics, batch2), returns=dict.fromkeys(algorithm.critics, batch2))
     rollout = jax.jit(
         fns.generate,
@@ -408,7 +421,7 @@ def compile_program(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, op
         return rollout(actor_params(fns, params, frozen), prompt_ids, prompt_mask, rng)[:2]
 
     def score(frozen, state, ids, mask, log_probs=None, prompt_length=settings.prompt_length):
-        # Scorers with their own tokenizer: the sequences re-tokenised on the host (spec §3.3), every
+        # Scorers with their own tokenizer: the sequences re-tokenised on the host (upstream batch_retokenize), every
         # row on every process, placed batch-sharded like the rollout.
         if not retokenizers:
             return score_at(prompt_length)(frozen, state, ids, mask, log_probs)

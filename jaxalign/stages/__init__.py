@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import importlib
 
-# config.stage -> module exposing run(config, workdir)
+from jaxalign.objectives.pairwise import METHODS as PAIRWISE_METHODS
+from jaxalign.rl import algorithms
+
+# config.stage -> module exposing run(config, workdir); every RL algorithm (rl/algorithms) is a stage of
+# stages/rl.py, every method of the pairwise table (objectives/pairwise.py) a stage of stages/dpo.py
 STAGES = {
     "sft": "jaxalign.stages.sft",
     "reward": "jaxalign.stages.score",
     "cost": "jaxalign.stages.score",
-    "ppo": "jaxalign.stages.rl",
-    "ppo_lag": "jaxalign.stages.rl",
-    "ppo_reward_shaping": "jaxalign.stages.rl",
-    "safe_grpo": "jaxalign.stages.rl",
-    "multi_lag": "jaxalign.stages.rl",
-    "dpo": "jaxalign.stages.dpo",
-    "safe_dpo": "jaxalign.stages.dpo",
-    "c_dpo": "jaxalign.stages.dpo",
+    **dict.fromkeys(algorithms.ALGORITHMS, "jaxalign.stages.rl"),
+    **{name: "jaxalign.stages.dpo" for name in PAIRWISE_METHODS},
     "moderation": "jaxalign.stages.moderation",
 }
 

@@ -6,17 +6,22 @@ library packages (models, data, objectives, train, rl, evaluate).
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
-from jaxalign.data import sources, views
+import jax
+import numpy as np
+
+from jaxalign import files
+from jaxalign.data import pipeline, sources, views
 from jaxalign.models import loading, lora
 from jaxalign.models import tokenizer as tokenizer_lib
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import checkpoint as checkpoint_lib
 from jaxalign.train import loop, optim
 
-FORK_PROMPT_TEMPLATE = "{input} "  # the fork's template (spec §2.4); breaks Beaver checkpoints
+FORK_PROMPT_TEMPLATE = "{input} "  # the fork's safe_rlhf/configs/constants.py; breaks Beaver checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +134,21 @@ def check_batch_size(config, mesh, key: str = "batch_size") -> int:
     return size
 
 
+def check_responses_fit(config, kind: str, examples, tokenizer, split: str) -> None:
+    """Refuses a split where config.data.max_length leaves no example a response token (each prompt
+    alone fills it: training would see no target and export an untrained model); warns with the
+    count when it leaves some examples none (they train nothing)."""
+    max_length = int(config.data.max_length)
+    without, checked = pipeline.rows_without_response(kind, examples, tokenizer, max_length=max_length)
+    if checked and without == checked:
+        raise ValueError(f"config.data.max_length={max_length} leaves no response token in split {split!r}: each of "
+                         f"the {checked} prompts checked is {max_length} tokens or longer, so nothing would be trained; "
+                         f"raise config.data.max_length")
+    if without:
+        log.warning("config.data.max_length=%d: %d of %d %s examples checked keep no response token (their prompt "
+                    "fills it); they train nothing", max_length, without, checked, split)
+
+
 def check_eval_batch(config, num_examples: int, mesh) -> None:
     """The eval batch must fit the split and divide over the batch shards: checked before training."""
     size = check_batch_size(config, mesh, "eval_batch_size")
@@ -137,12 +157,49 @@ def check_eval_batch(config, num_examples: int, mesh) -> None:
                          f"{config.data.eval_split!r}; lower it or set config.data.eval_split=''")
 
 
+EXPORT_STEP_NAME = "jaxalign_export.json"  # {"step": N}: the training step the export holds
+
+
 def export_once(result: loop.LoopResult, workdir: pathlib.Path, export_fn) -> pathlib.Path:
-    """export_fn(WORKDIR/export), unless the run was already finished and its export exists."""
+    """export_fn(WORKDIR/export), unless the run was already finished and its export is complete
+    and of the final step: loading.check_export (its manifest's sizes and sha256, config,
+    safetensors headers, tokenizer) and EXPORT_STEP_NAME, written into the export once it is in
+    place. The export functions write a temporary sibling and rename it into place, so a run killed
+    while exporting keeps the previous export, and the next run exports again."""
     out = pathlib.Path(workdir) / "export"
-    if result.trained_steps == 0 and (out / "config.json").exists():
-        log.info("already finished; %s is up to date", out)
-        return out
+    if result.trained_steps == 0:
+        problem = _agreed(_stale_export(out, result.step) if jax.process_index() == 0 else "")
+        if not problem:
+            log.info("already finished; %s is up to date", out)
+            return out
+        log.warning("already finished, but %s; exporting again", problem)
     export_fn(out)
+    if jax.process_index() == 0:
+        files.write_text(out / EXPORT_STEP_NAME, json.dumps({"step": int(result.step)}) + "\n")
     log.info("exported to %s", out)
     return out
+
+
+def _stale_export(out: pathlib.Path, step: int) -> str:
+    """"" when `out` is a complete export of training step `step`, else what is wrong."""
+    problem = loading.check_export(out)
+    if problem:
+        return f"the export is not complete ({problem})"
+    try:
+        exported = json.loads((out / EXPORT_STEP_NAME).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return (f"{out / EXPORT_STEP_NAME} is missing or unreadable ({type(error).__name__}): an export cut off "
+                f"right after it was renamed into place, or written before this record existed")
+    if exported != step:
+        return f"{out} holds step {exported}, the run ended at step {step}"
+    return ""
+
+
+def _agreed(problem: str) -> str:
+    """Process 0's verdict on every host (each host must then export, or none: the export gathers)."""
+    if jax.process_count() == 1:
+        return problem
+    from jax.experimental import multihost_utils
+
+    again = bool(multihost_utils.broadcast_one_to_all(np.int32(bool(problem))))
+    return (problem or "see process 0's log") if again else ""

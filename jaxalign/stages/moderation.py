@@ -1,5 +1,5 @@
-"""Moderation stage (config.stage "moderation", issue 10): the severity-sensitive, streaming
-moderation model of PKU-SafeRLHF on the QA view.
+"""Moderation stage (config.stage "moderation"): the severity-sensitive, streaming moderation model
+of PKU-SafeRLHF (Ji et al. 2024, arXiv:2406.15513) on the QA view.
 
     jaxalign train --config configs/moderation_tiny.py --workdir out/moderation_tiny
 
@@ -13,53 +13,28 @@ moderation model of PKU-SafeRLHF on the QA view.
     updates on config.data.eval_split (evaluate/moderation.py's headline metrics at threshold 0.5);
   * the unsafe threshold maximising F1 on validation data (config.moderation.validation_split, or
     validation_fraction of the train rows held out, never trained on), and per-category
-    thresholds likewise (tune_category_thresholds), are saved in the export's config.json:
-    WORKDIR/export is a moderation-model dir + the tokenizer.
+    thresholds likewise (tune_category_thresholds), chosen by moderation/validation.py, are saved in
+    the export's config.json: WORKDIR/export is a moderation-model dir + the tokenizer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import pathlib
-from collections import Counter
 from typing import Sequence
 
 import jax
 import numpy as np
 
 from jaxalign.data import pipeline, views
-from jaxalign.evaluate import moderation as evaluate_lib
 from jaxalign.models import loading
 from jaxalign.models import moderation as moderation_model
+from jaxalign.moderation import validation
 from jaxalign.objectives import moderation as objective
 from jaxalign.stages import common
 from jaxalign.train import loop, optim, state as state_lib
 
 log = logging.getLogger(__name__)
-
-
-class Subset(Sequence):
-    """Examples at `indices` of a view (eager or lazy), keeping `.kind`, `.counts` and batched `read`."""
-
-    def __init__(self, examples: Sequence[dict], indices: np.ndarray):
-        self.examples, self.indices = examples, np.asarray(indices, np.int64)
-        self.kind, self.counts = examples.kind, Counter(kept=len(self.indices))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index):
-        return self.examples[int(self.indices[index])]
-
-    def __iter__(self):
-        for start in range(0, len(self), 1024):
-            yield from self.read(range(start, min(start + 1024, len(self))))
-
-    def read(self, indices) -> list[dict]:
-        picked = self.indices[np.asarray(list(indices), np.int64)]
-        read = getattr(self.examples, "read", None)
-        return read(picked) if read is not None else [self.examples[int(i)] for i in picked]
 
 
 def qa_examples(config, split: str, template) -> Sequence[dict]:
@@ -71,21 +46,11 @@ def qa_examples(config, split: str, template) -> Sequence[dict]:
 
 def train_and_validation(config, template) -> tuple[Sequence[dict], Sequence[dict]]:
     """The training examples and the validation examples the threshold is chosen on: the
-    validation split, or the last validation_fraction of the train rows (both answers of a row
-    stay on one side)."""
-    group = config.moderation
+    validation split, or the last validation_fraction of the train rows."""
     train = qa_examples(config, config.data.train_split, template)
-    if group.validation_split:
-        return train, qa_examples(config, group.validation_split, template)
-    fraction = float(group.validation_fraction)
-    rows = len(train) // 2
-    held = int(round(fraction * rows))
-    if not 0.0 < fraction < 1.0 or held < 1 or held >= rows:
-        raise ValueError(f"config.moderation.validation_fraction={fraction} holds out {held} of the {rows} train rows; "
-                         "it must hold out at least one row and leave some, or set config.moderation.validation_split")
-    cut = 2 * (rows - held)
-    log.info("threshold validation: the last %d train rows (%d QA examples), not trained on", held, len(train) - cut)
-    return Subset(train, np.arange(cut)), Subset(train, np.arange(cut, len(train)))
+    if config.moderation.validation_split:
+        return train, qa_examples(config, config.moderation.validation_split, template)
+    return validation.hold_out_rows(train, float(config.moderation.validation_fraction))
 
 
 def category_weights(config, examples: Sequence[dict], names) -> tuple[float, ...]:
@@ -116,38 +81,6 @@ def loss_settings(config, pos_weight: tuple[float, ...]) -> objective.Moderation
         category_pos_weight=pos_weight)
 
 
-def make_eval_fn(config, module, head, arrays, mesh, rules):
-    """eval_fn(state, frozen) -> the headline metrics (evaluate_lib.summary) on the eval split."""
-    scorer = evaluate_lib.make_scorer(module, mesh, rules)
-
-    def eval_fn(state, frozen=None):
-        del frozen
-        scores = scorer(state.params, arrays, batch_size=int(config.data.eval_batch_size), threshold=head.threshold,
-                        max_batches=int(config.train.eval_batches))
-        return evaluate_lib.summary(evaluate_lib.moderation_report(scores, arrays, head))
-
-    return eval_fn
-
-
-def choose_thresholds(config, module, params, head, arrays, mesh, rules) -> moderation_model.ModerationHead:
-    """The head with the unsafe threshold that maximises F1 on the validation arrays and, when
-    config.moderation.tune_category_thresholds, each category's threshold maximising its F1 (the
-    default category_threshold for a category without a validation positive)."""
-    scorer = evaluate_lib.make_scorer(module, mesh, rules)
-    scores = scorer(params, arrays, batch_size=int(config.data.eval_batch_size))
-    threshold, f1 = evaluate_lib.best_threshold(~arrays["is_safe"], scores["unsafe"])
-    log.info("unsafe threshold %.4f (validation F1 %.4f on %d answers)", threshold, f1, len(scores["unsafe"]))
-    if not config.moderation.tune_category_thresholds:
-        return dataclasses.replace(head, threshold=threshold)
-    cutoffs = []
-    for c in range(head.num_categories):
-        labels = arrays["categories"][:, c]
-        cutoffs.append(evaluate_lib.best_threshold(labels, scores["categories"][:, c])[0] if labels.any()
-                       else head.category_threshold)
-    log.info("category thresholds: %s", ", ".join(f"{n}: {t:.3f}" for n, t in zip(head.category_names, cutoffs)))
-    return dataclasses.replace(head, threshold=threshold, category_thresholds=tuple(cutoffs))
-
-
 def run(config, workdir) -> loop.LoopResult:
     """Trains the moderation model as configured and exports it (with its threshold) to WORKDIR/export."""
     workdir = pathlib.Path(workdir)
@@ -163,6 +96,7 @@ def run(config, workdir) -> loop.LoopResult:
     max_length = int(config.data.max_length)
 
     train_examples, validation_examples = train_and_validation(config, template)
+    common.check_responses_fit(config, "qa", train_examples, tokenizer, config.data.train_split)
     common.check_batch_size(config, mesh, "eval_batch_size")  # the scorers pad a short last batch
     pos_weight = category_weights(config, train_examples, head.category_names)
     num_steps = common.num_steps(config, len(train_examples) // batch_size)
@@ -175,7 +109,9 @@ def run(config, workdir) -> loop.LoopResult:
         eval_examples = qa_examples(config, config.data.eval_split, template)
         common.check_eval_batch(config, len(eval_examples), mesh)
         eval_arrays, _ = pipeline.tokenize_examples("qa", eval_examples, tokenizer, max_length=max_length)
-        eval_fn = make_eval_fn(config, module, head, eval_arrays, mesh, rules)
+        eval_fn = validation.make_eval_fn(module, head, eval_arrays, mesh, rules,
+                                          batch_size=int(config.data.eval_batch_size),
+                                          max_batches=int(config.train.eval_batches))
 
     optimizer = common.optimizer_settings(config)
     tx = optim.make_optimizer(optimizer, num_steps)
@@ -198,7 +134,9 @@ def run(config, workdir) -> loop.LoopResult:
 
     def export(out):
         arrays, _ = pipeline.tokenize_examples("qa", validation_examples, tokenizer, max_length=max_length)
-        tuned = choose_thresholds(config, module, result.state.params, head, arrays, mesh, rules)
+        tuned = validation.tune_thresholds(module, result.state.params, head, arrays, mesh, rules,
+                                           batch_size=int(config.data.eval_batch_size),
+                                           tune_categories=bool(config.moderation.tune_category_thresholds))
         loading.export_moderation_model(out, cfg, result.state.params, tuned, tokenizer)
 
     common.export_once(result, workdir, export)

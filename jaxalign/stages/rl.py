@@ -1,5 +1,6 @@
-"""RL stages (config.stage = an algorithm of jaxalign/rl/algorithms: ppo | ppo_lag | ppo_reward_shaping |
-safe_grpo | multi_lag).
+"""RL stages (config.stage = an algorithm of jaxalign/rl/algorithms.ALGORITHMS: ppo | ppo_lag |
+ppo_reward_shaping | safe_grpo | multi_lag | ...). Reads config.rl (RLSettings and the role paths) and
+config.rl.<algorithm> (the algorithm's own settings), then wires the library.
 
     jaxalign train --config configs/ppo_lag_tiny.py --workdir out/ppo_lag_tiny
 
@@ -25,9 +26,9 @@ import jax
 
 from jaxalign.data import pipeline, views
 from jaxalign.evaluate import judge
-from jaxalign.models import loading, moderation
+from jaxalign.models import loading
 from jaxalign.parallel import mesh as mesh_lib
-from jaxalign.rl import algorithms, evaluation, iteration, roles, steps
+from jaxalign.rl import algorithms, evaluation, iteration, ptx, roles, steps
 from jaxalign.rl.settings import RLSettings
 from jaxalign.stages import common
 from jaxalign.train import loop, optim
@@ -35,86 +36,14 @@ from jaxalign.train import loop, optim
 log = logging.getLogger(__name__)
 
 
-def check_signal(signal: str, field: str) -> None:
-    """A moderation signal (models/moderation.cost_signal) or ValueError naming `field`."""
-    index = signal[len("category:"):] if signal.startswith("category:") else ""
-    if signal in moderation.COST_SIGNALS or (index.isdigit() and int(index) < len(moderation.HARM_CATEGORIES)):
-        return
-    raise ValueError(f"{field}: unknown moderation signal {signal!r}; expected one of {', '.join(moderation.COST_SIGNALS)} "
-                     f"or category:<index> with index < {len(moderation.HARM_CATEGORIES)}")
-
-
-CONSTRAINT_KEYS = ("lambda_init", "lambda_lr", "window_size")
-
-
-def parse_constraints(config) -> tuple[tuple[algorithms.Constraint, ...], tuple[tuple[str, str], ...]]:
-    """config.rl.constraints ("severity3<=0.01;lambda_lr=0.5,unsafe<=0.05", see configs/base.py) ->
-    (the multi_lag Constraints, their (role, moderation signal) pairs; "cost" has none)."""
-    rl, field = config.rl, "config.rl.constraints"
-    spec = str(rl.constraints).strip()
-    if config.stage != "multi_lag":
-        if spec:
-            raise ValueError(f"{field} is read by stage multi_lag only (config.stage is {config.stage!r}): set it to ''")
-        return (), ()
-    if not spec:
-        raise ValueError(f"{field}: multi_lag needs at least one constraint, e.g. 'severity3<=0.01,unsafe<=0.05'")
-    constraints, signals = [], []
-    for item in spec.split(","):
-        head, *options = [part.strip() for part in item.split(";")]
-        name, sep, threshold = head.partition("<=")
-        name = name.strip()
-        try:
-            if not sep or not name:
-                raise ValueError
-            values = {"threshold": float(threshold), "lambda_init": float(rl.lambda_init),
-                      "lambda_lr": float(rl.lambda_lr), "window_size": int(rl.episode_cost_window_size)}
-            for option in options:
-                key, eq, value = (part.strip() for part in option.partition("="))
-                if not eq or key not in CONSTRAINT_KEYS:
-                    raise ValueError
-                values[key] = int(value) if key == "window_size" else float(value)
-        except ValueError:
-            raise ValueError(f"{field}: bad constraint {item.strip()!r}; expected 'name<=threshold' with optional "
-                             f"';key=value' for key in {', '.join(CONSTRAINT_KEYS)}") from None
-        if name != "cost":
-            check_signal(name, f"{field} ({item.strip()!r})")
-            signals.append((name.replace(":", "_"), name))
-        try:
-            constraints.append(algorithms.Constraint(name.replace(":", "_"), **values))
-        except ValueError as e:
-            raise ValueError(f"{field}: {e}") from None
-    names = [c.name for c in constraints]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{field}: each constraint needs its own name, got {names}")
-    if signals and not moderation.is_moderation_dir(rl.cost_model_path):
-        raise ValueError(f"{field}: {', '.join(s for _, s in signals)} read a moderation model but "
-                         f"config.rl.cost_model_path={rl.cost_model_path!r} is not a moderation export")
-    return tuple(constraints), tuple(signals)
-
-
-def role_paths(config, constraint_signals: tuple[tuple[str, str], ...] = ()) -> roles.RolePaths:
+def role_paths(config, algorithm: algorithms.Algorithm, settings: RLSettings) -> roles.RolePaths:
+    """The score-model dirs of config.rl, checked against what the algorithm reads (RolePaths.check)."""
     rl = config.rl
-    if rl.cost_model_path and moderation.is_moderation_dir(rl.cost_model_path):
-        check_signal(rl.cost_signal, "config.rl.cost_signal")
-    elif rl.cost_signal != "unsafe":
-        raise ValueError(f"config.rl.cost_signal={rl.cost_signal!r} needs config.rl.cost_model_path to be a moderation "
-                         f"export (got {rl.cost_model_path!r})")
-    return roles.RolePaths(reward=rl.reward_model_path, cost=rl.cost_model_path,
-                           reward_critic=rl.reward_critic_model_path, cost_critic=rl.cost_critic_model_path,
-                           cost_signal=rl.cost_signal, constraints=constraint_signals)
-
-
-def check_cost_per_token(config, algorithm: algorithms.Algorithm, settings: RLSettings) -> None:
-    """config.rl.cost_per_token needs per-token cost streams (ppo_lag, multi_lag) and a moderation
-    export as the cost model (its streaming head scores every prefix of the answer)."""
-    if not settings.cost_per_token:
-        return
-    if not algorithm.token_streams(settings):
-        raise ValueError(f"config.rl.cost_per_token is read by ppo_lag and multi_lag only (config.stage is "
-                         f"{config.stage!r}): set it to False")
-    if not moderation.is_moderation_dir(config.rl.cost_model_path):
-        raise ValueError(f"config.rl.cost_per_token needs config.rl.cost_model_path to be a moderation export (its "
-                         f"streaming head scores every prefix), got {config.rl.cost_model_path!r}")
+    paths = roles.RolePaths(reward=rl.reward_model_path, cost=rl.cost_model_path,
+                            reward_critic=rl.reward_critic_model_path, cost_critic=rl.cost_critic_model_path,
+                            cost_signal=rl.cost_signal, constraints=algorithm.moderation_signals)
+    paths.check(algorithm.token_streams(settings), where=f"config.rl.{algorithm.name}")
+    return paths
 
 
 FROZEN_DTYPES = ("", "float32", "bfloat16")
@@ -140,38 +69,6 @@ def make_optimizers(config, num_updates: int) -> steps.Optimizers:
     )
 
 
-PTX_RESPONSES = ("safe_only", "safe_better", "safer", "better", "both")
-
-
-def ptx_sft_examples(rows, template, response: str) -> views.Examples:
-    """The PTX SFT examples of config.rl.ptx_response: safe_only = every response labelled safe
-    (views.qa_examples filtered on is_safe); safe_better = per row the more helpful of its responses
-    labelled safe (rows without one are skipped); else views.sft_examples(response=safer|better|both)."""
-    if response not in PTX_RESPONSES:
-        raise ValueError(f"config.rl.ptx_response: expected one of {PTX_RESPONSES}, got {response!r}")
-    if response == "safe_better":
-        out = views.Examples("sft")
-        for row in rows:
-            b = int(row["better_response_id"])
-            safe = [i for i in (b, 1 - b) if row[f"is_response_{i}_safe"]]
-            if safe:
-                out.append({"prompt": views.format_prompt(row["prompt"], template), "response": row[f"response_{safe[0]}"]})
-            else:
-                out.counts["skipped_no_safe"] += 1
-        out.counts["kept"] = len(out)
-        if not out:
-            raise ValueError("config.rl.ptx_response='safe_better': the PTX data has no response labelled safe")
-        return out
-    if response != "safe_only":
-        return views.sft_examples(rows, template=template, response=response)
-    qa = views.qa_examples(rows, template=template)
-    out = views.Examples("sft", ({"prompt": e["prompt"], "response": e["response"]} for e in qa if e["is_safe"]))
-    out.counts.update(kept=len(out), skipped_unsafe=len(qa) - len(out))
-    if not out:
-        raise ValueError("config.rl.ptx_response='safe_only': the PTX data has no response labelled safe")
-    return out
-
-
 def load_batches(config, settings: RLSettings, tokenizer, mesh) -> tuple[iteration.RLBatches, int]:
     """Prompt batches (+ PTX batches when ptx_coeff > 0) and the number of prompts per epoch."""
     template = common.prompt_template(config, tokenizer)
@@ -185,7 +82,7 @@ def load_batches(config, settings: RLSettings, tokenizer, mesh) -> tuple[iterati
     if settings.ptx_coeff > 0:
         source = config.rl.ptx_source or config.data.source
         ptx_rows, _ = common.read_rows(config, config.data.train_split, source=source, name=config.rl.ptx_name)
-        ptx_examples = ptx_sft_examples(ptx_rows, template, config.rl.ptx_response)
+        ptx_examples = ptx.ptx_examples(ptx_rows, template, config.rl.ptx_response)
         log.info("PTX (%s): %s", config.rl.ptx_response, dict(ptx_examples.counts))
         ptx_iter = pipeline.make_batches(
             "sft", ptx_examples, tokenizer, batch_size=batch_size // settings.num_minibatches,
@@ -228,10 +125,10 @@ def make_eval_fn(config, settings: RLSettings, program: steps.RLProgram, fns: ro
 def run(config, workdir) -> loop.LoopResult:
     """Trains the RL stage in `workdir` (resuming from WORKDIR/checkpoints) and exports the actor."""
     workdir = pathlib.Path(workdir)
-    constraints, constraint_signals = parse_constraints(config)
-    algorithm = algorithms.make(config.stage, has_cost_model=bool(config.rl.cost_model_path), constraints=constraints)
+    algorithm = algorithms.make(config.stage, has_cost_model=bool(config.rl.cost_model_path),
+                                settings=algorithms.settings_from_group(config.stage, config.rl))
     settings = RLSettings.from_group(config.rl)
-    check_cost_per_token(config, algorithm, settings)
+    paths = role_paths(config, algorithm, settings)
     mesh, rules = common.mesh_and_rules(config)
     batch_size = common.check_batch_size(config, mesh)
     if batch_size % (settings.num_minibatches * mesh.shape["data"] * mesh.shape["fsdp"]):
@@ -245,10 +142,9 @@ def run(config, workdir) -> loop.LoopResult:
     rng = jax.random.PRNGKey(config.seed)
     lora_settings = common.lora_settings(config)
     lora_export = common.lora_export(config)
-    fns, params, shardings, actor_cfg = roles.load_roles(algorithm.roles, common.model_settings(config),
-                                                         role_paths(config, constraint_signals), settings, tokenizer,
-                                                         mesh, rules, rng, lora_settings, bool(config.lora.critics),
-                                                         frozen_param_dtype(config))
+    fns, params, shardings, actor_cfg = roles.load_roles(algorithm.roles, common.model_settings(config), paths,
+                                                         settings, tokenizer, mesh, rules, rng, lora_settings,
+                                                         bool(config.lora.critics), frozen_param_dtype(config))
     trained = {name: params.pop(name) for name in steps.trained_roles(algorithm)}
     frozen = params  # reference and score models: passed to every step, never donated or checkpointed
     abstract = jax.eval_shape(lambda p: steps.init_rl_state(algorithm, settings, p, optimizers, rng), trained)

@@ -1,4 +1,5 @@
-"""Reward- and cost-model stages (config.stage "reward" / "cost"), spec §4.2-4.3.
+"""Reward- and cost-model stages (config.stage "reward" / "cost"), as safe-rlhf's
+safe_rlhf/values/reward/trainer.py and safe_rlhf/values/cost/trainer.py.
 
     jaxalign train --config configs/reward_tiny.py --workdir out/reward_tiny
 
@@ -88,6 +89,7 @@ def run(config, workdir) -> loop.LoopResult:
 
     template = common.prompt_template(config, tokenizer)
     train_examples = load_examples(config, config.data.train_split, template)
+    common.check_responses_fit(config, kind, train_examples, tokenizer, config.data.train_split)
     num_steps = common.num_steps(config, len(train_examples) // batch_size)
     train_iter = pipeline.make_batches(
         kind, train_examples, tokenizer, batch_size=batch_size, max_length=int(config.data.max_length),
@@ -98,6 +100,7 @@ def run(config, workdir) -> loop.LoopResult:
     if config.data.eval_split:
         eval_examples = load_examples(config, config.data.eval_split, template)
         common.check_eval_batch(config, len(eval_examples), mesh)
+        common.check_responses_fit(config, kind, eval_examples, tokenizer, config.data.eval_split)
         eval_arrays, _ = pipeline.tokenize_examples(kind, eval_examples, tokenizer,
                                                     max_length=int(config.data.max_length))
         eval_fn = make_eval_fn(config, module, eval_arrays, mesh, rules)

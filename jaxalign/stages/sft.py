@@ -48,6 +48,7 @@ def run(config, workdir) -> loop.LoopResult:
     trained_module = lora.wrap(module, lora_settings) if lora_settings.enabled else module
     template = common.prompt_template(config, tokenizer)
     train_examples = sft_examples(config, config.data.train_split, template)
+    common.check_responses_fit(config, "sft", train_examples, tokenizer, config.data.train_split)
     num_steps = common.num_steps(config, len(train_examples) // batch_size)
     train_iter = pipeline.make_batches(
         "sft", train_examples, tokenizer, batch_size=batch_size, max_length=int(config.data.max_length),
@@ -57,6 +58,7 @@ def run(config, workdir) -> loop.LoopResult:
     if config.data.eval_split:
         eval_examples = sft_examples(config, config.data.eval_split, template)
         common.check_eval_batch(config, len(eval_examples), mesh)
+        common.check_responses_fit(config, "sft", eval_examples, tokenizer, config.data.eval_split)
 
         def make_eval_iter():
             return pipeline.make_batches(

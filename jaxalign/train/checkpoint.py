@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
-import json
 import logging
-import os
 import pathlib
 import signal
 import threading
@@ -43,10 +40,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxalign import files
+
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-MANIFEST_NAME = "jaxalign_manifest.json"
-_CHUNK = 8 << 20
+MANIFEST_NAME = files.MANIFEST_NAME
 
 
 class CheckpointError(ValueError):
@@ -57,69 +55,16 @@ class CheckpointCorruptError(CheckpointError):
     """A checkpoint's files no longer match the manifest written when it was saved."""
 
 
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _step_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(
-        p for p in step_dir.rglob("*") if p.is_file() and not p.name.startswith((MANIFEST_NAME, f".{MANIFEST_NAME}"))
-    )
-
-
-def _hash_files(step_dir: pathlib.Path, files: list[pathlib.Path]) -> dict[str, str]:
-    """{relative path: sha256}, hashed on a few threads (hashlib releases the GIL)."""
-    workers = max(1, min(8, os.cpu_count() or 1, len(files)))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        digests = pool.map(_sha256, files)
-        return {str(f.relative_to(step_dir)): d for f, d in zip(files, digests)}
-
-
 def write_manifest(step_dir: str | pathlib.Path) -> pathlib.Path:
     """Writes STEP_DIR/jaxalign_manifest.json: {"files": {relative path: {"size", "sha256"}}} of
     every file of a finalised checkpoint step (atomically: written beside, then renamed)."""
-    step_dir = pathlib.Path(step_dir)
-    files = _step_files(step_dir)
-    sizes = {str(f.relative_to(step_dir)): f.stat().st_size for f in files}
-    digests = _hash_files(step_dir, files)
-    manifest = {"version": 1, "files": {rel: {"size": sizes[rel], "sha256": digests[rel]} for rel in sorted(sizes)}}
-    path = step_dir / MANIFEST_NAME
-    tmp = step_dir / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return files.write_manifest(step_dir)
 
 
 def verify_step(step_dir: str | pathlib.Path) -> tuple[bool | None, str]:
     """(True, "") when every file matches STEP_DIR's manifest; (False, "FILE: what is wrong") when
     one does not; (None, reason) when there is no manifest to check against."""
-    step_dir = pathlib.Path(step_dir)
-    path = step_dir / MANIFEST_NAME
-    if not path.exists():
-        return None, f"no {MANIFEST_NAME}"
-    try:
-        expected = json.loads(path.read_text())["files"]
-        items = [(rel, int(entry["size"]), str(entry["sha256"])) for rel, entry in expected.items()]
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
-        return False, f"{path}: unreadable manifest ({error})"
-    present = []
-    for rel, size, _ in items:
-        file = step_dir / rel
-        if not file.is_file():
-            return False, f"{file} is missing"
-        actual = file.stat().st_size
-        if actual != size:
-            return False, f"{file} is {actual} bytes, {size} when saved (truncated or overwritten)"
-        present.append(file)
-    digests = _hash_files(step_dir, present)
-    for rel, _, sha256 in items:
-        if digests[rel] != sha256:
-            return False, f"{step_dir / rel} does not match its sha256 from save time (corrupted bytes)"
-    return True, ""
+    return files.verify_manifest(step_dir)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,8 @@ What `run` does, in order:
   * per step: step_fn, then every metric must be finite: a NaN/inf (loss, gradient or parameter
     norm, reward, ...) writes that step's metrics and raises `NonFiniteError` without saving, so
     the newest checkpoint is the last good one (parameter norms are measured after the update,
-    so a poisoned update is never saved);
+    so a poisoned update is never saved); likewise a step whose `num_loss_tokens` metric is 0
+    (no target token: its loss is -0 and it trains nothing) raises `NoTargetTokensError`;
   * logs metrics every `log_every` steps (and the last) to metrics.jsonl and TensorBoard, with a
     tqdm bar; evaluates every `eval_every` steps;
   * saves every `checkpoint.save_every` steps, at the end and on SIGTERM/SIGINT (then raises
@@ -61,6 +62,11 @@ class NonFiniteError(RuntimeError):
 
 
 NonFiniteLossError = NonFiniteError  # the name the supervised stages have always raised
+
+
+class NoTargetTokensError(ValueError):
+    """An update had no target token (metric num_loss_tokens = 0: every response was cut away); the
+    run stopped without saving it."""
 
 
 class Preempted(RuntimeError):
@@ -366,6 +372,14 @@ def _run_steps(settings, state, step, step_fn, batches, frozen, eval_fn, checkpo
                 raise NonFiniteError(
                     f"non-finite {', '.join(bad[:6])} at step {step}; stopping without saving. The last "
                     f"good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}"
+                )
+            if "num_loss_tokens" in metrics and float(metrics["num_loss_tokens"]) == 0:
+                writer.write(step, metrics)
+                checkpointer.wait()
+                raise NoTargetTokensError(
+                    f"step {step} had no target token (num_loss_tokens = 0: the sequence length cut away every "
+                    f"response of its batch); stopping without saving. The last good checkpoint is step "
+                    f"{checkpointer.latest_step()} in {checkpointer.directory}"
                 )
             bar.update(1)
             bar.set_postfix(_progress(metrics, elapsed))

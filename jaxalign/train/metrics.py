@@ -27,6 +27,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from jaxalign import files
+
 
 def to_python(value: Any) -> Any:
     """jax/numpy scalar or small array -> float/int/bool/list."""
@@ -83,9 +85,7 @@ def parse_metrics_file(path: str | pathlib.Path) -> tuple[list[dict[str, Any]], 
 
 def _write_records(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
     """Replaces `path` atomically with `records`, one JSON line each."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(record, allow_nan=True) + "\n" for record in records))
-    os.replace(tmp, path)
+    files.write_text(path, "".join(json.dumps(record, allow_nan=True) + "\n" for record in records))
 
 
 class MetricWriter:

@@ -4,7 +4,7 @@
     tx = make_optimizer(settings, num_steps)            # optax.GradientTransformation
     schedule = make_schedule(settings, num_steps)       # step -> learning rate
 
-Weight decay follows safe-rlhf `get_optimizer_grouped_parameters` (spec §5.11): no decay for
+Weight decay follows safe-rlhf `get_optimizer_grouped_parameters` (safe_rlhf/utils.py): no decay for
 parameters whose HF name contains "bias" or "layernorm.weight" (Llama: `input_layernorm`,
 `post_attention_layernorm`); everything else, including the final `model.norm`, is decayed.
 
@@ -83,7 +83,7 @@ def _path_name(path) -> str:
 
 
 def weight_decay_mask(params: Any) -> Any:
-    """Pytree of bools like `params`: True where weight decay applies (spec §5.11)."""
+    """Pytree of bools like `params`: True where weight decay applies (see the module docstring)."""
 
     def decay(path, _):
         name = _path_name(path)

@@ -1,5 +1,6 @@
-"""PPO (spec §5, upstream `ppo.sh`): the reward stream only, one critic; the cost model, when
-given, is scored for logging."""
+"""PPO (Ouyang et al. 2022's RLHF recipe as upstream safe-rlhf/safe_rlhf/algorithms/ppo/trainer.py and
+scripts/ppo.sh): the reward stream only, one critic; the cost model, when given, is scored for
+logging. No settings of its own (config.rl holds them all)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from jaxalign.rl.algorithms.base import Algorithm
 class PPO(Algorithm):
     name: ClassVar[str] = "ppo"
     log_cost: bool = True  # score the cost model too (metrics only)
+
+    @classmethod
+    def build(cls, settings, has_cost_model: bool) -> "PPO":
+        return cls(settings=settings, log_cost=has_cost_model)
 
     @property
     def scorers(self) -> tuple[str, ...]:  # type: ignore[override]
