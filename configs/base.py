@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.param_dtype = "float32"  # storage dtype of parameters and optimizer moments
     model.remat_policy = "none"  # activation checkpointing per layer: none | full | dots_saveable | ... (models/config.py)
     model.scan_layers = True  # lax.scan over decoder layers (fast compile; params stacked on "layers")
+    # Full-sequence attention: auto (Pallas splash on TPU, cuDNN on NVIDIA GPUs, XLA elsewhere) | xla | pallas | cudnn
+    model.attention_impl = "auto"
 
     config.tokenizer = ""  # HF tokenizer dir; "" = the tokenizer saved in model.init_path
 

@@ -10,7 +10,8 @@ softcap * tanh(scores / softcap) before masking, Gemma 2's attn_logit_softcappin
 traced int32 scalar (one per layer in a scanned stack: a family whose layers alternate between
 sliding and global attention passes each layer's); it is applied as a band on the slot indices, which
 are the token positions of left-padded rows. A fused kernel (Pallas, cuDNN) slots in behind these
-two functions with the same arguments.
+two functions with the same arguments: causal_attention's `impl` picks Pallas splash attention on
+TPU or cuDNN's on NVIDIA GPUs (attention_kernels.py); cache_attention (decoding) is XLA everywhere.
 
 `causal_attention` runs every product as a plain batched matmul [N, M, K] @ [N, K, J] over
 N = B * KV (operands transposed once per call, not per block): on XLA:CPU a batched dot that
@@ -25,6 +26,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from jaxalign.models import attention_kernels
 
 _NEG = -1e30  # finite "minus infinity": fully masked (padding) rows stay NaN-free
 
@@ -146,15 +149,25 @@ def _band(query_slots: jax.Array, key_slots: jax.Array, window) -> jax.Array:
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, window=None,
-                     softcap: float | None = None) -> jax.Array:
-    """Self-attention of T new tokens whose mask [B, T, T] is causal (never True above the
-    diagonal). q [B, T, H, Dh] (already scaled), k, v [B, T, KV, Dh] -> [B, T, H, Dh]. window /
-    softcap: see the module docstring (None: off).
+                     softcap: float | None = None, impl: str = "xla", windows: tuple = ()) -> jax.Array:
+    """Self-attention of T new tokens whose mask [B, T, T] is causal & key padding (the decoder's
+    tril & tokens[:, None, :]; a fused kernel reads the tokens [B, T] off its diagonal).
+    q [B, T, H, Dh] (already scaled), k, v [B, T, KV, Dh] -> [B, T, H, Dh]. window / softcap: see
+    the module docstring (None: off); windows: the static values a traced window takes.
+    impl: "auto" | "xla" | "pallas" | "cudnn" (attention_kernels.resolve; a call cuDNN cannot
+    express runs the XLA path: attention_kernels.cudnn_supports).
 
-    Queries are processed in blocks of _CAUSAL_CHUNK rows, each against only the keys up to
-    its last row: the blocks above the diagonal (all masked) are never computed. Exact (a full
+    XLA path: queries are processed in blocks of _CAUSAL_CHUNK rows, each against only the keys up
+    to its last row: the blocks above the diagonal (all masked) are never computed. Exact (a full
     softmax per row); the backward (custom VJP) reuses the forward's probabilities.
     """
+    impl = attention_kernels.resolve(impl)
+    if impl == "pallas":
+        return attention_kernels.splash(q, k, v, jnp.diagonal(mask, axis1=1, axis2=2), window=window,
+                                        softcap=softcap, windows=windows)
+    if impl == "cudnn" and attention_kernels.cudnn_supports(q, softcap):
+        return attention_kernels.cudnn(q, k, v, jnp.diagonal(mask, axis1=1, axis2=2), window=window,
+                                       windows=windows)
     if window is not None:
         slots = jnp.arange(q.shape[1])
         mask = mask & _band(slots, slots, window)[None]

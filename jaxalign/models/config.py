@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Mapping
 
 import jax.numpy as jnp
 
+from jaxalign.models.attention_kernels import check_impl
 from jaxalign.models.layers import RopeScaling, parse_rope_scaling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -87,7 +88,7 @@ def parse_rope(hf: Mapping, default_theta: float = 10000.0) -> tuple[float, Rope
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     """Hyper-parameters every family has (HF names) plus runtime fields (dtype, param_dtype, scan,
-    remat, decode_layout). Subclasses add their HF keys and override the hooks (module docstring)."""
+    remat, attention_impl, decode_layout). Subclasses add their HF keys and override the hooks (module docstring)."""
 
     model_type: ClassVar[str]
     hf_architecture: ClassVar[str]
@@ -113,6 +114,7 @@ class DecoderConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # auto (by platform: pallas on TPU, cudnn on GPU, else xla) | xla | pallas | cudnn
     decode_layout: DecodeLayout | None = None  # set by layouts.decode_params only
 
     def __post_init__(self):
@@ -141,6 +143,7 @@ class DecoderConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not one of {sorted(DTYPES)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+        check_impl(self.attention_impl)
 
     # ------------------------------------------------------------------ family hooks
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import models
-from jaxalign.models import attention, kv_cache, layer_loop, tensor_map
+from jaxalign.models import attention, attention_kernels, kv_cache, layer_loop, tensor_map
 from jaxalign.models.config import REMAT_POLICIES
 from jaxalign.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_angles
 from jaxalign.models.masks import positions_from_mask
@@ -46,7 +46,7 @@ from jaxalign.models.masks import positions_from_mask
 if TYPE_CHECKING:
     from jaxalign.models.config import DecoderConfig
 
-NO_WINDOW = 2**31 - 1  # a global layer's window when the windows of a scanned stack are traced
+NO_WINDOW = attention_kernels.NO_WINDOW  # a global layer's window when the windows of a scanned stack are traced
 # The attention's projection kernels (both layouts) by param key -> leading axes the matmul contracts.
 ATTENTION_KERNELS = (("qkv_proj", 1), ("q_proj", 1), ("k_proj", 1), ("v_proj", 1), ("o_proj", 2))
 
@@ -115,7 +115,8 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
         new_cache = None if cache_kv is None else kv_cache.write_layer(*cache_kv, k, v, inputs.index)
         if inputs.cache_mask is None:
-            out = attention.causal_attention(q, k, v, inputs.mask, window=window, softcap=options.softcap)
+            out = attention.causal_attention(q, k, v, inputs.mask, window=window, softcap=options.softcap,
+                                             impl=cfg.attention_impl, windows=inputs.windows)
         else:  # the cached slots and the new tokens, from the cache as written
             out = attention.cache_attention(q, *new_cache, inputs.cache_mask, inputs.index, window=window,
                                             softcap=options.softcap)

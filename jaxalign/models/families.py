@@ -120,5 +120,5 @@ def for_hf_config(hf_config: Mapping[str, Any]) -> Family:
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> DecoderConfig:
     """The family config of an HF config.json dict, chosen by its model_type; `overrides` set
-    runtime fields (dtype, param_dtype, scan_layers, remat_policy) or any other field."""
+    runtime fields (dtype, param_dtype, scan_layers, remat_policy, attention_impl) or any other field."""
     return for_hf_config(hf_config).config_class.from_hf_config(hf_config, **overrides)

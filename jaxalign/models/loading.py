@@ -50,11 +50,12 @@ class ModelSettings:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # auto | xla | pallas | cudnn (models/attention_kernels.py)
 
     def runtime(self) -> dict:
         """The runtime config fields (not in config.json) as overrides."""
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                    remat_policy=self.remat_policy)
+                    remat_policy=self.remat_policy, attention_impl=self.attention_impl)
 
 
 @dataclasses.dataclass
