@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine: `make quickstart` and `make test` (+ `make hard`: the hard
-# variant of mini through every method, 3 seeds; see docs/results/hard.md).
+# variant of mini through every method, 3 seeds; see docs/hard.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -48,7 +48,7 @@ def test_results_mean_and_std_over_seeds(tmp_path, monkeypatch):
 def test_hard_pipeline_runs_small(tmp_path):
     """One seed, SFT and DPO (DPO reads no reward or cost model, so none is trained) and the moderation
     model, a few updates each: the exports, the judge's slices, the results table and the moderation
-    analysis. (PPO-Lagrangian's stage is covered by tests/test_rl.py; the 3-seed run is docs/results/hard.md.)"""
+    analysis. (PPO-Lagrangian's stage is covered by tests/test_rl.py; the 3-seed run is docs/hard.md.)"""
     out = tmp_path / "hard"
     env = dict(os.environ, OUT=str(out), SMALL="1", SEEDS="0", METHODS="sft dpo", NUS="",
                PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")

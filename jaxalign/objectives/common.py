@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models.llama import last_true_index
+from jaxalign.models.masks import last_true_index
 
 
 def masked_row_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
