@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# The tests compile for TPU slices too (tests/test_plan.py: libtpu's compiler, no TPU needed).
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,tpu]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,35 +1,21 @@
-"""Training benchmarks: SFT step throughput on CPU, and the per-device memory plan of 7B steps.
+"""Training benchmarks: SFT step throughput on CPU, and LoRA against full SFT.
 
-    python experiments/benchmark_train.py [--out out/benchmark_train.json] [--steps 5]
+    python experiments/benchmark_train.py [--out out/benchmark_train.json] [--steps 5] [--parts throughput,lora_sft]
 
 1. throughput: one SFT train step (fwd + bwd + AdamW, jitted, state donated) of a Llama with
    vocab 8192, hidden 512, intermediate 1408, 8 layers, 8 heads / 4 KV heads, seq 512, batch 4,
    fp32, on one CPU device. Reports tokens/s and MFU against a measured fp32 matmul peak of the
    same device (model FLOPs = 6 N + 12 L T d_attn per token, N = non-embedding parameters;
    XLA's cost analysis is recorded too but counts the scanned layer body once).
-2. memory: per-device memory of a Llama-2-7B reward-model step (ScoreModel = backbone + score
-   head, preference loss over concat([better; worse])) and of the SFT-7B step, AOT-compiled on a
-   simulated 64-device CPU mesh from abstract inputs (`jit(...).lower(...).compile()
-   .memory_analysis()`): nothing is allocated, so it runs on a laptop. The CPU compiler's plan
-   approximates the TPU one (different fusion and layouts), good to pick a slice size.
-
-3. lora_sft: the SFT step of the sft_tiny model (hidden 96, 3 layers) with LoRA (rank 8 on every
+2. lora_sft: the SFT step of the sft_tiny model (hidden 96, 3 layers) with LoRA (rank 8 on every
    projection, base frozen) against the full step, same batches, interleaved; the ratio of median
    step times and the trained-state bytes (params + AdamW moments) of both, at tiny and Llama-3.1-8B
    size (abstract shapes).
-4. lora_rl: the per-device memory plan of a Llama-3.1-8B PPO-Lagrangian iteration (six roles;
-   experiments/benchmark_rl.py's memory_plan: actor sampler, scoring, updates; global batch 128,
-   128 + 384 tokens, bf16 compute, remat full) on v5e-16 (fsdp 16), options added one at a time:
-   a LoRA r16 actor (adapters on the reference); + LoRA critics (config.lora.critics: adapters +
-   score head on the frozen reward / cost models); + the frozen roles stored in bf16
-   (config.rl.frozen_param_dtype); + config.rl.num_minibatches 2 / 4 / 8 (the update step's
-   micro-batch is 128 / k rows; the rollout and scoring steps do not change); then without LoRA on
-   the smallest fsdp slice of 16 / 32 / 64 / 128 whose scoring and update steps fit 90% of a v5e
-   chip's 16 GiB (simulated 128 CPU devices). Each row names its options. XLA:CPU runs bf16 dots in
-   fp32: bf16-stored weights get f32 copies (hoisted out of the layer loop) that a TPU does not make,
-   so the bf16 rows' temp is an upper bound; the num_minibatches rows are also given with fp32 frozen roles.
 
-Each part runs in a subprocess with its own XLA_FLAGS (1, 64 and 128 host devices).
+The per-chip memory and roofline of the 7B / 8B steps on TPU slices (formerly parts memory and
+lora_rl here, on a simulated CPU mesh): experiments/plan_tables.py (`jaxalign plan`, the TPU compiler).
+
+Each part runs in a subprocess with its own XLA_FLAGS (1 host device).
 """
 
 from __future__ import annotations
@@ -48,16 +34,9 @@ sys.path.insert(0, str(REPO))
 
 import benchmark_common  # noqa: E402  (experiments/ is the script's own dir)
 
-# HBM per chip (GiB) of TPU generations a 7B run could use.
-
 BENCH_MODEL = dict(
     vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-)
-LLAMA2_7B = dict(
-    vocab_size=32001,  # + <pad>, as upstream adds it
-    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
 )
 
 
@@ -180,82 +159,6 @@ def throughput(steps: int, batch_size: int = 4, seq_len: int = 512) -> dict:
     }
 
 
-# ------------------------------------------------------------------------------------------ memory
-
-
-def memory_plan(name: str, kind: str, fsdp: int, tensor: int, batch_size: int, seq_len: int,
-                grad_accum: int, remat: str) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from jaxalign import models
-    from jaxalign.models import llama, loading, score
-    from jaxalign.objectives import pairwise, preference, sft
-    from jaxalign.parallel import mesh as mesh_lib
-    from jaxalign.train import loop, optim, state as state_lib
-
-    cfg = llama.LlamaConfig(**LLAMA2_7B, dtype="bfloat16", param_dtype="float32", remat_policy=remat, scan_layers=True)
-    frozen, frozen_shardings = None, None
-    mesh, rules = _mesh(fsdp, tensor)
-    tx = optim.make_optimizer(_train_config(), 1000)
-    int_batch = lambda: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=mesh_lib.batch_sharding(mesh))  # noqa: E731
-    bool_batch = lambda: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.bool_, sharding=mesh_lib.batch_sharding(mesh))  # noqa: E731
-    if kind == "reward":
-        model = score.ScoreModel(cfg)
-
-        head = score.ScoreHead(score_type="reward", normalizer_type="ExponentialMovingAverage")
-        loss_fn = preference.make_score_loss_fn(model, head, "preference", "sequence-wise", 0.001)
-        extra = {"normalizer": score.init_normalizer(1)}
-
-        batch = {"better_input_ids": int_batch(), "better_attention_mask": bool_batch(),
-                 "worse_input_ids": int_batch(), "worse_attention_mask": bool_batch()}
-    elif kind == "dpo":  # the trained policy + a frozen reference (never donated, no optimizer state)
-        model = llama.Llama(cfg)
-        module = models.causal_lm(cfg)
-        loss_fn = pairwise.make_loss_fn(pairwise.method("dpo"), pairwise.DPOSettings(beta=0.1), pairwise.policy_fn(cfg))
-        extra = None
-        frozen = {"reference": loading.abstract_params(module, mesh, rules)}
-        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-        batch = {"better_input_ids": int_batch(), "better_attention_mask": bool_batch(),
-                 "worse_input_ids": int_batch(), "worse_attention_mask": bool_batch()}
-    else:
-        model = llama.Llama(cfg)
-        loss_fn = sft.make_loss_fn(model)
-        extra = None
-        batch = {"input_ids": int_batch(), "attention_mask": bool_batch(), "loss_mask": bool_batch()}
-
-    abstract = state_lib.abstract_train_state(loading.init_fn(model), tx, mesh, rules, extra)
-    shardings = state_lib.shardings_of(abstract)
-    step = jax.jit(
-        loop.make_train_step(loss_fn, tx, grad_accum),
-        in_shardings=(shardings, None, frozen_shardings), out_shardings=(shardings, None), donate_argnums=0,
-    )
-    start = time.perf_counter()
-    with mesh_lib.sharding_context(mesh, rules):
-        compiled = step.lower(abstract, [batch] * grad_accum, frozen).compile()
-    compile_s = time.perf_counter() - start
-    memory = benchmark_common.memory_of(compiled)
-    params = _param_count(abstract.params)
-    return {
-        "name": name, "kind": kind, "devices": fsdp * tensor, "fsdp": fsdp, "tensor": tensor,
-        "global_batch": batch_size, "seq_len": seq_len, "grad_accum": grad_accum, "remat": remat,
-        "params": params, "state_bytes_total": params * 4 * 3, "compile_s": compile_s, **memory,
-        "fits": benchmark_common.fits(memory["peak_bytes"]),
-    }
-
-
-MEMORY_CASES = [
-    # name, kind, fsdp, tensor, global batch, seq, GAS, remat
-    ("RM-7B fsdp64 remat=full", "reward", 64, 1, 128, 512, 1, "full"),  # upstream: 16/GPU x 8 = 128 pairs
-    ("RM-7B fsdp64 remat=none", "reward", 64, 1, 128, 512, 1, "none"),
-    ("RM-7B fsdp16 tensor4 remat=full", "reward", 16, 4, 128, 512, 1, "full"),
-    ("RM-7B fsdp16 remat=full (configs/reward_llama2_7b.py)", "reward", 16, 1, 128, 512, 1, "full"),
-    ("SFT-7B fsdp32 remat=full (configs/sft_llama2_7b.py)", "sft", 32, 1, 32, 512, 8, "full"),
-    ("SFT-7B fsdp16 remat=full", "sft", 16, 1, 32, 512, 8, "full"),
-    ("DPO-7B fsdp16 remat=full (configs/dpo_llama2_7b.py)", "dpo", 16, 1, 128, 512, 1, "full"),
-]
-
-
 # -------------------------------------------------------------------------------------------- LoRA
 
 
@@ -337,47 +240,6 @@ def lora_sft(steps: int, rank: int = 8, batch_size: int = 16, seq_len: int = 64)
     }
 
 
-RL_FSDP = (16, 32, 64, 128)
-
-
-def lora_rl(rank: int = 16, minibatches: tuple[int, ...] = (2, 4, 8)) -> list[dict]:
-    """experiments/benchmark_rl.py's memory_plan for Llama-3.1-8B on 16 devices: a LoRA actor, + LoRA
-    critics, + bf16 frozen roles, + rl.num_minibatches (the update step only; also with fp32 frozen
-    roles); then without LoRA on the smallest of RL_FSDP that fits a v5e chip."""
-    import benchmark_rl
-
-    from jaxalign.models import lora
-
-    settings = lora.LoraSettings(rank=rank, alpha=2.0 * rank)
-    plan = lambda **kw: benchmark_rl.memory_plan(fsdp=16, model=llama31_8b(), lora=settings,  # noqa: E731
-                                                 label="Llama-3.1-8B", **kw)
-    rows = plan()
-    rows += plan(lora_critics=True, only=("scoring", "update"))  # the rollout has no critic
-    rows += plan(lora_critics=True, frozen_param_dtype="bfloat16")  # the rollout's base is the bf16 reference
-    for frozen in ("bfloat16", ""):
-        for k in minibatches:
-            rows += plan(lora_critics=True, frozen_param_dtype=frozen, rl={"num_minibatches": k}, only=("update",))
-    for fsdp in RL_FSDP:
-        full = benchmark_rl.memory_plan(fsdp=fsdp, model=llama31_8b(), label="Llama-3.1-8B")
-        rows += full
-        if all(row["fits"]["v5e"] for row in full if not row["step"].startswith("rollout")):
-            break
-    return rows
-
-
-def plan_label(row: dict) -> str:
-    """A memory_plan row's options and step, e.g. 'LoRA r16 actor + LoRA critics, frozen bf16, 4 minibatches:
-    update'."""
-    options = [f"LoRA r{row['lora_rank']} actor" if row["lora_rank"] else "full"]
-    if row.get("lora_critics"):
-        options[0] += " + LoRA critics"
-    if row.get("frozen_param_dtype", "float32") != "float32":
-        options.append(f"frozen {row['frozen_param_dtype'].replace('bfloat16', 'bf16')}")
-    if row.get("num_minibatches", 1) > 1:
-        options.append(f"{row['num_minibatches']} minibatches")
-    return f"{', '.join(options)}: {row['step'].split(' (')[0]}"
-
-
 # -------------------------------------------------------------------------------------------- main
 
 
@@ -386,19 +248,14 @@ def _child(part: str, args) -> None:
         print("RESULT " + json.dumps(throughput(args.steps)), flush=True)
     elif part == "lora_sft":
         print("RESULT " + json.dumps(lora_sft(args.steps)), flush=True)
-    elif part == "lora_rl":
-        lora_rl()  # memory_plan prints each RESULT line
-    else:
-        for case in MEMORY_CASES:
-            print("RESULT " + json.dumps(memory_plan(*case)), flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/benchmark_train.json")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up step")
-    parser.add_argument("--part", choices=["throughput", "memory", "lora_sft", "lora_rl"], help=argparse.SUPPRESS)
-    parser.add_argument("--parts", default="throughput,memory", help="comma list; others keep their value in --out")
+    parser.add_argument("--part", choices=["throughput", "lora_sft"], help=argparse.SUPPRESS)
+    parser.add_argument("--parts", default="throughput,lora_sft", help="comma list; others keep their value in --out")
     args = parser.parse_args()
     if args.part:
         _child(args.part, args)
@@ -409,20 +266,14 @@ def main() -> int:
     parts = args.parts.split(",")
     if "throughput" in parts:
         result["throughput"] = benchmark_common.run_child(__file__, "throughput", 1, ["--steps", str(args.steps)])[0]
-    if "memory" in parts:
-        result["memory"] = benchmark_common.run_child(__file__, "memory", 64, ["--steps", str(args.steps)])
     if "lora_sft" in parts:
         result["lora_sft"] = benchmark_common.run_child(__file__, "lora_sft", 1, ["--steps", str(args.steps)])[0]
-    if "lora_rl" in parts:
-        result["lora_rl"] = benchmark_common.run_child(__file__, "lora_rl", max(RL_FSDP), [])
     if "throughput" in result:
         _print_throughput(result["throughput"])
     if "lora_sft" in result:
         _print_lora_sft(result["lora_sft"])
-    if "lora_rl" in result:
-        _print_lora_rl(result["lora_rl"])
-    if "memory" in result:
-        _print_memory(result["memory"])
+    for old in ("memory", "lora_rl"):  # CPU-mesh memory plans before experiments/plan_tables.py
+        result.pop(old, None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
@@ -437,12 +288,6 @@ def _print_throughput(t: dict) -> None:
           f"GFLOP/s -> MFU {100 * t['mfu']:.1f}%  (compile {t['compile_s']:.1f} s)")
 
 
-def _print_memory(memory: list[dict]) -> None:
-    benchmark_common.print_memory_table(
-        "Per-device memory of a 7B train step (AOT on a simulated CPU mesh; fp32 params + AdamW, bf16 compute)",
-        memory, "name", 52)
-
-
 def _print_lora_sft(r: dict) -> None:
     gib, med = benchmark_common.GIB, r["step_s_median"]
     print(f"\nSFT step, sft_tiny size ({r['batch_size']} x {r['seq_len']}), LoRA rank {r['rank']} vs full: "
@@ -451,15 +296,6 @@ def _print_lora_sft(r: dict) -> None:
     print(f"  trained state (params + AdamW): tiny {tiny['lora'] / 1e6:.2f} MB vs {tiny['full'] / 1e6:.2f} MB; "
           f"Llama-3.1-8B {big['lora'] / gib:.2f} GiB vs {big['full'] / gib:.1f} GiB "
           f"(frozen fp32 base {r['base_param_bytes_8b'] / gib:.1f} GiB)")
-
-
-def _print_lora_rl(rows: list[dict]) -> None:
-    for row in rows:
-        row["label"] = plan_label(row)
-    benchmark_common.print_memory_table(
-        "Per-device memory of a Llama-3.1-8B PPO-Lagrangian iteration (six roles; AOT, simulated CPU mesh; fp32 "
-        "trained params + AdamW, bf16 compute, remat full, batch 128 x (128 + 384) tokens, PTX on)", rows, "label",
-        max(len(row["label"]) for row in rows))
 
 
 if __name__ == "__main__":

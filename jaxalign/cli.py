@@ -27,6 +27,7 @@ _COMMANDS = {
     "sample": ("jaxalign.generate.commands", "sample a completion from a model directory"),
     "chat": ("jaxalign.generate.commands", "multi-turn chat with one or more models side by side"),
     "train": ("jaxalign.stages.commands", "run a training stage from a config file"),
+    "plan": ("jaxalign.stages.planning", "compile a stage's steps for a TPU slice: memory per chip, flops, roofline"),
     "evaluate": ("jaxalign.evaluate.commands", "evaluate reward/cost models and RL runs"),
     "arena": ("jaxalign.evaluate.commands", "policies answer the same prompts; reward, cost and judge compare them"),
     "moderate": ("jaxalign.moderation.commands", "moderate (prompt, response) JSONL rows with a moderation model"),

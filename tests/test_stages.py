@@ -55,7 +55,7 @@ def test_every_stage_module_has_a_run_and_unknown_stages_are_refused():
 
 # Library packages: typed settings in, never a ConfigDict, a stage or a command (a `commands`
 # module may import another one: commands are the CLI layer, see jaxalign/cli.py).
-LIBRARY = ["models", "data", "objectives", "generate", "rl", "evaluate", "train", "parallel", "moderation"]
+LIBRARY = ["models", "data", "objectives", "generate", "rl", "evaluate", "train", "parallel", "moderation", "plan"]
 # What a library module may use of jaxalign.config: functions that return typed settings.
 TYPED_CONFIG_FUNCTIONS = {"mesh_settings", "ConfigError"}
 CONFIG_DICT_NAMES = {"ConfigDict", "FrozenConfigDict", "FieldReference", "config_dict"}

@@ -103,6 +103,7 @@ def make_scorer(module, mesh: jax.sharding.Mesh, rules):
             scores.pop("stream")
         return scores
 
+    scorer.forward = jitted  # (params, ids, mask, response_mask, threshold): the step jaxalign.plan compiles
     return scorer
 
 

@@ -26,7 +26,15 @@ def unroll_layers() -> bool:
     whole model on every device (7B at fsdp 64: 3.3 -> 50 GiB per device). A rolled loop also
     compiles faster, which matters on accelerators with many layers."""
     mesh = jax.sharding.get_abstract_mesh()
-    return jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
+    return platform() == "cpu" and (mesh.empty or mesh.size == 1)
+
+
+def platform() -> str:
+    """The platform the traced program is for: the current mesh's devices (compile-only TPU devices
+    when jaxalign.plan compiles on a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 @contextlib.contextmanager

@@ -100,14 +100,14 @@ def init_fn(module: nn.Module) -> Callable[[jax.Array], Any]:
 def param_shardings(module: nn.Module, mesh: jax.sharding.Mesh, rules) -> Any:
     """NamedShardings of `module`'s params from its logical axis annotations (nothing allocated)."""
     with mesh_lib.sharding_context(mesh, rules):
-        boxed = jax.eval_shape(init_fn(module), jax.random.PRNGKey(0))
+        boxed = jax.eval_shape(init_fn(module), mesh_lib.abstract_key())
         return mesh_lib.logical_shardings(boxed, mesh, rules)
 
 
 def abstract_params(module: nn.Module, mesh: jax.sharding.Mesh, rules) -> Any:
     """ShapeDtypeStructs of `module`'s params, each carrying its sharding (restore / AOT targets)."""
     with mesh_lib.sharding_context(mesh, rules):
-        shapes = jax.eval_shape(lambda r: nn.meta.unbox(init_fn(module)(r)), jax.random.PRNGKey(0))
+        shapes = jax.eval_shape(lambda r: nn.meta.unbox(init_fn(module)(r)), mesh_lib.abstract_key())
     return mesh_lib.with_shardings(shapes, param_shardings(module, mesh, rules))
 
 

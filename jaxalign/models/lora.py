@@ -214,7 +214,7 @@ def abstract_adapters(module: nn.Module, settings: LoraSettings, mesh, rules) ->
 
     init = adapter_init_fn(module, settings)
     with mesh_lib.sharding_context(mesh, rules):
-        boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+        boxed = jax.eval_shape(init, mesh_lib.abstract_key())
         shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
     return mesh_lib.with_shardings(nn.meta.unbox(boxed), shardings)
 

@@ -185,6 +185,12 @@ def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules) -> Any:
     return jax.tree.map(lambda s, v: _divisible(s, tuple(v.shape), mesh), shardings, values)
 
 
+def abstract_key() -> jax.ShapeDtypeStruct:
+    """The shape and dtype of a `jax.random.PRNGKey`, for `jax.eval_shape` of an init. A concrete key
+    would run eagerly, which fails while a mesh of compile-only devices (jaxalign.plan) is current."""
+    return jax.eval_shape(lambda: jax.random.PRNGKey(0))
+
+
 def init_sharded(
     init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: jax.sharding.Mesh, rules
 ) -> tuple[Any, Any]:

@@ -276,12 +276,17 @@ def moderation_role(role: str, path: str, model: loading.ModelSettings, tokenize
                                                                        min_vocab_size=len(tokenizer))
     if loaded is not None:
         loaded[path] = placed
+    return moderation_score_fn(placed.module, signal), placed.params, placed.shardings
+
+
+def moderation_score_fn(module: nn.Module, signal: str = "unsafe") -> ScoreFn:
+    """ScoreFn of a moderation model reading `signal` (moderation.cost_signal) at every token."""
 
     def apply(params, input_ids, attention_mask):
-        out = placed.module.apply({"params": params}, input_ids, attention_mask=attention_mask)
+        out = module.apply({"params": params}, input_ids, attention_mask=attention_mask)
         return moderation.cost_signal(out, signal)
 
-    return apply, placed.params, placed.shardings
+    return apply
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -36,14 +36,28 @@ from jaxalign.train import loop, optim
 log = logging.getLogger(__name__)
 
 
-def role_paths(config, algorithm: algorithms.Algorithm, settings: RLSettings) -> roles.RolePaths:
-    """The score-model dirs of config.rl, checked against what the algorithm reads (RolePaths.check)."""
+def role_paths(config, algorithm: algorithms.Algorithm, settings: RLSettings, check: bool = True) -> roles.RolePaths:
+    """The score-model dirs of config.rl, checked against what the algorithm reads (RolePaths.check;
+    check=False: the signals only, for a plan of a run whose exports do not exist yet)."""
     rl = config.rl
     paths = roles.RolePaths(reward=rl.reward_model_path, cost=rl.cost_model_path,
                             reward_critic=rl.reward_critic_model_path, cost_critic=rl.cost_critic_model_path,
                             cost_signal=rl.cost_signal, constraints=algorithm.moderation_signals)
-    paths.check(algorithm.token_streams(settings), where=f"config.rl.{algorithm.name}")
+    if check:
+        paths.check(algorithm.token_streams(settings), where=f"config.rl.{algorithm.name}")
+    else:
+        roles.check_signal(paths.cost_signal, "config.rl.cost_signal")
     return paths
+
+
+def check_minibatches(config, settings: RLSettings, mesh) -> int:
+    """config.data.batch_size, checked to split into rl.num_minibatches minibatches that each divide
+    over the mesh's batch shards."""
+    batch_size = common.check_batch_size(config, mesh)
+    if batch_size % (settings.num_minibatches * mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"config.data.batch_size {batch_size} must split into rl.num_minibatches="
+                         f"{settings.num_minibatches} minibatches that each divide over the batch shards")
+    return batch_size
 
 
 FROZEN_DTYPES = ("", "float32", "bfloat16")
@@ -130,10 +144,7 @@ def run(config, workdir) -> loop.LoopResult:
     settings = RLSettings.from_group(config.rl)
     paths = role_paths(config, algorithm, settings)
     mesh, rules = common.mesh_and_rules(config)
-    batch_size = common.check_batch_size(config, mesh)
-    if batch_size % (settings.num_minibatches * mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"config.data.batch_size {batch_size} must split into rl.num_minibatches="
-                         f"{settings.num_minibatches} minibatches that each divide over the batch shards")
+    batch_size = check_minibatches(config, settings, mesh)
     tokenizer = common.load_tokenizer(config, padding_side="left")
     batches, num_prompts = load_batches(config, settings, tokenizer, mesh)
     num_iterations = common.num_steps(config, num_prompts // batch_size)

@@ -177,6 +177,19 @@ def make_train_step(
     return step
 
 
+def jit_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum_steps: int, abstract_state: Any,
+                   schedule: optax.Schedule | None = None, frozen_shardings: Any = None) -> Callable:
+    """make_train_step jitted with the state's shardings (donated) and the frozen params' shardings:
+    the update `train` runs, and the one jaxalign.plan compiles for a TPU slice."""
+    shardings = shardings_of(abstract_state)
+    return jax.jit(
+        make_train_step(loss_fn, tx, grad_accum_steps, schedule),
+        in_shardings=(shardings, None, frozen_shardings),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+
+
 class Grouped:
     """Groups an iterator's items into lists of n (the micro-batches of one update); the wrapped
     iterator's get_state()/set_state() pass through."""
@@ -246,14 +259,8 @@ def train(
     checkpointer: checkpoint_lib.Checkpointer | None = None,
 ) -> LoopResult:
     """A supervised stage: `loss_fn` updates with gradient accumulation, run by `run`."""
-    shardings = shardings_of(abstract_state)
     with mesh_lib.sharding_context(mesh, rules):
-        update = jax.jit(
-            make_train_step(loss_fn, tx, settings.grad_accum_steps, schedule),
-            in_shardings=(shardings, None, frozen_shardings),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
-        )
+        update = jit_train_step(loss_fn, tx, settings.grad_accum_steps, abstract_state, schedule, frozen_shardings)
     return run(settings=settings, workdir=workdir, mesh=mesh, rules=rules, step_fn=update,
                abstract_state=abstract_state, init_state=init_state,
                batches=Grouped(train_iter, settings.grad_accum_steps), frozen=frozen, eval_fn=eval_fn,

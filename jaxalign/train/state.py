@@ -68,10 +68,10 @@ def abstract_train_state(
     Returns a TrainState of `jax.ShapeDtypeStruct(..., sharding=...)` leaves.
     """
     with mesh_lib.sharding_context(mesh, rules):
-        boxed = jax.eval_shape(init_params_fn, jax.random.PRNGKey(0))
+        boxed = jax.eval_shape(init_params_fn, mesh_lib.abstract_key())
         param_shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
         abstract = jax.eval_shape(
-            lambda r: TrainState.create(nn.meta.unbox(init_params_fn(r)), tx, r, extra), jax.random.PRNGKey(0)
+            lambda r: TrainState.create(nn.meta.unbox(init_params_fn(r)), tx, r, extra), mesh_lib.abstract_key()
         )
     shardings = mesh_lib.state_shardings(abstract, param_shardings, tx, mesh)
     return mesh_lib.with_shardings(abstract, shardings)
