@@ -334,6 +334,11 @@ def test_settings_from_configs_and_bad_input():
     with pytest.raises(ValueError, match="config.rl.ppo_lag.lambda_lr must be finite"):
         algorithms.make("ppo_lag", True, PPOLagSettings(lambda_lr=float("nan")))
     assert algorithms.make("ppo", has_cost_model=False).roles == ("actor", "reference", "reward", "reward_critic")
+    for change, message in ((dict(logits_chunk=-1), "config.rl.logits_chunk must be >= 0"),
+                            (dict(old_log_probs="cached"), "config.rl.old_log_probs must be one of recompute, sampler"),
+                            (dict(max_logprob_gap=0.0), "config.rl.max_logprob_gap must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(settings, **change)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -153,13 +153,14 @@ def policy_fn(cfg, lora_settings: lora.LoraSettings | None = None) -> PolicyFn:
     return apply
 
 
-def log_probs_fn(cfg, lora_settings: lora.LoraSettings | None = None, chunk_size: int = 0) -> LogProbsFn:
+def log_probs_fn(cfg, lora_settings: lora.LoraSettings | None = None, chunk_size: int = 0) -> LogProbsFn | None:
     """LogProbsFn of policy_fn's model (the same params: plain or lora.Adapted) whose LM head and
     log-softmax run chunk_size positions at a time (objectives.common.chunked_next_token_log_probs):
     the [B, L - start, V] fp32 logits, the largest temporary of a 128k-vocabulary update, are never
-    materialised."""
+    materialised. chunk_size 0 (config.rl.logits_chunk's default): None, the log-probs come from
+    policy_fn's whole logits (RoleFns.log_probs)."""
     if chunk_size <= 0:
-        raise ValueError(f"config.rl.logits_chunk must be > 0 for chunked log-probs, got {chunk_size}")
+        return None
     module = models.causal_lm(cfg)
     adapted = lora.wrap(module, lora_settings) if lora_settings is not None and lora_settings.enabled else None
 
@@ -377,8 +378,8 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
         logging.info("%s: %s (%s, %d parameters)", role, path, placed.head.score_type, param_count(placed.params))
     check_sequence_length(actor.cfg, settings)
     masked = (tokenizer.pad_token_id, getattr(tokenizer, "unk_token_id", None))
-    chunked = log_probs_fn(actor.cfg, lora_settings, settings.logits_chunk) if settings.logits_chunk else None
-    fns = RoleFns(policy=policy_fn(actor.cfg, lora_settings), log_probs=chunked,
+    fns = RoleFns(policy=policy_fn(actor.cfg, lora_settings),
+                  log_probs=log_probs_fn(actor.cfg, lora_settings, settings.logits_chunk),
                   generate=sampler_fn(actor.cfg, settings, tokenizer.pad_token_id, masked, lora_settings),
                   scores=score_fns, retokenizers=retokenizers, actor_tokenizer=tokenizer, bases=bases)
     return fns, params, shardings, actor.cfg

@@ -50,7 +50,7 @@ class RLSettings:
     logits_chunk: int
     # "recompute": the actor's old log-probs from a scoring forward; "sampler": the sampler's own,
     # recorded while it decoded (one forward fewer), refused when they differ from the actor's by
-    # more than max_logprob_gap (checked on a recomputed batch every max_logprob_gap_every iterations)
+    # more than max_logprob_gap (measured by each iteration's first update, rl/iteration.py)
     old_log_probs: str
     max_logprob_gap: float
 
@@ -67,7 +67,7 @@ class RLSettings:
         if self.old_log_probs not in OLD_LOG_PROBS:
             raise ValueError(f"config.rl.old_log_probs must be one of {', '.join(OLD_LOG_PROBS)}, "
                              f"got {self.old_log_probs!r}")
-        if self.max_logprob_gap <= 0:
+        if not self.max_logprob_gap > 0:
             raise ValueError(f"config.rl.max_logprob_gap must be > 0, got {self.max_logprob_gap}")
         if self.length_bucket < 0:
             raise ValueError(f"config.rl.length_bucket must be >= 0 (0 = fixed lengths), got {self.length_bucket}")
