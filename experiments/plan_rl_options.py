@@ -39,6 +39,8 @@ CASES = [
       for chunk in (0, 128)],
     *[(f"scoring v5p-8 old_log_probs={mode}", "v5p-8", "scoring", [f"--config.rl.old_log_probs={mode}"])
       for mode in ("recompute", "sampler")],
+    ("scoring v5p-8 old_log_probs=sampler logits_chunk=128", "v5p-8", "scoring",
+     ["--config.rl.old_log_probs=sampler", "--config.rl.logits_chunk=128"]),
     *[(f"update v5e-16 logits_chunk={chunk}", "v5e-16", "update", [f"--config.rl.logits_chunk={chunk}"])
       for chunk in (0, 128)],
     ("rollout v5p-8", "v5p-8", "rollout", []),
