@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     # HF-style config.json fields used for random init when init_path is "" (models.config_from_hf).
     model.hf_config = ml_collections.ConfigDict(
         dict(
-            model_type="llama",  # the family: llama | qwen2 | qwen3 (qwen3: per-head q/k norm; qwen2: q/k/v bias)
+            model_type="llama",  # the family: llama | qwen2 | qwen3 | gemma2 | gemma3_text (models/families.py)
             head_dim=None,  # None = hidden_size // num_attention_heads
             vocab_size=32000,  # replaced by the tokenizer's vocabulary size (incl. pad) when known
             hidden_size=4096,
@@ -49,8 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     )
     model.dtype = "float32"  # compute dtype: float32 | bfloat16 (logits are always fp32)
     model.param_dtype = "float32"  # storage dtype of parameters and optimizer moments
-    model.remat_policy = "none"  # activation checkpointing per layer: none | full | dots (see llama.py)
+    model.remat_policy = "none"  # activation checkpointing per layer: none | full | dots_saveable | ... (models/config.py)
     model.scan_layers = True  # lax.scan over decoder layers (fast compile; params stacked on "layers")
+    # Full-sequence attention: auto (Pallas splash on TPU, cuDNN on NVIDIA GPUs, XLA elsewhere) | xla | pallas | cudnn
+    model.attention_impl = "auto"
 
     config.tokenizer = ""  # HF tokenizer dir; "" = the tokenizer saved in model.init_path
 

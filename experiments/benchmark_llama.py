@@ -31,7 +31,7 @@ import optax
 import tqdm
 
 from jaxalign.generate import sampler
-from jaxalign.models import layer_loop, layouts, llama, quantize
+from jaxalign.models import decoder, layer_loop, layouts, llama, quantize
 from jaxalign.objectives import common, sft
 
 CONFIG = dict(
@@ -86,7 +86,7 @@ def jax_peak_fn():
 def jax_fns(cfg: llama.LlamaConfig) -> dict:
     """Callables for the train step, forward and sampling of jaxalign's Llama."""
     model = llama.Llama(cfg)
-    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
     ids = jax.random.randint(jax.random.PRNGKey(1), (BATCH, SEQ), 0, cfg.vocab_size)
     tx = optax.adamw(1e-4, weight_decay=0.0)
 
@@ -185,7 +185,7 @@ def log_prob_gaps(cfg: llama.LlamaConfig, reps: int = 2) -> dict:
     """Max |sampler log-prob - fp32 trainer-forward log-prob| over the sampled tokens of `reps`
     benchmark-size batches, per decode-weights mode."""
     model = llama.Llama(cfg)
-    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
     prompt = jax.random.randint(jax.random.PRNGKey(2), (SAMPLE_BATCH, PROMPT), 0, cfg.vocab_size)
     mask = jnp.ones_like(prompt, bool)
     forward = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m).logits)
@@ -243,7 +243,7 @@ def torch_fns(cfg: llama.LlamaConfig) -> dict:
             )
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    matrices = [torch.from_numpy(np.array(m)) for m in decode_matrices(cfg, llama.init_params(cfg, jax.random.PRNGKey(0)))]
+    matrices = [torch.from_numpy(np.array(m)) for m in decode_matrices(cfg, decoder.init_params(cfg, jax.random.PRNGKey(0)))]
 
     def floor_decode_matmuls():
         with torch.no_grad():

@@ -67,7 +67,7 @@ def test_jaxalign_arena_end_to_end(tmp_path):
     """Two random tiny policies, random reward/cost models: the CSV, JSON and PNG agree."""
     from jaxalign import cli
     from jaxalign.data import mini
-    from jaxalign.models import hf, llama, score
+    from jaxalign.models import decoder, hf, llama, score
     from jaxalign.models import tokenizer as tokenizer_lib
 
     mini.write_mini(tmp_path / "data", rows=30, seed=0)
@@ -76,7 +76,7 @@ def test_jaxalign_arena_end_to_end(tmp_path):
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     for seed, name in enumerate(("sft", "ppo")):
-        hf.save_pretrained(tmp_path / name, cfg, llama.init_params(cfg, jax.random.PRNGKey(seed)))
+        hf.save_pretrained(tmp_path / name, cfg, decoder.init_params(cfg, jax.random.PRNGKey(seed)))
         tok.save_pretrained(str(tmp_path / name))
     for seed, kind in enumerate(("reward", "cost")):
         score.save_score_model(tmp_path / kind, cfg, score.init_score_params(cfg, jax.random.PRNGKey(seed + 5)),

@@ -20,7 +20,7 @@ import pytest
 from jaxalign import cli
 from jaxalign.data import mini
 from jaxalign.generate import chat, policy as policy_lib, sampler
-from jaxalign.models import hf, llama
+from jaxalign.models import decoder, hf, llama
 from jaxalign.models import tokenizer as tokenizer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def two_models(tmp_path_factory):
                             num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     for seed, name, positions in ((0, "model0", 2048), (1, "model1", 2048), (0, "short", 64), (2, "endless", 4096)):
-        params = llama.init_params(cfg, jax.random.PRNGKey(seed))
+        params = decoder.init_params(cfg, jax.random.PRNGKey(seed))
         params = jax.tree.map(lambda x: x * 10.0, params)  # sharper logits: varied greedy answers
         if name == "endless":
             specials = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxalign.models import hf, llama
+from jaxalign.models import decoder, hf, llama
 
 TINY = dict(
     vocab_size=61,
@@ -28,7 +28,7 @@ TINY = dict(
 def saved(tmp_path_factory):
     """A jaxalign-initialised tiny Llama (untied, with biases) saved as an HF dir."""
     cfg = llama.LlamaConfig(**TINY, attention_bias=True, eos_token_id=[2, 3])
-    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
     # Non-trivial norms and biases so layout mistakes show up in the logits.
     noise = np.random.RandomState(0)
     params = jax.tree_util.tree_map_with_path(

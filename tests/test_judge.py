@@ -110,7 +110,7 @@ def test_sample_answers_and_report(tmp_path):
     """A random tiny policy through the jitted sampler: 2 answers per prompt in prompt-major order,
     reproducible from the seed; the report files."""
     from jaxalign.generate import policy as policy_lib
-    from jaxalign.models import hf, llama, loading
+    from jaxalign.models import decoder, hf, llama, loading
     from jaxalign.models import tokenizer as tokenizer_lib
     from jaxalign.parallel import mesh as mesh_lib
 
@@ -119,7 +119,7 @@ def test_sample_answers_and_report(tmp_path):
     cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             **loading.special_ids(tok))
-    hf.save_pretrained(tmp_path / "policy", cfg, llama.init_params(cfg, jax.random.PRNGKey(0)))
+    hf.save_pretrained(tmp_path / "policy", cfg, decoder.init_params(cfg, jax.random.PRNGKey(0)))
     tok.save_pretrained(str(tmp_path / "policy"))
     settings = mesh_lib.MeshSettings(fsdp=1, data=-1)
     mesh, rules = mesh_lib.make_mesh(settings), mesh_lib.axis_rules(settings)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.models import layer_loop, llama
+from jaxalign.models import decoder, layer_loop, llama
 
 
 def test_forward_only_rolls_wide_models_and_changes_no_number():
@@ -19,7 +19,7 @@ def test_forward_only_rolls_wide_models_and_changes_no_number():
 
     cfg = llama.LlamaConfig(vocab_size=64, hidden_size=wide, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    model, params = llama.Llama(cfg), llama.init_params(cfg, jax.random.PRNGKey(0))
+    model, params = llama.Llama(cfg), decoder.init_params(cfg, jax.random.PRNGKey(0))
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 64)
 
     def forward(rolled):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.models import attention, hf, layouts, llama
+from jaxalign.models import attention, decoder, hf, kv_cache, layouts, llama, masks
 
 TINY = dict(
     vocab_size=97,
@@ -34,7 +34,7 @@ def _forward(cfg, params, ids, mask=None):
 def tiny():
     """(cfg, params) of a random tiny Llama, shared: each init costs a multi-second compile."""
     cfg = llama.LlamaConfig(**TINY)
-    return cfg, llama.init_params(cfg, jax.random.PRNGKey(0))
+    return cfg, decoder.init_params(cfg, jax.random.PRNGKey(0))
 
 
 def _hf_checkpoint(tmp_path, **overrides):
@@ -199,7 +199,7 @@ def test_kv_cache_decode_matches_full_forward(tiny):
     full = _forward(cfg, params, jnp.asarray(full_ids), jnp.asarray(full_mask)).logits
 
     apply = jax.jit(model.apply)
-    cache = llama.init_cache(cfg, 2, 12)
+    cache = kv_cache.init_cache(cfg, 2, 12)
     out = apply({"params": params}, jnp.asarray(prompt), jnp.asarray(prompt_mask), None, cache)
     real = prompt_mask
     np.testing.assert_allclose(np.asarray(out.logits)[real], np.asarray(full)[:, :7][real], atol=1e-5)
@@ -213,7 +213,7 @@ def test_kv_cache_decode_matches_full_forward(tiny):
     np.testing.assert_array_equal(np.asarray(cache.mask), full_mask)
     # scanned layers keep one stacked cache, which the scan reads and writes as it is
     assert cfg.scan_layers and cache.k.shape == (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim, 12)
-    per_layer = llama.init_cache(dataclasses.replace(cfg, scan_layers=False), 2, 12)
+    per_layer = kv_cache.init_cache(dataclasses.replace(cfg, scan_layers=False), 2, 12)
     with pytest.raises(ValueError, match="per layer but scan_layers=True"):
         apply({"params": params}, jnp.asarray(prompt), None, None, per_layer)
     _check_decode_layout(cfg, params, prompt, prompt_mask, steps, full)
@@ -231,7 +231,7 @@ def _check_decode_layout(cfg, params, prompt, prompt_mask, steps, full):
     assert "qkv_proj" in dparams["model"]["layers_0"]["self_attn"] and "gate_up_proj" in dparams["model"]["layers_0"]["mlp"]
     apply = jax.jit(llama.Llama(dcfg).apply)
     out = apply({"params": dparams}, jnp.asarray(prompt), jnp.asarray(prompt_mask), None,
-                llama.init_cache(dcfg, 2, 12))
+                kv_cache.init_cache(dcfg, 2, 12))
     np.testing.assert_allclose(np.asarray(out.logits)[prompt_mask], np.asarray(full)[:, :7][prompt_mask], atol=1e-5)
     out = apply({"params": dparams}, jnp.asarray(steps[:, :2]), None, None, out.cache)
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full[:, 7:9]), atol=1e-5)
@@ -243,13 +243,13 @@ def _check_decode_layout(cfg, params, prompt, prompt_mask, steps, full):
 def test_positions_from_mask():
     mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(
-        np.asarray(llama.positions_from_mask(mask)), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+        np.asarray(masks.positions_from_mask(mask)), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
     )
 
 
 def test_resize_token_embeddings(tiny):
     cfg, params = tiny
-    new_cfg, new_params = llama.resize_token_embeddings(cfg, params, cfg.vocab_size + 3)
+    new_cfg, new_params = decoder.resize_token_embeddings(cfg, params, cfg.vocab_size + 3)
     assert new_cfg.vocab_size == cfg.vocab_size + 3
     emb, new_emb = params["model"]["embed_tokens"]["embedding"], new_params["model"]["embed_tokens"]["embedding"]
     np.testing.assert_array_equal(np.asarray(new_emb[: cfg.vocab_size]), np.asarray(emb))

@@ -12,7 +12,7 @@ import pytest
 
 from jaxalign import cli
 from jaxalign import config as config_lib
-from jaxalign.models import hf, llama, loading, lora
+from jaxalign.models import decoder, hf, llama, loading, lora
 from jaxalign.models import tokenizer as tokenizer_lib
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.stages import commands
@@ -35,7 +35,7 @@ def test_fresh_adapters_leave_the_model_unchanged_and_merge_matches():
     cfg = _tiny()
     mesh, rules = _mesh()
     module = llama.Llama(cfg)
-    base = llama.init_params(cfg, jax.random.PRNGKey(0))
+    base = decoder.init_params(cfg, jax.random.PRNGKey(0))
     adapters, shardings = lora.init_adapters(module, SETTINGS, jax.random.PRNGKey(1), mesh, rules)
     layer = adapters["model"]["layers"]
     assert set(layer["self_attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -59,7 +59,7 @@ def test_unscanned_bf16_model_gets_gradients_on_every_adapter_only():
     cfg = _tiny(scan_layers=False, dtype="bfloat16")
     mesh, rules = _mesh()
     module = llama.Llama(cfg)
-    base = llama.init_params(cfg, jax.random.PRNGKey(0))
+    base = decoder.init_params(cfg, jax.random.PRNGKey(0))
     adapters, _ = lora.init_adapters(module, SETTINGS, jax.random.PRNGKey(1), mesh, rules)
     assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}  # fp32 master adapters
     ids = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, cfg.vocab_size)

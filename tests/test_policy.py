@@ -11,7 +11,7 @@ from jaxalign import cli
 from jaxalign.data import views
 from jaxalign.generate import policy as policy_lib
 from jaxalign.generate import sampler
-from jaxalign.models import hf, llama
+from jaxalign.models import decoder, hf, llama
 from jaxalign.models import tokenizer as tokenizer_lib
 
 
@@ -23,7 +23,7 @@ def policy_dir(tmp_path_factory, mini_data):
     cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None)
-    params = jax.tree.map(lambda x: 10.0 * x, llama.init_params(cfg, jax.random.PRNGKey(0)))
+    params = jax.tree.map(lambda x: 10.0 * x, decoder.init_params(cfg, jax.random.PRNGKey(0)))
     hf.save_pretrained(root / "model", cfg, params)
     tok.save_pretrained(str(root / "model"))
     return root / "model"
@@ -86,7 +86,7 @@ def test_special_tokens_the_loader_adds_are_resized_into_the_embedding(mini_data
     cfg = llama.LlamaConfig(vocab_size=len(tok) - 1, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    hf.save_pretrained(tmp_path / "model", cfg, llama.init_params(cfg, jax.random.PRNGKey(1)))
+    hf.save_pretrained(tmp_path / "model", cfg, decoder.init_params(cfg, jax.random.PRNGKey(1)))
     policy = policy_lib.load(tmp_path / "model")
     assert policy.cfg.vocab_size == len(tok) and policy.pad_token_id == tok.pad_token_id == cfg.vocab_size
     embedding = np.asarray(policy.params["model"]["embed_tokens"]["embedding"])

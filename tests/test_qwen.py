@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from jaxalign import models
-from jaxalign.generate import sampler
-from jaxalign.models import families, hf, layouts, llama, qwen, score
+from jaxalign.models import decoder, families, hf, layouts, llama, qwen, score
 
 TINY = dict(
     vocab_size=89,
@@ -27,20 +27,13 @@ TINY = dict(
     initializer_range=0.3,
 )
 PAD = 0
+_padded = functools.partial(conftest.left_padded, vocab_size=TINY["vocab_size"], pad=PAD)
 CONFIGS = {"qwen2": qwen.Qwen2Config, "qwen3": qwen.Qwen3Config}
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(cfg, params, ids, mask=None):
     return models.causal_lm(cfg).apply({"params": params}, ids, attention_mask=mask)
-
-
-def _host_params(cfg, seed=0):
-    """Random causal-LM params of cfg, N(0, 0.3) for every leaf (norm scales and biases too,
-    so a misplaced q_norm or bias cannot hide), built in numpy without an init compile."""
-    shapes = jax.eval_shape(models.causal_lm(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: (0.3 * rng.normal(size=x.shape)).astype(np.float32), nn.meta.unbox(shapes["params"]))
 
 
 def _hf_model(model_type, **overrides):
@@ -60,26 +53,6 @@ def _hf_model(model_type, **overrides):
     return model
 
 
-def _hf_logits(model, ids, mask):
-    import torch
-
-    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
-    with torch.no_grad():
-        return model(
-            torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)), position_ids=torch.tensor(positions)
-        ).logits.numpy()
-
-
-def _left_padded(rows, width, seed):
-    rng = np.random.RandomState(seed)
-    ids = np.full((len(rows), width), PAD, np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for row, n in enumerate(rows):
-        ids[row, width - n :] = rng.randint(3, TINY["vocab_size"], n)
-        mask[row, width - n :] = True
-    return ids, mask
-
-
 PARITY_CASES = {
     "qwen2": ("qwen2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1000.0})),
     "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True)),
@@ -96,10 +69,10 @@ def test_logits_match_transformers_with_left_padding(tmp_path, case):
     cfg, params = hf.from_pretrained(tmp_path, dtype="float32")
     assert type(cfg) is CONFIGS[model_type] and cfg.model_type == model_type
     assert cfg.tie_word_embeddings == bool(overrides.get("tie_word_embeddings")) and cfg.num_key_value_heads == 2
-    ids, mask = _left_padded([14, 9, 3], 14, seed=1)
+    ids, mask = _padded([14, 9, 3], 14, seed=1)
     out = _forward(cfg, params, jnp.asarray(ids), jnp.asarray(mask))
     assert out.logits.shape == (3, 14, TINY["vocab_size"]) and out.logits.dtype == jnp.float32
-    ref = _hf_logits(model, ids, mask)
+    ref = conftest.hf_logits(model, ids, mask)
     np.testing.assert_allclose(np.asarray(out.logits)[mask], ref[mask], atol=1e-4, rtol=0)
     # A left-padded row equals the same tokens unpadded; llama.Llama is the same module.
     alone = llama.Llama(cfg).apply({"params": params}, jnp.asarray(ids[1:2, 5:])).logits
@@ -112,36 +85,22 @@ def tiny(request):
     transformers must read from config.json) / Qwen3 (with attention_bias)."""
     extra = dict(attention_bias=True) if request.param == "qwen3" else dict(head_dim=16)
     cfg = CONFIGS[request.param](**TINY, eos_token_id=[2, 3], pad_token_id=PAD, **extra)
-    return cfg, _host_params(cfg)
+    return cfg, conftest.random_params(cfg)
 
 
 def test_save_pretrained_loads_in_transformers_and_back(tiny, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     cfg, params = tiny
-    hf.save_pretrained(tmp_path, cfg, params)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == cfg.model_type
-    assert config["architectures"] == [cfg.hf_architecture]
+    logits = lambda c, p, ids, mask: _forward(c, p, jnp.asarray(ids), jnp.asarray(mask)).logits  # noqa: E731
+    _, config, cfg2 = conftest.transformers_round_trip(tmp_path, cfg, params, logits)
     assert config["use_sliding_window"] is False
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(model).__name__ == cfg.hf_architecture
-    ids, mask = _left_padded([11, 6], 11, seed=2)
-    ours = np.asarray(_forward(cfg, params, jnp.asarray(ids), jnp.asarray(mask)).logits)
-    np.testing.assert_allclose(_hf_logits(model, ids, mask)[mask], ours[mask], atol=1e-4, rtol=0)
-    # transformers writes its own checkpoint of the same model; it loads back unchanged.
-    with torch.no_grad():
-        model.save_pretrained(tmp_path / "from_hf")
-    cfg2, params2 = hf.from_pretrained(tmp_path / "from_hf")
-    assert type(cfg2) is type(cfg)
     assert dataclasses.replace(cfg2, max_position_embeddings=cfg.max_position_embeddings) == cfg
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The per-layer (unscanned) layout maps the same tensors (q_norm / biases included).
+    ids, mask = _padded([11, 6], 11, seed=2)
     cfg_u, params_u = hf.from_pretrained(tmp_path, scan_layers=False)
     assert "layers_1" in params_u["model"]
     unscanned = np.asarray(_forward(cfg_u, params_u, jnp.asarray(ids), jnp.asarray(mask)).logits)
-    np.testing.assert_allclose(unscanned[mask], ours[mask], atol=2e-5)
+    np.testing.assert_allclose(unscanned[mask], np.asarray(logits(cfg, params, ids, mask))[mask], atol=2e-5)
 
 
 def test_param_tree_and_tensor_map(tiny):
@@ -154,7 +113,7 @@ def test_param_tree_and_tensor_map(tiny):
     shapes = jax.eval_shape(models.causal_lm(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
     specs = nn.get_partition_spec(shapes)["params"]["model"]["layers"]["self_attn"]
     assert tuple(specs["q_proj"]["bias"]) == ("layers", "heads", "head_dim")
-    if cfg.qk_norm:
+    if cfg.attention_options.qk_norm:
         assert tuple(specs["k_norm"]["scale"]) == ("layers", "head_dim")
     tensors = hf.params_to_hf_tensors(cfg, params)
     assert set(tensors) == set(hf.lm_hf_shapes(cfg))
@@ -164,7 +123,7 @@ def test_param_tree_and_tensor_map(tiny):
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # A Qwen3 checkpoint without its q/k norms is refused, naming the tensors.
-    if cfg.qk_norm:
+    if cfg.attention_options.qk_norm:
         missing = {k: v for k, v in tensors.items() if "q_norm" not in k}
         with pytest.raises(hf.CheckpointError, match=r"missing tensors: \['model.layers.0.self_attn.q_norm.weight'"):
             hf.params_from_hf_tensors(cfg, missing)
@@ -172,7 +131,7 @@ def test_param_tree_and_tensor_map(tiny):
 
 def test_remat_and_unscanned_layers_give_same_gradients():
     cfg = qwen.Qwen3Config(**TINY, attention_bias=True)  # q/k norms and biases inside nn.scan / remat
-    params = _host_params(cfg, seed=2)
+    params = conftest.random_params(cfg, seed=2)
     ids = jnp.asarray(np.random.RandomState(5).randint(0, cfg.vocab_size, (2, 10)))
 
     def grads(c, p):
@@ -193,7 +152,7 @@ def test_kv_cache_decode_matches_full_forward(tiny):
     cfg, params = tiny
     model = models.causal_lm(cfg)
     rng = np.random.RandomState(6)
-    prompt, prompt_mask = _left_padded([7, 4], 7, seed=6)
+    prompt, prompt_mask = _padded([7, 4], 7, seed=6)
     steps = rng.randint(3, cfg.vocab_size, (2, 5))
     full_ids = np.concatenate([prompt, steps], axis=1)
     full_mask = np.concatenate([prompt_mask, np.ones((2, 5), bool)], axis=1)
@@ -219,26 +178,8 @@ def test_kv_cache_decode_matches_full_forward(tiny):
 
 
 def test_greedy_sampling_matches_transformers_generate():
-    import torch
-
-    model = _hf_model("qwen3", head_dim=8)
-    cfg = qwen.Qwen3Config.from_hf_config(model.config.to_dict())
-    params = hf.params_from_hf_tensors(cfg, {k: v.numpy() for k, v in model.state_dict().items()})
-    ids, mask = _left_padded([8, 3, 6], 8, seed=3)
-    n = 8
-    sampling = sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, pad_token_id=PAD)
-    out = sampler.sample(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), sampling)
-    expected = model.generate(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        attention_mask=torch.tensor(mask, dtype=torch.long),
-        do_sample=False,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        eos_token_id=None,
-        pad_token_id=PAD,
-    ).numpy()[:, 8:]
-    np.testing.assert_array_equal(np.asarray(out.sequences)[:, 8:], expected)
-    assert len(set(expected.ravel().tolist())) > 3  # not a degenerate repeat of one token
+    ids, mask = _padded([8, 3, 6], 8, seed=3)
+    conftest.greedy_matches_transformers(_hf_model("qwen3", head_dim=8), ids, mask, n=8, pad=PAD)
 
 
 def test_score_model_on_qwen_backbone_saves_and_reloads(tmp_path):
@@ -255,7 +196,7 @@ def test_score_model_on_qwen_backbone_saves_and_reloads(tmp_path):
     assert "model.layers.1.self_attn.k_proj.bias" in hf.read_safetensors_dir(tmp_path)
     cfg2, head2, params2, _ = score.load_score_model(tmp_path, scan_layers=False)
     assert cfg2 == cfg and head2 == head
-    ids, mask = _left_padded([6, 4], 6, seed=4)
+    ids, mask = _padded([6, 4], 6, seed=4)
     before = jax.jit(model.apply)({"params": params}, ids, attention_mask=mask)
     after = jax.jit(head2.model(cfg2).apply)({"params": params2}, ids, attention_mask=mask)
     np.testing.assert_allclose(after.end_scores, before.end_scores, atol=1e-6)
@@ -269,7 +210,7 @@ def test_score_model_on_qwen_backbone_saves_and_reloads(tmp_path):
 
 def test_resize_token_embeddings_and_replace(tiny):
     cfg, params = tiny
-    new_cfg, new_params = llama.resize_token_embeddings(cfg, params, cfg.vocab_size + 3)
+    new_cfg, new_params = decoder.resize_token_embeddings(cfg, params, cfg.vocab_size + 3)
     assert type(new_cfg) is type(cfg) and new_cfg.vocab_size == cfg.vocab_size + 3
     assert new_params["model"]["embed_tokens"]["embedding"].shape == (cfg.vocab_size + 3, cfg.hidden_size)
     logits = _forward(new_cfg, new_params, jnp.asarray([[cfg.vocab_size + 2]])).logits
@@ -292,7 +233,7 @@ def test_config_round_trip_and_family_choice():
     assert families.config_from_hf(dict(TINY, model_type="qwen2")).head_dim == 8
     # Qwen2 ignores attention_bias, as transformers does: q/k/v biases, no o_proj bias.
     qwen2 = families.config_from_hf(dict(TINY, model_type="qwen2", attention_bias=True))
-    assert (qwen2.qkv_bias, qwen2.attention_bias) == (True, False)
+    assert (qwen2.attention_options.qkv_bias, qwen2.attention_options.o_bias, qwen2.attention_bias) == (True, False, False)
     no_type = families.config_from_hf(TINY)
     assert type(no_type) is llama.LlamaConfig and families.of(no_type).architecture == "LlamaForCausalLM"
     assert isinstance(models.causal_lm(no_type), llama.Llama)
@@ -318,12 +259,14 @@ def test_unsupported_configs_are_one_clear_error(tmp_path, change, words):
     assert words[0] in str(info.value)
 
 
-def test_family_switches_are_checked():
-    with pytest.raises(ValueError, match="qk_norm=True is not part of HF Llama"):
+def test_family_configs_are_checked():
+    # The families own their attention options: Llama's config has no Qwen switch to turn on.
+    with pytest.raises(TypeError, match="qk_norm"):
         llama.LlamaConfig(**TINY, qk_norm=True)
+    assert qwen.Qwen3Config(**TINY).attention_options.qk_norm and not llama.LlamaConfig(**TINY).attention_options.qk_norm
     with pytest.raises(ValueError, match="Qwen2Config.*attention_bias"):
         qwen.Qwen2Config(**TINY, attention_bias=True)
-    with pytest.raises(ValueError, match="Qwen3Config.*qk_norm"):
-        qwen.Qwen3Config(**TINY, qk_norm=False)
+    with pytest.raises(ValueError, match="Qwen3Config.*mlp_bias"):
+        qwen.Qwen3Config(**TINY, mlp_bias=True)
     with pytest.raises(ValueError, match="model_type='qwen2' is not 'llama'"):
         llama.LlamaConfig.from_hf_config(dict(TINY, model_type="qwen2"))

@@ -159,7 +159,7 @@ MOD_LENGTH = 40
 
 @pytest.fixture(scope="module")
 def moderation_export(tmp_path_factory):
-    from jaxalign.models import llama
+    from jaxalign.models import decoder, llama
     from jaxalign.models import moderation as mm
     from jaxalign.models import tokenizer as tokenizer_lib
     from jaxalign.data import mini
@@ -171,7 +171,7 @@ def moderation_export(tmp_path_factory):
                                                 num_attention_heads=4, num_key_value_heads=2,
                                                 max_position_embeddings=128, vocab_size=len(tok)))
     head = mm.ModerationHead(max_length=MOD_LENGTH)
-    params = mm.init_params_from_backbone(llama.init_params(cfg, jax.random.PRNGKey(0))["model"], cfg,
+    params = mm.init_params_from_backbone(decoder.init_params(cfg, jax.random.PRNGKey(0))["model"], cfg,
                                           jax.random.PRNGKey(1), head)
     mm.save_moderation_model(root / "export", cfg, params, head)
     tok.save_pretrained(str(root / "export"))

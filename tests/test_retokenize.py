@@ -16,14 +16,14 @@ from jaxalign.train import metrics as metrics_lib
 def _other_score_model(root, vocab: int, kind: str = "reward"):
     """A second BPE (`vocab` tokens) on the same mini data and a random score model with that
     vocabulary, saved with its tokenizer in root/<kind>_other. -> (tokenizer, module, params)."""
-    from jaxalign.models import llama, score
+    from jaxalign.models import decoder, llama, score
     from jaxalign.models import tokenizer as tokenizer_lib
 
     tok = tokenizer_lib.train_bpe_tokenizer(tokenizer_lib.release_texts(root / "data"), vocab, root / "tok_other")
     cfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    params = score.init_params_from_llama(llama.init_params(cfg, jax.random.PRNGKey(7))["model"], cfg,
+    params = score.init_params_from_backbone(decoder.init_params(cfg, jax.random.PRNGKey(7))["model"], cfg,
                                           jax.random.PRNGKey(8))
     head = score.ScoreHead(score_type=kind)
     score.save_score_model(root / f"{kind}_other", cfg, params, head)

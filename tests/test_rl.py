@@ -21,7 +21,8 @@ import pytest
 import conftest
 from configs import base
 from jaxalign.models import score
-from jaxalign.models.llama import LlamaConfig, init_params
+from jaxalign.models.decoder import init_params
+from jaxalign.models.llama import LlamaConfig
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl import algorithms, iteration, roles, stacking, steps
 from jaxalign.rl.algorithms.ppo_lag import PPOLagSettings
@@ -112,7 +113,7 @@ def INITIAL_PARAMS():  # noqa: N802 (a lazily computed constant)
     """Random actor and critic params, initialised once per session (each init compiles)."""
     actor_rng, reward_rng, cost_rng = jax.random.split(jax.random.PRNGKey(0), 3)
     reward_critic = score.init_score_params(CFG, reward_rng)
-    cost_critic = score.init_params_from_llama(jax.tree.map(jnp.copy, reward_critic["model"]), CFG, cost_rng)
+    cost_critic = score.init_params_from_backbone(jax.tree.map(jnp.copy, reward_critic["model"]), CFG, cost_rng)
     return {"actor": init_params(CFG, actor_rng), "reward_critic": reward_critic, "cost_critic": cost_critic}
 
 

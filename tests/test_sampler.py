@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from jaxalign.generate import sampler
 from jaxalign.generate.sampler import SamplingConfig
-from jaxalign.models import hf, layouts, llama
+from jaxalign.models import hf, kv_cache, layouts, llama
 from jaxalign.objectives.common import token_log_probs
 
 VOCAB = 53
@@ -41,13 +42,7 @@ def models(tmp_path_factory):
 
 
 def _left_padded(lengths, width, seed):
-    rng = np.random.RandomState(seed)
-    ids = np.full((len(lengths), width), PAD, np.int32)
-    mask = np.zeros((len(lengths), width), bool)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = rng.randint(3, VOCAB, n)
-        mask[row, width - n :] = True
-    return ids, mask
+    return conftest.left_padded(lengths, width, seed, vocab_size=VOCAB, pad=PAD)
 
 
 def _hf_greedy(model, ids, mask, n, eos):
@@ -235,11 +230,11 @@ def test_decode_segments_sample_the_same_tokens_and_log_probs(models):
     assert sampler.decode_segments(128, 0) == [33, 65, 97, 128]  # auto: one per 32 steps, at most 4
     assert sampler.decode_segments(32, 0) == [32] and sampler.decode_segments(1, 0) == []
     assert sampler.decode_segments(4, 10) == [2, 3, 4]  # never more segments than steps
-    cache = llama.init_cache(cfg, 2, 5)
-    grown = llama.grow_cache(cache, 9)
+    cache = kv_cache.init_cache(cfg, 2, 5)
+    grown = kv_cache.grow_cache(cache, 9)
     assert grown.mask.shape == (2, 9) and grown.k[0].shape[-1] == 9 and grown.v[0].shape[-2] == 9  # per-layer (unrolled) or stacked
     with pytest.raises(ValueError, match="already has 9 slots"):
-        llama.grow_cache(grown, 5)
+        kv_cache.grow_cache(grown, 5)
     with pytest.raises(ValueError, match="cache_segments"):
         SamplingConfig(max_new_tokens=4, cache_segments=-1)
 

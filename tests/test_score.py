@@ -126,7 +126,7 @@ def test_param_tree_shares_the_llama_backbone(tiny):
     np.testing.assert_array_equal(fresh["score_head"]["bias"], [0.0, 0.0])
     assert 0.01 < float(jnp.std(fresh["score_head"]["kernel"])) < 0.04  # N(0, 0.02)
     # Init from a policy's backbone (score stage): backbone kept, fresh head.
-    head_init = score.init_params_from_llama(params["model"], cfg, jax.random.PRNGKey(4), score_dim=2)
+    head_init = score.init_params_from_backbone(params["model"], cfg, jax.random.PRNGKey(4), score_dim=2)
     assert head_init["model"] is params["model"]
     np.testing.assert_array_equal(head_init["score_head"]["bias"], [0.0, 0.0])
     assert 0.01 < float(jnp.std(head_init["score_head"]["kernel"])) < 0.04

@@ -32,7 +32,7 @@ def test_ppo_lagrangian_pipeline_on_a_qwen3_backbone(mini_data, tmp_path):
         _train(f"{kind}_tiny.py", tmp_path / kind, f"--config.model.init_path={tmp_path / 'sft' / 'export'}",
                f"--config.tokenizer={tmp_path / 'sft' / 'export'}", "--config.train.num_steps=2", *data)
         cfg, head, _, _ = score.load_score_model(tmp_path / kind / "export")
-        assert cfg.model_type == "qwen3" and cfg.qk_norm and head.score_type == kind
+        assert cfg.model_type == "qwen3" and cfg.attention_options.qk_norm and head.score_type == kind
     records = _train(
         "ppo_lag_tiny.py", tmp_path / "ppo_lag", f"--config.model.init_path={tmp_path / 'sft' / 'export'}",
         f"--config.rl.reward_model_path={tmp_path / 'reward' / 'export'}",

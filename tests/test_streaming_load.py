@@ -76,7 +76,7 @@ def test_streamed_backbone_with_a_fresh_head(tmp_path):
     expected, _ = _eager(settings, 50, mesh, rules, "float32")
     for got, want in zip(jax.tree.leaves(placed.params["model"]), jax.tree.leaves(expected["model"])):
         np.testing.assert_array_equal(got, want)
-    fresh = score.init_params_from_llama(None, placed.cfg, jax.random.PRNGKey(3))["score_head"]
+    fresh = score.init_params_from_backbone(None, placed.cfg, jax.random.PRNGKey(3))["score_head"]
     np.testing.assert_array_equal(placed.params["score_head"]["kernel"], fresh["kernel"])
 
 

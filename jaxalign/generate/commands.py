@@ -40,7 +40,7 @@ def _sampling(args) -> sampler.SamplingConfig:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="HF causal-LM checkpoint dir (Llama, Qwen2, Qwen3; with tokenizer files)")
+    parser.add_argument("--model", required=True, help="HF causal-LM checkpoint dir (Llama, Qwen2/3, Gemma 2/3; with tokenizer files)")
     parser.add_argument("--prompt", required=True, help="the user prompt")
     parser.add_argument("--raw", action="store_true", help="do not apply the Safe RLHF prompt template")
     _add_sampling_arguments(parser, max_new_tokens=64)

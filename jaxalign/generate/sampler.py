@@ -12,7 +12,7 @@ Each step draws one uniform per row (inverse CDF, see sample_with_log_probs), al
 the loops.
 `sample` is a pure function of arrays with static (hashable) configs, so it can be called
 inside a larger jit (e.g. a jitted PPO rollout). The model comes from cfg's family
-(`models.causal_lm(cfg)`, `models.init_cache`): Llama, Qwen2 and Qwen3 sample the same way.
+(`models.causal_lm(cfg)`, `models.init_cache`): every family samples the same way.
 
     for tokens, mask in stream(params, cfg, prompt_ids, prompt_mask, rng, sampling):   # [B, k] each
         ...                                  # the same draws as `sample`, as they are decoded

@@ -2,7 +2,7 @@
 
     from jaxalign import models
     from jaxalign.models import hf
-    cfg, params = hf.from_pretrained(path, dtype="float32")   # Llama, Qwen2, Qwen3: by config.json
+    cfg, params = hf.from_pretrained(path, dtype="float32")   # Llama, Qwen2/3, Gemma 2/3: by config.json
     out = models.causal_lm(cfg).apply({"params": params}, input_ids, attention_mask=mask)
     out.logits                                                 # [B, T, V] fp32
 

@@ -1,6 +1,6 @@
 """HF checkpoint directories (config.json + safetensors) <-> (family config, params).
 
-    cfg, params = hf.from_pretrained(path, dtype="float32")   # Llama, Qwen2, Qwen3: by model_type
+    cfg, params = hf.from_pretrained(path, dtype="float32")   # any family (families.py): by model_type
     hf.save_pretrained(out_dir, cfg, params, max_shard_size=None)
 
 The family (families.py) is chosen by config.json's model_type when loading and by the config's
@@ -30,7 +30,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxalign.models import families, llama
+from jaxalign.models import families
+from jaxalign.models.config import DecoderConfig
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -252,7 +253,7 @@ def write_config(out_dir: str | os.PathLike, config: dict) -> None:
 # layer params, the two layout conversions and its torch shape (see tensor_map.py).
 
 
-def _layer_spec(cfg: llama.LlamaConfig):
+def _layer_spec(cfg: DecoderConfig):
     return families.of(cfg).hf_layer_map(cfg)
 
 
@@ -268,13 +269,13 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def _layer_params(cfg: llama.LlamaConfig, backbone: Mapping, i: int) -> Mapping:
+def _layer_params(cfg: DecoderConfig, backbone: Mapping, i: int) -> Mapping:
     if cfg.scan_layers:
         return jax.tree_util.tree_map(lambda x: x[i], backbone["layers"])
     return backbone[f"layers_{i}"]
 
 
-def backbone_hf_shapes(cfg: llama.LlamaConfig, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+def backbone_hf_shapes(cfg: DecoderConfig, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
     """Expected HF tensor names -> torch shapes of the backbone."""
     shapes = {
         f"{prefix}embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
@@ -287,7 +288,7 @@ def backbone_hf_shapes(cfg: llama.LlamaConfig, prefix: str = "model.") -> dict[s
 
 
 def backbone_to_hf_tensors(
-    cfg: llama.LlamaConfig, backbone: Mapping, prefix: str = "model.", dtype=None
+    cfg: DecoderConfig, backbone: Mapping, prefix: str = "model.", dtype=None
 ) -> dict[str, np.ndarray]:
     """Backbone params (params["model"], scanned or not) -> HF tensors {name: np [torch layout]}."""
     cast = lambda x: np.asarray(x if dtype is None else x.astype(dtype))  # noqa: E731
@@ -332,7 +333,7 @@ def check_tensors(
 
 
 def backbone_from_hf_tensors(
-    cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndarray], prefix: str = "model.", dtype=None
+    cfg: DecoderConfig, tensors: Mapping[str, np.ndarray], prefix: str = "model.", dtype=None
 ) -> dict:
     """HF tensors -> backbone params in our layout (stacked when cfg.scan_layers), as numpy
     arrays of `dtype` (default cfg.param_dtype). Checks names and shapes of the backbone
@@ -398,7 +399,7 @@ def _converted_shape(convert: Callable, shape: tuple[int, ...], dtype) -> tuple[
     return tuple(jax.eval_shape(convert, jax.ShapeDtypeStruct(shape, dtype)).shape)
 
 
-def backbone_plan(cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndarray], prefix: str = "model.",
+def backbone_plan(cfg: DecoderConfig, tensors: Mapping[str, np.ndarray], prefix: str = "model.",
                   dtype=None) -> dict:
     """The streaming twin of backbone_from_hf_tensors: the same tree (stacked when cfg.scan_layers)
     with a Streamed leaf per parameter; names and shapes are checked from the headers only."""
@@ -438,7 +439,7 @@ def backbone_plan(cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndarray], pre
     return backbone
 
 
-def lm_params_plan(cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndarray], dtype=None) -> dict:
+def lm_params_plan(cfg: DecoderConfig, tensors: Mapping[str, np.ndarray], dtype=None) -> dict:
     """The streaming twin of params_from_hf_tensors (same checks, Streamed leaves)."""
     dtype = np.dtype(cfg.weight_dtype if dtype is None else dtype)
     tied_extra = lambda n: cfg.tie_word_embeddings and n == "lm_head.weight"  # noqa: E731
@@ -457,7 +458,7 @@ def is_streamed(x) -> bool:
 # ----------------------------------------------------------------------------- causal LM
 
 
-def lm_hf_shapes(cfg: llama.LlamaConfig) -> dict[str, tuple[int, ...]]:
+def lm_hf_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """Expected HF tensor names -> shapes of the family's *ForCausalLM."""
     shapes = backbone_hf_shapes(cfg)
     if not cfg.tie_word_embeddings:
@@ -465,7 +466,7 @@ def lm_hf_shapes(cfg: llama.LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def params_to_hf_tensors(cfg: llama.LlamaConfig, params: Mapping, dtype=None) -> dict[str, np.ndarray]:
+def params_to_hf_tensors(cfg: DecoderConfig, params: Mapping, dtype=None) -> dict[str, np.ndarray]:
     """Causal-LM params -> the family's *ForCausalLM tensors."""
     tensors = backbone_to_hf_tensors(cfg, params["model"], dtype=dtype)
     if not cfg.tie_word_embeddings:
@@ -474,7 +475,7 @@ def params_to_hf_tensors(cfg: llama.LlamaConfig, params: Mapping, dtype=None) ->
     return tensors
 
 
-def params_from_hf_tensors(cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndarray], dtype=None) -> dict:
+def params_from_hf_tensors(cfg: DecoderConfig, tensors: Mapping[str, np.ndarray], dtype=None) -> dict:
     """The family's *ForCausalLM tensors -> causal-LM params (numpy), with full name and shape
     checks."""
     dtype = cfg.weight_dtype if dtype is None else dtype
@@ -487,9 +488,9 @@ def params_from_hf_tensors(cfg: llama.LlamaConfig, tensors: Mapping[str, np.ndar
     return params
 
 
-def load_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
-    """The family config (LlamaConfig, qwen.Qwen2Config, qwen.Qwen3Config) of a checkpoint dir's
-    config.json, chosen by its model_type (errors name the file)."""
+def load_config(path: str | os.PathLike, **overrides) -> DecoderConfig:
+    """The family config (llama.LlamaConfig, qwen.Qwen3Config, gemma.Gemma2Config, ...) of a
+    checkpoint dir's config.json, chosen by its model_type (errors name the file)."""
     file = pathlib.Path(path) / CONFIG_NAME
     try:
         return families.config_from_hf(read_config(path), **overrides)
@@ -499,7 +500,7 @@ def load_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
         raise CheckpointError(f"{file}: {e}") from e
 
 
-def config_from_hf(hf_config: Mapping, **overrides) -> llama.LlamaConfig:
+def config_from_hf(hf_config: Mapping, **overrides) -> DecoderConfig:
     """The family config of an HF config.json dict, chosen by its model_type (no model_type:
     llama); the same as models.config_from_hf."""
     return families.config_from_hf(hf_config, **overrides)
@@ -507,7 +508,7 @@ def config_from_hf(hf_config: Mapping, **overrides) -> llama.LlamaConfig:
 
 def from_pretrained(path: str | os.PathLike, dtype: str = "float32", **overrides):
     """(cfg, params) from an HF checkpoint dir of any supported family (config.json's
-    model_type: llama, qwen2, qwen3). `dtype` is the compute dtype (cfg.dtype);
+    model_type: families.SUPPORTED_MODEL_TYPES). `dtype` is the compute dtype (cfg.dtype);
     params are stored in cfg.param_dtype (override with param_dtype=...). Params are jax arrays."""
     cfg = load_config(path, dtype=dtype, **overrides)
     params = params_from_hf_tensors(cfg, read_safetensors_dir(path))
@@ -516,12 +517,12 @@ def from_pretrained(path: str | os.PathLike, dtype: str = "float32", **overrides
 
 def save_pretrained(
     out_dir: str | os.PathLike,
-    cfg: llama.LlamaConfig,
+    cfg: DecoderConfig,
     params: Mapping,
     max_shard_size: int | str | None = None,
 ) -> None:
     """Writes config.json + model.safetensors (sharded when max_shard_size is given) that the
-    family's transformers class (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)
+    family's transformers class (LlamaForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, ...)
     from_pretrained loads. Tensors are saved in cfg.param_dtype."""
     tensors = params_to_hf_tensors(cfg, jax.device_get(params))
     tensors = {k: v.astype(cfg.weight_dtype) for k, v in tensors.items()}

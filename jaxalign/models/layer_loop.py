@@ -1,4 +1,4 @@
-"""Whether a Llama's layer loop (nn.scan over the stacked layers) runs unrolled.
+"""Whether a decoder's layer loop (nn.scan over the stacked layers, decoder.Backbone) runs unrolled.
 
 On single-device XLA:CPU an unrolled loop is faster for fwd+bwd (1.06-1.18x: no while loop whose
 stacked residual buffers are zeroed and copied) and for decoding, while a forward alone is faster
@@ -58,6 +58,6 @@ ROLLED_FORWARD_MIN_HIDDEN = 512
 
 
 def unroll_training(hidden_size: int) -> bool:
-    """The rule LlamaModel's layer scan follows: unroll_layers(), except inside forward_only() for
+    """The rule decoder.Backbone's layer scan follows: unroll_layers(), except inside forward_only() for
     models at least ROLLED_FORWARD_MIN_HIDDEN wide."""
     return unroll_layers() and not (_FORWARD_ONLY.get() and hidden_size >= ROLLED_FORWARD_MIN_HIDDEN)

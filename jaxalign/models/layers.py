@@ -1,7 +1,7 @@
-"""The building blocks of the decoder families (Llama, Qwen2, Qwen3): RoPE, projections, norms,
-embeddings and the SwiGLU MLP (the attention math is in attention.py).
+"""The building blocks every decoder family composes: RoPE, projections, norms, embeddings and the
+gated MLP (the attention layer is decoder.Attention, its math attention.py).
 
-Modules take the family config (a `llama.LlamaConfig` or subclass) as `cfg`; every parameter
+Modules take the family config (a `config.DecoderConfig` subclass) as `cfg`; every parameter
 carries logical axis names (embed, mlp, heads, kv_heads, head_dim, vocab) so the sharding rules in
 jaxalign/parallel/mesh.py map them onto mesh axes.
 """
@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.models import quantize
+from jaxalign.models import quantize, tensor_map
 
 if TYPE_CHECKING:
-    from jaxalign.models.llama import LlamaConfig
+    from jaxalign.models.config import DecoderConfig
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -79,11 +79,9 @@ def parse_rope_scaling(rope: dict) -> RopeScaling | None:
     )
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies [Dh/2] fp32, with linear / llama3 scaling as in HF."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = cfg.rope_scaling
+def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [dim/2] fp32 of RoPE with base `theta`, with linear / llama3 scaling as in HF."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if scaling is None:
         return inv_freq.astype(np.float32)
     if scaling.rope_type == "linear":
@@ -101,9 +99,10 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_angles(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of position * inv_freq: positions [B, T] -> two [B, T, Dh/2] fp32."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+def rope_angles(dim: int, theta: float, scaling: RopeScaling | None,
+                positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of position * inv_freq: positions [B, T] -> two [B, T, dim/2] fp32."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(dim, theta, scaling))
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -115,11 +114,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-
 # ----------------------------------------------------------------------------- modules
 
 
-def _normal(cfg: LlamaConfig):
+def _normal(cfg: DecoderConfig):
     return nn.initializers.normal(stddev=cfg.initializer_range)
 
 
@@ -129,7 +127,7 @@ class Linear(nn.Module):
     The matmul runs on a 2-D [N, in] view (much faster on XLA CPU than 3-D dots).
     """
 
-    cfg: "LlamaConfig"
+    cfg: "DecoderConfig"
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     axes: tuple[str, ...]  # logical names of kernel dims: in axes then out axes
@@ -161,30 +159,39 @@ class Linear(nn.Module):
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * scale over the last axis, computed in fp32.
     [..., N] -> [..., N] (compute dtype). N is `dim` (default hidden_size) with logical axis
-    `axis`: the per-head q/k norm of Qwen3 is RMSNorm(cfg, dim=head_dim, axis="head_dim")."""
+    `axis`: the per-head q/k norm of Qwen3 is RMSNorm(cfg, dim=head_dim, axis="head_dim").
+    A family with another norm subclasses it and overrides `init_scale` / `gain` (gemma.GemmaRMSNorm:
+    scale initialised to 0, gain 1 + scale)."""
 
-    cfg: "LlamaConfig"
+    cfg: "DecoderConfig"
     dim: int | None = None
     axis: str = "embed"
+
+    init_scale = staticmethod(nn.initializers.ones)
+
+    @staticmethod
+    def gain(scale: jax.Array) -> jax.Array:
+        """The fp32 multiplier of the normalised x, from the stored scale."""
+        return scale
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
+            nn.with_logical_partitioning(self.init_scale, (self.axis,)),
             (cfg.hidden_size if self.dim is None else self.dim,),
             cfg.weight_dtype,
         )
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-        return (y * scale.astype(jnp.float32)).astype(cfg.compute_dtype)
+        return (y * self.gain(scale.astype(jnp.float32))).astype(cfg.compute_dtype)
 
 
 class Embed(nn.Module):
     """Token embedding [V, D]; `attend` gives tied-embedding logits."""
 
-    cfg: "LlamaConfig"
+    cfg: "DecoderConfig"
 
     def setup(self):
         cfg = self.cfg
@@ -206,22 +213,51 @@ class Embed(nn.Module):
         return logits.reshape(b, t, -1)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). [B, T, D] -> [B, T, D]. With cfg.fused_projections
-    gate and up are one kernel "gate_up_proj" [D, F, 2] ([..., 0] = gate)."""
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),  # torch gelu(approximate="tanh")
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+}
+# The MLP's projection kernels (both layouts) by param key -> leading axes the matmul contracts.
+MLP_KERNELS = (("gate_up_proj", 1), ("gate_proj", 1), ("up_proj", 1), ("down_proj", 1))
 
-    cfg: "LlamaConfig"
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)) (SwiGLU with silu, GeGLU with gelu_pytorch_tanh).
+    [B, T, D] -> [B, T, D]. In the decode layout (cfg.decode_layout) gate and up are one kernel
+    "gate_up_proj" [D, F, 2] ([..., 0] = gate)."""
+
+    cfg: "DecoderConfig"
+    activation: str = "silu"  # a key of ACTIVATIONS (HF hidden_act / hidden_activation)
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        if cfg.fused_projections:  # one [D, F, 2] kernel (layouts.fuse_projections): one matmul
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, self.use_bias
+        if cfg.decode_layout is not None:  # one [D, F, 2] kernel (layouts.fuse_projections): one matmul
             gate_up = Linear(cfg, (d,), (f, 2), ("embed", "mlp", None), bias, name="gate_up_proj")(x)
             gate, up = gate_up[..., 0], gate_up[..., 1]
         else:
             gate = Linear(cfg, (d,), (f,), ("embed", "mlp"), bias, name="gate_proj")(x)
             up = Linear(cfg, (d,), (f,), ("embed", "mlp"), bias, name="up_proj")(x)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        hidden = nn.with_logical_constraint(ACTIVATIONS[self.activation](gate) * up, ("batch", "length", "mlp"))
         return Linear(cfg, (f,), (d,), ("mlp", "embed"), bias, name="down_proj")(hidden)
+
+
+def mlp_hf_tensors(cfg: DecoderConfig, use_bias: bool, prefix: str = "mlp") -> list[tensor_map.HFTensor]:
+    """The HF tensors of an MLP at `prefix` of a layer (HF *MLP: gate_proj / up_proj / down_proj)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    spec = [
+        tensor_map.proj_in(f"{prefix}.gate_proj.weight", (prefix, "gate_proj", "kernel"), d, (f,)),
+        tensor_map.proj_in(f"{prefix}.up_proj.weight", (prefix, "up_proj", "kernel"), d, (f,)),
+        tensor_map.proj_out(f"{prefix}.down_proj.weight", (prefix, "down_proj", "kernel"), (f,), d),
+    ]
+    if use_bias:
+        spec += [
+            tensor_map.vector(f"{prefix}.gate_proj.bias", (prefix, "gate_proj", "bias"), (f,)),
+            tensor_map.vector(f"{prefix}.up_proj.bias", (prefix, "up_proj", "bias"), (f,)),
+            tensor_map.vector(f"{prefix}.down_proj.bias", (prefix, "down_proj", "bias"), (d,)),
+        ]
+    return spec
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign import files, models
-from jaxalign.models import hf, llama, lora, score
+from jaxalign.models import decoder, hf, lora, score
 from jaxalign.parallel import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,12 @@ class ModelSettings:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # auto | xla | pallas | cudnn (models/attention_kernels.py)
 
     def runtime(self) -> dict:
         """The runtime config fields (not in config.json) as overrides."""
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                    remat_policy=self.remat_policy)
+                    remat_policy=self.remat_policy, attention_impl=self.attention_impl)
 
 
 @dataclasses.dataclass
@@ -180,7 +181,7 @@ def _resized_host(cfg, params: dict, vocab_size: int) -> dict:
         return params
     log.info("resizing the vocabulary %d -> %d (new rows = mean of the old)", cfg.vocab_size, vocab_size)
     with jax.default_device(jax.devices("cpu")[0]):
-        _, params = llama.resize_token_embeddings(cfg, params, vocab_size)
+        _, params = decoder.resize_token_embeddings(cfg, params, vocab_size)
     return jax.tree.map(np.asarray, params)
 
 
@@ -225,7 +226,7 @@ def load_backbone_with_head(settings: ModelSettings, head: score.ScoreHead, mesh
     module = head.model(cfg)
     shardings = param_shardings(module, mesh, rules)
     if settings.init_path:
-        fresh = lambda: {"score_head": score.init_params_from_llama(  # noqa: E731
+        fresh = lambda: {"score_head": score.init_params_from_backbone(  # noqa: E731
             None, cfg, rng, head.score_dim, head.score_bias)["score_head"]}
         params = _backbone_with_fresh_heads(settings, cfg, shardings, vocab_size, fresh)
         log.info("score model: backbone of %s + a fresh %s head", settings.init_path, head.score_type)

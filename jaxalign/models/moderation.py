@@ -44,7 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.data.pku_saferlhf import HARM_CATEGORIES
-from jaxalign.models import families, hf, llama
+from jaxalign.models import families, hf
+from jaxalign.models.config import DecoderConfig
+from jaxalign.models.layers import Linear
+from jaxalign.models.masks import last_true_index
 
 HEAD_NAMES = ("unsafe_head", "category_head", "severity_head")
 NUM_SEVERITIES = 4
@@ -86,7 +89,7 @@ class ModerationHead:
         if self.prompt_template != "chat" and "{input}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{input}} or be 'chat', got {self.prompt_template!r}")
 
-    def model(self, cfg: llama.LlamaConfig) -> "ModerationModel":
+    def model(self, cfg: DecoderConfig) -> "ModerationModel":
         """The ModerationModel module for this head on the backbone `cfg`."""
         return ModerationModel(cfg, self.num_categories, self.num_severities)
 
@@ -122,7 +125,7 @@ class ModerationModel(nn.Module):
       -> ModerationOutput. The end index is the last True of the mask (left or right padding).
     """
 
-    cfg: llama.LlamaConfig
+    cfg: DecoderConfig
     num_categories: int = len(HARM_CATEGORIES)
     num_severities: int = NUM_SEVERITIES
 
@@ -134,13 +137,13 @@ class ModerationModel(nn.Module):
         hidden, _ = families.of(cfg).backbone(cfg, name="model")(input_ids, attention_mask, positions)
 
         def head(size: int, name: str):
-            linear = llama.Linear(cfg, (cfg.hidden_size,), (size,), ("embed", None), True, name=name)
+            linear = Linear(cfg, (cfg.hidden_size,), (size,), ("embed", None), True, name=name)
             return linear(hidden).astype(jnp.float32)
 
         unsafe = head(1, "unsafe_head")[..., 0]
         categories = head(self.num_categories, "category_head")
         severity = head(self.num_severities, "severity_head")
-        end_index = llama.last_true_index(attention_mask)
+        end_index = last_true_index(attention_mask)
 
         def take(x):  # x [B, T, ...] -> [B, ...] at end_index
             return jnp.take_along_axis(x, end_index.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
@@ -152,7 +155,7 @@ class ModerationModel(nn.Module):
         )
 
 
-def init_heads(cfg: llama.LlamaConfig, rng: jax.Array, head: ModerationHead) -> dict:
+def init_heads(cfg: DecoderConfig, rng: jax.Array, head: ModerationHead) -> dict:
     """Fresh head params: kernels ~ N(0, initializer_range) [D, K], biases 0 [K]."""
     sizes = head_sizes(cfg, head)
     out = {}
@@ -162,7 +165,7 @@ def init_heads(cfg: llama.LlamaConfig, rng: jax.Array, head: ModerationHead) -> 
     return out
 
 
-def init_params_from_backbone(backbone: Mapping, cfg: llama.LlamaConfig, rng: jax.Array, head: ModerationHead) -> dict:
+def init_params_from_backbone(backbone: Mapping, cfg: DecoderConfig, rng: jax.Array, head: ModerationHead) -> dict:
     """ModerationModel params with `backbone` (a causal LM's or score model's params["model"])
     and fresh heads (init_heads)."""
     return {"model": backbone, **init_heads(cfg, rng, head)}
@@ -172,11 +175,11 @@ def init_params_from_backbone(backbone: Mapping, cfg: llama.LlamaConfig, rng: ja
 # Save / load
 
 
-def head_sizes(cfg: llama.LlamaConfig, head: ModerationHead) -> dict[str, int]:
+def head_sizes(cfg: DecoderConfig, head: ModerationHead) -> dict[str, int]:
     return {"unsafe_head": 1, "category_head": head.num_categories, "severity_head": head.num_severities}
 
 
-def moderation_hf_shapes(cfg: llama.LlamaConfig, head: ModerationHead) -> dict[str, tuple[int, ...]]:
+def moderation_hf_shapes(cfg: DecoderConfig, head: ModerationHead) -> dict[str, tuple[int, ...]]:
     """Expected HF tensor names -> torch shapes of a moderation model (backbone + heads)."""
     shapes = hf.backbone_hf_shapes(cfg)
     for name, size in head_sizes(cfg, head).items():
@@ -185,7 +188,7 @@ def moderation_hf_shapes(cfg: llama.LlamaConfig, head: ModerationHead) -> dict[s
     return shapes
 
 
-def params_to_hf_tensors(cfg: llama.LlamaConfig, params: Mapping, head: ModerationHead, dtype=None) -> dict:
+def params_to_hf_tensors(cfg: DecoderConfig, params: Mapping, head: ModerationHead, dtype=None) -> dict:
     """ModerationModel params -> HF tensors {name: np array in torch layout}."""
     dtype = cfg.weight_dtype if dtype is None else dtype
     tensors = hf.backbone_to_hf_tensors(cfg, params["model"], dtype=dtype)
@@ -195,7 +198,7 @@ def params_to_hf_tensors(cfg: llama.LlamaConfig, params: Mapping, head: Moderati
     return tensors
 
 
-def params_from_hf_tensors(cfg: llama.LlamaConfig, tensors: Mapping, head: ModerationHead) -> dict:
+def params_from_hf_tensors(cfg: DecoderConfig, tensors: Mapping, head: ModerationHead) -> dict:
     """HF tensors -> ModerationModel params (numpy, cfg.param_dtype), with name and shape checks."""
     hf.check_tensors(tensors, moderation_hf_shapes(cfg, head), where="moderation model checkpoint")
     dtype = cfg.weight_dtype
@@ -206,7 +209,7 @@ def params_from_hf_tensors(cfg: llama.LlamaConfig, tensors: Mapping, head: Moder
     return params
 
 
-def save_moderation_model(out_dir: str | os.PathLike, cfg: llama.LlamaConfig, params: Mapping, head: ModerationHead,
+def save_moderation_model(out_dir: str | os.PathLike, cfg: DecoderConfig, params: Mapping, head: ModerationHead,
                           max_shard_size: int | str | None = None) -> None:
     """Writes config.json (+ head fields) and model.safetensors (tensors in cfg.param_dtype)."""
     tensors = params_to_hf_tensors(cfg, jax.device_get(params), head)
@@ -235,7 +238,7 @@ def read_moderation_head(config: Mapping[str, Any], where: str = "config.json", 
 
 
 def load_moderation_model(path: str | os.PathLike, dtype: str = "float32", on_host: bool = False,
-                          **cfg_overrides) -> tuple[llama.LlamaConfig, ModerationHead, dict]:
+                          **cfg_overrides) -> tuple[DecoderConfig, ModerationHead, dict]:
     """(cfg, head, params) from a directory written by save_moderation_model.
 
     dtype: compute dtype; cfg_overrides go to the family config (param_dtype, scan_layers, ...).

@@ -1,10 +1,11 @@
 """Lower-precision decode weights (bf16, int8 through qwix) and the matmul that reads them.
 
-    cfg16, params16 = quantize.decode_weights(cfg, params, "bfloat16")
+    cfg16, params16 = quantize.decode_weights(cfg, params, "bfloat16", families.of(cfg).weights.kernels)
     y = quantize.matmul(cfg, x, w)          # x [N, K] @ w [K, M] (an array or a qwix QArray)
 
-Only the projection kernels and an untied lm_head change precision; embeddings, norms and biases
-stay as they are. Modes (measured on XLA:CPU in experiments/benchmark_llama.py):
+Only the projection kernels (by param key: the family's families.LayerWeights.kernels) and an
+untied lm_head change precision; embeddings, norms and biases stay as they are. Modes (measured on
+XLA:CPU in experiments/benchmark_llama.py):
 - "float32": unchanged (exact).
 - "bfloat16": kernels in bf16, matmul inputs in bf16, fp32 accumulation.
 - "int8": int8 kernels with one fp32 scale per output channel (qwix absmax), and each row of the
@@ -16,30 +17,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import qwix
 
 if TYPE_CHECKING:
-    from jaxalign.models.llama import LlamaConfig
+    from jaxalign.models.config import DecoderConfig
 
 MODES = ("float32", "bfloat16", "int8", "int8_weight_only")
 # The matmul-input dtype of each mode (None = the compute dtype).
 _MATMUL_DTYPE = {"float32": None, "bfloat16": "bfloat16", "int8": "int8", "int8_weight_only": None}
-# Kernels by their key in a layer's params; the value is how many leading axes are contracted.
-_KERNELS = {"qkv_proj": 1, "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
-            "gate_up_proj": 1, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
 
 
 def is_quantized(w: Any) -> bool:
     return isinstance(w, qwix.QArray)
 
 
-def matmul(cfg: "LlamaConfig", x: jax.Array, w, out=None) -> jax.Array:
+def matmul(cfg: "DecoderConfig", x: jax.Array, w, out=None) -> jax.Array:
     """x [N, K] @ w [K, M] -> [N, M] in `out` (default cfg.compute_dtype). The inputs go in
-    cfg.matmul_dtype (default: the compute dtype); a QArray w is int8 (see the module docstring)."""
+    cfg.matmul_dtype (the decode layout's; default: the compute dtype); a QArray w is int8 (see the
+    module docstring)."""
     out = cfg.compute_dtype if out is None else out
     if is_quantized(w):
         if cfg.matmul_dtype == "int8":
@@ -65,11 +64,14 @@ def _quantize_kernel(w: jax.Array, n_contract: int, mode: str, stacked: bool):
     return qwix.quantize(w.astype(jnp.float32), jnp.int8, channelwise_axes=out_axes)
 
 
-def decode_weights(cfg: "LlamaConfig", params: dict, mode: str) -> tuple["LlamaConfig", dict]:
+def decode_weights(cfg: "DecoderConfig", params: dict, mode: str,
+                   kernels: Iterable[tuple[str, int]]) -> tuple["DecoderConfig", dict]:
     """(cfg, params) with the projection kernels and untied lm_head in `mode` (one of MODES).
-    params: llama.Llama params, scanned ([L, ...] under "layers") or per-layer, fused or not. A
-    tied embedding stays fp32 for int8 (it is also the token lookup) and goes to bf16 for
-    "bfloat16"."""
+    cfg: in the decode layout (cfg.decode_layout set); params: a causal LM's, scanned ([L, ...]
+    under "layers") or per-layer; kernels: (param key, leading axes contracted) of the family's
+    projections. A tied embedding stays fp32 for int8 (it is also the token lookup) and goes to
+    bf16 for "bfloat16"."""
+    kernels = dict(kernels)
     if mode not in MODES:
         raise ValueError(f"decode weights {mode!r} is not one of {list(MODES)}")
     if mode == "float32":
@@ -78,8 +80,8 @@ def decode_weights(cfg: "LlamaConfig", params: dict, mode: str) -> tuple["LlamaC
     def convert(tree, stacked=False):
         out = {}
         for key, value in tree.items():
-            if key in _KERNELS and "kernel" in value:
-                out[key] = {**value, "kernel": _quantize_kernel(value["kernel"], _KERNELS[key], mode, stacked)}
+            if key in kernels and "kernel" in value:
+                out[key] = {**value, "kernel": _quantize_kernel(value["kernel"], kernels[key], mode, stacked)}
             elif isinstance(value, dict):
                 out[key] = convert(value, stacked or key == "layers")
             else:
@@ -92,10 +94,11 @@ def decode_weights(cfg: "LlamaConfig", params: dict, mode: str) -> tuple["LlamaC
     elif mode == "bfloat16":
         table = params["model"]["embed_tokens"]["embedding"].astype(jnp.bfloat16)
         params["model"] = {**params["model"], "embed_tokens": {"embedding": table}}
-    return dataclasses.replace(cfg, matmul_dtype=_MATMUL_DTYPE[mode]), params
+    layout = dataclasses.replace(cfg.decode_layout, matmul_dtype=_MATMUL_DTYPE[mode])
+    return dataclasses.replace(cfg, decode_layout=layout), params
 
 
-def cast_to_compute(cfg: "LlamaConfig", params: dict) -> dict:
+def cast_to_compute(cfg: "DecoderConfig", params: dict) -> dict:
     """params with every leaf but the norm scales in cfg.compute_dtype when that is narrower than
     the stored dtype (fp32 params, bf16 compute): the same numbers the modules would convert to
     at every call, converted once."""

@@ -3,11 +3,12 @@
     cfg, params = hf.from_pretrained(path)                  # model_type "qwen2" or "qwen3"
     out = models.causal_lm(cfg).apply({"params": params}, input_ids, attention_mask=mask)
 
-Both families are Llama's pre-norm SwiGLU decoder with two switches of llama.LlamaConfig:
+Both families are Llama's pre-norm SwiGLU decoder layer (llama.DecoderLayer) with their own
+attention options (config.AttentionOptions):
 - Qwen2 (and Qwen2.5, which shares model_type "qwen2"): q/k/v projections have biases, o_proj
-  has none (`qkv_bias=True`); no attention_bias / mlp_bias keys.
+  has none; no attention_bias / mlp_bias keys.
 - Qwen3: no biases unless `attention_bias` (then on q/k/v/o, as in Llama); a per-head RMSNorm
-  over head_dim on q and k before RoPE (`qk_norm=True`, params self_attn.q_norm / k_norm).
+  over head_dim on q and k before RoPE (params self_attn.q_norm / k_norm).
 Sliding-window attention (use_sliding_window: true, or any "sliding_attention" layer) is not
 implemented and is rejected. A Qwen3 config.json without head_dim means 128, as in transformers.
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from jaxalign.models import llama, tensor_map
+from jaxalign.models import llama
+from jaxalign.models.config import AttentionOptions
 
 
 def _check_no_sliding_window(hf: dict) -> None:
@@ -48,26 +50,22 @@ class Qwen2Config(llama.LlamaConfig):
     model_type: ClassVar[str] = "qwen2"
     hf_architecture: ClassVar[str] = "Qwen2ForCausalLM"
 
-    qkv_bias: bool = True
-
-    def _check_family(self) -> None:
-        wrong = {
-            k: v
-            for k, v in dict(qkv_bias=self.qkv_bias, attention_bias=self.attention_bias, mlp_bias=self.mlp_bias,
-                             qk_norm=self.qk_norm).items()
-            if v != (k == "qkv_bias")
-        }
+    def __post_init__(self):
+        super().__post_init__()
+        wrong = {k: v for k, v in dict(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias).items() if v}
         if wrong:
-            raise ValueError(
-                f"Qwen2Config: {wrong} is not Qwen2 (always q/k/v biases, no o_proj or MLP bias, no qk_norm)"
-            )
+            raise ValueError(f"Qwen2Config: {wrong} is not Qwen2 (always q/k/v biases, no o_proj or MLP bias)")
+
+    @property
+    def attention_options(self) -> AttentionOptions:
+        return AttentionOptions(qkv_bias=True)
 
     @classmethod
     def _fields_from_hf(cls, hf: dict) -> dict:
         _check_no_sliding_window(hf)
         # transformers' Qwen2 ignores attention_bias / mlp_bias: q/k/v biases always, no others.
         hf = {k: v for k, v in hf.items() if k not in ("attention_bias", "mlp_bias")}
-        return dict(super()._fields_from_hf(hf), qkv_bias=True)
+        return super()._fields_from_hf(hf)
 
     def to_hf_config(self) -> dict:
         """The HF config.json dict for transformers.Qwen2ForCausalLM."""
@@ -83,45 +81,25 @@ class Qwen3Config(llama.LlamaConfig):
     model_type: ClassVar[str] = "qwen3"
     hf_architecture: ClassVar[str] = "Qwen3ForCausalLM"
 
-    qk_norm: bool = True
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mlp_bias:
+            raise ValueError("Qwen3Config: {'mlp_bias': True} is not Qwen3 (biases only through attention_bias)")
 
-    def _check_family(self) -> None:
-        wrong = {
-            k: v
-            for k, v in dict(qk_norm=self.qk_norm, qkv_bias=self.qkv_bias, mlp_bias=self.mlp_bias).items()
-            if v != (k == "qk_norm")
-        }
-        if wrong:
-            raise ValueError(
-                f"Qwen3Config: {wrong} is not Qwen3 (always qk_norm; biases only through attention_bias)"
-            )
+    @property
+    def attention_options(self) -> AttentionOptions:
+        return AttentionOptions(qkv_bias=self.attention_bias, o_bias=self.attention_bias, qk_norm=True)
 
     @classmethod
     def _fields_from_hf(cls, hf: dict) -> dict:
         _check_no_sliding_window(hf)
         hf = {k: v for k, v in hf.items() if k != "mlp_bias"}  # transformers' Qwen3 MLP has no bias
         hf.setdefault("head_dim", 128)  # transformers' Qwen3Config default
-        return dict(super()._fields_from_hf(hf), qk_norm=True)
+        return super()._fields_from_hf(hf)
 
     def to_hf_config(self) -> dict:
         """The HF config.json dict for transformers.Qwen3ForCausalLM."""
         return _qwen_hf_config(self)
 
 
-def hf_layer_map(cfg: llama.LlamaConfig) -> list[tensor_map.HFTensor]:
-    """HF tensors of one Qwen2/Qwen3 decoder layer: Llama's, plus the q/k/v biases (Qwen2) and
-    the q/k norms (Qwen3)."""
-    spec = llama.hf_layer_map(cfg)
-    kv, h, dh = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim
-    if cfg.qkv_bias and not cfg.attention_bias:
-        spec += [
-            tensor_map.vector("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), (h, dh)),
-            tensor_map.vector("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), (kv, dh)),
-            tensor_map.vector("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), (kv, dh)),
-        ]
-    if cfg.qk_norm:
-        spec += [
-            tensor_map.vector("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"), (dh,)),
-            tensor_map.vector("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"), (dh,)),
-        ]
-    return spec
+hf_layer_map = llama.hf_layer_map  # the same layer: biases and q/k norms follow attention_options

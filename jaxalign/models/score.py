@@ -31,7 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.models import families, hf, llama
+from jaxalign.models import families, hf
+from jaxalign.models.config import DecoderConfig
+from jaxalign.models.layers import Linear
+from jaxalign.models.masks import last_true_index
 # Shared numerics (one implementation of the end-index rule for every caller).
 
 SCORE_TYPES = ("reward", "cost", "critic")
@@ -137,7 +140,7 @@ class ScoreModel(nn.Module):
     both work. The head runs in the compute dtype; its output is cast to fp32.
     """
 
-    cfg: llama.LlamaConfig
+    cfg: DecoderConfig
     score_dim: int = 1
     score_bias: bool = True
 
@@ -147,12 +150,12 @@ class ScoreModel(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         hidden, _ = families.of(cfg).backbone(cfg, name="model")(input_ids, attention_mask, positions)
-        head = llama.Linear(
+        head = Linear(
             cfg, (cfg.hidden_size,), (self.score_dim,), ("embed", None), self.score_bias,
             name="score_head",
         )
         scores = head(hidden).astype(jnp.float32)
-        end_index = llama.last_true_index(attention_mask)
+        end_index = last_true_index(attention_mask)
         take = lambda x: jnp.take_along_axis(x, end_index[:, None, None], axis=1)[:, 0]  # noqa: E731
         return ScoreOutput(
             scores=scores,
@@ -163,7 +166,7 @@ class ScoreModel(nn.Module):
         )
 
 
-def init_score_params(cfg: llama.LlamaConfig, rng: jax.Array, score_dim: int = 1, score_bias: bool = True) -> dict:
+def init_score_params(cfg: DecoderConfig, rng: jax.Array, score_dim: int = 1, score_bias: bool = True) -> dict:
     """Random ScoreModel parameters as a plain (unboxed) pytree."""
     ids = jnp.zeros((1, 1), jnp.int32)
     variables = jax.jit(ScoreModel(cfg, score_dim, score_bias).init)(rng, ids)
@@ -196,12 +199,12 @@ class ScoreHead:
         if self.score_dim < 1:
             raise ValueError(f"score_dim must be >= 1, got {self.score_dim}")
 
-    def model(self, cfg: llama.LlamaConfig) -> ScoreModel:
+    def model(self, cfg: DecoderConfig) -> ScoreModel:
         """The ScoreModel module for this head on the backbone `cfg`."""
         return ScoreModel(cfg, self.score_dim, self.score_bias)
 
 
-def score_head_hf_shapes(cfg: llama.LlamaConfig, head: ScoreHead) -> dict[str, tuple[int, ...]]:
+def score_head_hf_shapes(cfg: DecoderConfig, head: ScoreHead) -> dict[str, tuple[int, ...]]:
     """Expected HF tensor names -> torch shapes of a score model (backbone + head)."""
     shapes = hf.backbone_hf_shapes(cfg)
     shapes["score_head.weight"] = (head.score_dim, cfg.hidden_size)
@@ -211,7 +214,7 @@ def score_head_hf_shapes(cfg: llama.LlamaConfig, head: ScoreHead) -> dict[str, t
 
 
 def score_params_to_hf_tensors(
-    cfg: llama.LlamaConfig, params: Mapping, head: ScoreHead, dtype=None
+    cfg: DecoderConfig, params: Mapping, head: ScoreHead, dtype=None
 ) -> dict[str, np.ndarray]:
     """ScoreModel params -> HF tensors {name: np array in torch layout}."""
     dtype = cfg.weight_dtype if dtype is None else dtype
@@ -222,7 +225,7 @@ def score_params_to_hf_tensors(
     return tensors
 
 
-def score_params_from_hf_tensors(cfg: llama.LlamaConfig, tensors: Mapping, head: ScoreHead) -> dict:
+def score_params_from_hf_tensors(cfg: DecoderConfig, tensors: Mapping, head: ScoreHead) -> dict:
     """HF tensors -> ScoreModel params (numpy, cfg.param_dtype), with name and shape checks."""
     hf.check_tensors(tensors, score_head_hf_shapes(cfg, head), where="score model checkpoint")
     dtype = cfg.weight_dtype
@@ -237,7 +240,7 @@ def score_params_from_hf_tensors(cfg: llama.LlamaConfig, tensors: Mapping, head:
 
 def save_score_model(
     out_dir: str | os.PathLike,
-    cfg: llama.LlamaConfig,
+    cfg: DecoderConfig,
     params: Mapping,
     head: ScoreHead,
     stats: Mapping[str, Any] | None = None,
@@ -298,7 +301,7 @@ def load_score_model(
     score_type: str | None = None,
     on_host: bool = False,
     **cfg_overrides,
-) -> tuple[llama.LlamaConfig, ScoreHead, dict, dict]:
+) -> tuple[DecoderConfig, ScoreHead, dict, dict]:
     """(cfg, head, params, stats) from a score-model dir written by save_score_model.
 
     dtype: compute dtype; score_type overrides the stored one (e.g. "critic" for a critic
@@ -323,8 +326,8 @@ def load_score_model(
     return cfg, head, params, stats
 
 
-def init_params_from_llama(
-    backbone: Mapping, cfg: llama.LlamaConfig, rng: jax.Array, score_dim: int = 1, score_bias: bool = True
+def init_params_from_backbone(
+    backbone: Mapping, cfg: DecoderConfig, rng: jax.Array, score_dim: int = 1, score_bias: bool = True
 ) -> dict:
     """ScoreModel params with `backbone` (a policy's or score model's params["model"]) and a
     fresh score head (kernel ~ N(0, initializer_range), bias 0)."""
@@ -334,5 +337,3 @@ def init_params_from_llama(
         head["bias"] = jnp.zeros((score_dim,), cfg.weight_dtype)
     return {"model": backbone, "score_head": head}
 
-
-init_params_from_backbone = init_params_from_llama  # the family-neutral name

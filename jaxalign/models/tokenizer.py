@@ -6,7 +6,7 @@
 Upstream (safe-rlhf models/pretrained.py) adds any missing special token (`<pad>`, `</s>`, `<s>`, `<unk>`) after
 loading, then resizes the embeddings. `load_tokenizer` does the same and records the tokens it
 added in `tok.jaxalign_added_tokens`; when that is not empty the caller resizes with
-`jaxalign.models.llama.resize_token_embeddings(cfg, params, len(tok))`.
+`jaxalign.models.decoder.resize_token_embeddings(cfg, params, len(tok))`.
 Encoding prepends BOS (`add_special_tokens=True`, like Llama) and never appends EOS: training
 texts append `tok.eos_token` as a string (as upstream's safe_rlhf/datasets/*.py do).
 

@@ -7,7 +7,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models.llama import last_true_index
+from jaxalign.models.masks import last_true_index
 
 
 def masked_row_mean(x: jax.Array, mask: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models import score
-from jaxalign.models.llama import last_true_index, positions_from_mask
+from jaxalign.models.masks import last_true_index, positions_from_mask
 from jaxalign.objectives.common import masked_mean
 
 LOSS_TYPES = ("sequence-wise", "token-wise")

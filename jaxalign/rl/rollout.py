@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.models.llama import last_true_index
+from jaxalign.models.masks import last_true_index
 from jaxalign.objectives.common import last_token_scores, masked_row_mean, next_token_log_probs
 from jaxalign.rl import stacking
 from jaxalign.rl.algorithms.base import Algorithm

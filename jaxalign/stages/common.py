@@ -31,7 +31,8 @@ def model_settings(config) -> loading.ModelSettings:
     model = config.model
     return loading.ModelSettings(init_path=model.init_path, hf_config=model.hf_config.to_dict(), dtype=model.dtype,
                                  param_dtype=model.param_dtype, scan_layers=bool(model.scan_layers),
-                                 remat_policy=model.remat_policy)
+                                 remat_policy=model.remat_policy,
+                                 attention_impl=model.attention_impl)
 
 
 def lora_settings(config) -> lora.LoraSettings:
