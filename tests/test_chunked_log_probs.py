@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign import models
 from jaxalign.models import llama, lora
 from jaxalign.objectives.common import chunked_next_token_log_probs, next_token_log_probs
 from jaxalign.parallel import mesh as mesh_lib
@@ -50,14 +51,14 @@ def assert_same_values_and_gradients(cfg, params, lora_settings=None, wrt=lambda
 
 
 def test_chunked_log_probs_equal_the_whole_logits_values_and_gradients():
-    assert_same_values_and_gradients(CFG, llama.init_params(CFG, jax.random.PRNGKey(0)))
+    assert_same_values_and_gradients(CFG, models.init_params(CFG, jax.random.PRNGKey(0)))
 
 
 def test_chunked_log_probs_with_tied_embeddings_and_a_lora_actor():
     tied = dataclasses.replace(CFG, tie_word_embeddings=True)
-    assert_same_values_and_gradients(tied, llama.init_params(tied, jax.random.PRNGKey(0)), cases=((4, 5),))
+    assert_same_values_and_gradients(tied, models.init_params(tied, jax.random.PRNGKey(0)), cases=((4, 5),))
     settings = lora.LoraSettings(rank=4, alpha=8.0)
-    base = llama.init_params(CFG, jax.random.PRNGKey(0))
+    base = models.init_params(CFG, jax.random.PRNGKey(0))
     mesh = mesh_lib.make_mesh(mesh_lib.MeshSettings(fsdp=-1))
     adapters, _ = lora.init_adapters(llama.Llama(CFG), settings, jax.random.PRNGKey(2), mesh,
                                      mesh_lib.DEFAULT_AXIS_RULES)
