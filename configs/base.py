@@ -147,6 +147,16 @@ def get_config() -> ml_collections.ConfigDict:
     # of the full lengths; each new length compiles the steps once more. 0 = always prompt_length +
     # max_new_tokens (one compile: the choice for large models, whose compiles take minutes).
     rl.length_bucket = 0
+    # > 0: the actor's log-probs (scoring, update, PTX) come from its LM head and log-softmax run this many
+    # positions at a time, never the whole [batch, length, vocab] fp32 logits (the largest temporary of an
+    # update with a 128k vocabulary); 0 = the whole logits. Same numbers up to fp32 reassociation.
+    rl.logits_chunk = 0
+    # Old log-probs of the PPO ratio: "recompute" (a scoring forward of the actor, upstream) or "sampler" (the
+    # log-probs the sampler recorded while decoding: one forward of the six fewer). With "sampler" the first
+    # update of each iteration, whose params are the rollout's, measures |sampler - actor| log-prob gap, and
+    # the run stops with an error when its max exceeds max_logprob_gap (a bf16 / int8 decode layout, say).
+    rl.old_log_probs = "recompute"
+    rl.max_logprob_gap = 1e-3
     rl.temperature = 1.0
     rl.top_p = 1.0
     # PPO (upstream safe_rlhf/algorithms/ppo/trainer.py, safe_rlhf/trainers/rl_trainer.py).

@@ -335,6 +335,11 @@ def test_settings_from_configs_and_bad_input():
     with pytest.raises(ValueError, match="config.rl.ppo_lag.lambda_lr must be finite"):
         algorithms.make("ppo_lag", True, PPOLagSettings(lambda_lr=float("nan")))
     assert algorithms.make("ppo", has_cost_model=False).roles == ("actor", "reference", "reward", "reward_critic")
+    for change, message in ((dict(logits_chunk=-1), "config.rl.logits_chunk must be >= 0"),
+                            (dict(old_log_probs="cached"), "config.rl.old_log_probs must be one of recompute, sampler"),
+                            (dict(max_logprob_gap=0.0), "config.rl.max_logprob_gap must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(settings, **change)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -693,3 +698,32 @@ def test_length_bucket_rounding_and_bad_value():
     mask = jnp.asarray([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]], bool)
     assert steps.real_columns(mask).tolist() == [1, 4]
     assert steps.real_columns(jnp.zeros((2, 5), bool)).tolist() == [0, 5]
+
+
+def test_sampler_old_log_probs_give_the_recomputed_update_and_refuse_a_gap():
+    """rl.old_log_probs="sampler": the scoring step takes the sampler's log-probs as the old log-probs
+    (no actor forward); in fp32 they equal the recomputed ones to ~1e-6, so one iteration (2 minibatches
+    + PTX) gives the recompute path's actor and critics. The first update measures the gap; above
+    rl.max_logprob_gap the iteration is refused with the fields to change."""
+    batch = {"prompt": next(PromptIter()),
+             "ptx": [next(PromptIter(BATCH // 2, "sft", PROMPT + NEW)) for _ in range(2)]}
+    results = {}
+    for mode in ("recompute", "sampler"):
+        settings = make_settings(old_log_probs=mode)
+        program, frozen, make_trained, optimizers, _, mesh = setup(PPO_LAG, settings)
+        frozen = jax.device_put(frozen, program.frozen_shardings)
+        fresh = lambda: jax.device_put(steps.init_rl_state(PPO_LAG, settings, make_trained(), optimizers,  # noqa: E731
+                                                           jax.random.PRNGKey(0)), program.state_shardings)
+        with mesh_lib.sharding_context(mesh, ()):
+            results[mode] = iteration.rl_iteration(program, PPO_LAG, settings, frozen, fresh(), batch)
+    (recomputed, want), (state, got) = results["recompute"], results["sampler"]
+    assert 0.0 < got["logprob_gap_max"] < 1e-4 and got["logprob_gap_mean"] <= got["logprob_gap_max"]
+    for name in ("actor_loss", "ptx_loss", "reward_critic_loss", "kl_divergence", "reward", "cost"):
+        assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-5), name
+    for a, b in zip(jax.tree.leaves((state.actor.params, state.critics)),
+                    jax.tree.leaves((recomputed.actor.params, recomputed.critics))):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    tight = dataclasses.replace(settings, max_logprob_gap=got["logprob_gap_max"] / 2)
+    with mesh_lib.sharding_context(mesh, ()), pytest.raises(ValueError, match=r"config.rl.max_logprob_gap=.*"
+                                                                            r"config.rl.old_log_probs='recompute'"):
+        iteration.rl_iteration(program, PPO_LAG, tight, frozen, fresh(), batch)

@@ -14,6 +14,17 @@ import jax.numpy as jnp
 from jaxalign.objectives import common
 
 
+def token_mean_nll(log_probs: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Token-mean NLL of next-token log-probs over response tokens.
+
+    log_probs: [B, T - 1] (slot t scores input_ids[:, t + 1]), loss_mask: [B, T] bool (True where
+    input_ids[:, t] is a response token). Returns (loss scalar, number of loss tokens).
+    """
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    num_tokens = jnp.sum(mask)
+    return -jnp.sum(log_probs * mask) / jnp.maximum(num_tokens, 1.0), num_tokens
+
+
 def sft_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
     """Token-mean next-token NLL over response tokens.
 
@@ -21,10 +32,8 @@ def sft_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> t
     loss_mask: [B, T] bool, True where input_ids[:, t] is a response token to predict.
     Returns (loss scalar, {"accuracy", "num_loss_tokens"}).
     """
-    log_probs = common.next_token_log_probs(logits, input_ids)
+    loss, num_tokens = token_mean_nll(common.next_token_log_probs(logits, input_ids), loss_mask)
     mask = loss_mask[:, 1:].astype(jnp.float32)
-    num_tokens = jnp.sum(mask)
-    loss = -jnp.sum(log_probs * mask) / jnp.maximum(num_tokens, 1.0)
     correct = (jnp.argmax(logits, axis=-1)[:, :-1] == input_ids[:, 1:]).astype(jnp.float32)
     accuracy = jnp.sum(correct * mask) / jnp.maximum(num_tokens, 1.0)
     return loss, {"accuracy": accuracy, "num_loss_tokens": num_tokens}

@@ -102,6 +102,7 @@ def build_roles(plan: RLPlan, mesh, rules) -> tuple[roles.RoleFns, dict, dict]:
                            else roles.score_role_fn(module, None, role))
     cfg = plan.actor_cfg
     fns = roles.RoleFns(policy=roles.policy_fn(cfg, plan.lora),
+                        log_probs=roles.log_probs_fn(cfg, plan.lora, plan.settings.logits_chunk),
                         generate=roles.sampler_fn(cfg, plan.settings, cfg.pad_token_id, plan.masked_token_ids, plan.lora),
                         scores=score_fns, bases=bases)
     return fns, params, full

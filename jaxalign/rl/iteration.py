@@ -123,6 +123,9 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
     metrics = {name: float(value) for name, value in stats.items()}
     for name in update_metrics[-1]:
         metrics[name] = float(np.mean([m[name] for m in update_metrics]))
+    if settings.old_log_probs == "sampler":
+        check_sampler_log_probs(settings, update_metrics[0], int(state.iteration))
+        metrics.update({name: float(update_metrics[0][name]) for name in ("logprob_gap_max", "logprob_gap_mean")})
     metrics.update({name: float(value) for name, value in hook_metrics.items()})
     # a scalar lambda (ppo_lag), nu or 0; multi_lag: sum_i lambda_i (each one is logged as lambda/<name>)
     metrics["lambda"] = float(np.sum(algorithm.multiplier(settings, state.algorithm)))
@@ -135,6 +138,18 @@ def rl_iteration(program: RLProgram, algorithm: Algorithm, settings: RLSettings,
     metrics["tokens_per_s"] = batch_size * length / max(total, 1e-9)
     metrics["sequence_length"] = length  # prompt_length + max_new_tokens, or less with rl.length_bucket
     return state, metrics
+
+
+def check_sampler_log_probs(settings: RLSettings, first_update: dict, iteration: int) -> None:
+    """With rl.old_log_probs "sampler": ValueError when the first update of the iteration (the rollout's
+    params, so its log-probs are the recomputed old log-probs) saw a max |sampler - actor| log-prob gap
+    above rl.max_logprob_gap. The iteration's state is discarded (the loop saves nothing of it)."""
+    gap = float(first_update["logprob_gap_max"])
+    if not gap <= settings.max_logprob_gap:
+        raise ValueError(f"config.rl.old_log_probs='sampler': at iteration {iteration} the sampler's log-probs differ "
+                         f"from the actor's by up to {gap:.3g} > config.rl.max_logprob_gap={settings.max_logprob_gap:g} "
+                         f"(sampling and training see different numerics, e.g. a bf16 or int8 decode layout): use "
+                         f"config.rl.old_log_probs='recompute' or raise the bound")
 
 
 def trim_ptx(program: RLProgram, settings: RLSettings, ptx_batch: dict) -> dict:

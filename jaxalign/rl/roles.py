@@ -30,12 +30,16 @@ import jax.numpy as jnp
 from jaxalign import models
 from jaxalign.generate import sampler
 from jaxalign.models import loading, lora, moderation, score
+from jaxalign.objectives.common import chunked_next_token_log_probs
 from jaxalign.rl.settings import RLSettings
 
 TRAINED = ("actor",)  # plus every "<stream>_critic" role
 
 # (params, input_ids [B,L], attention_mask [B,L][, logits_from]) -> logits [B,L-logits_from,V] fp32
 PolicyFn = Callable[..., jax.Array]
+# (params, input_ids [B,L], attention_mask [B,L], start) -> log-probs [B,L-start-1] fp32 of each next
+# token: log pi(input_ids[:, t+1] | input_ids[:, :t+1]) for t >= start
+LogProbsFn = Callable[[Any, jax.Array, jax.Array, int], jax.Array]
 # (params, input_ids [B,L], attention_mask [B,L]) -> per-token scores [B,L] fp32
 ScoreFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 # (params, prompt_ids [B,S], prompt_mask [B,S], rng) ->
@@ -63,6 +67,9 @@ class RoleFns:
     # config.lora.critics "<s>_critic" -> "<s>"); such a role's trained params are only its adapters
     # (+ a critic's score head) and steps.role_params pairs them with the base. Absent = fully trained.
     bases: dict = dataclasses.field(default_factory=dict)
+    # The policy's next-token log-probs without its full logits (log_probs_fn); None: from `policy`'s
+    # logits (rollout.policy_log_probs).
+    log_probs: LogProbsFn | None = None
 
     def __hash__(self):  # closed over by jit; identity is enough
         return id(self)
@@ -142,6 +149,32 @@ def policy_fn(cfg, lora_settings: lora.LoraSettings | None = None) -> PolicyFn:
             return adapted.apply({"params": params}, input_ids, attention_mask=attention_mask,
                                  logits_from=logits_from).logits
         return module.apply({"params": params}, input_ids, attention_mask=attention_mask, logits_from=logits_from).logits
+
+    return apply
+
+
+def log_probs_fn(cfg, lora_settings: lora.LoraSettings | None = None, chunk_size: int = 0) -> LogProbsFn | None:
+    """LogProbsFn of policy_fn's model (the same params: plain or lora.Adapted) whose LM head and
+    log-softmax run chunk_size positions at a time (objectives.common.chunked_next_token_log_probs):
+    the [B, L - start, V] fp32 logits, the largest temporary of a 128k-vocabulary update, are never
+    materialised. chunk_size 0 (config.rl.logits_chunk's default): None, the log-probs come from
+    policy_fn's whole logits (RoleFns.log_probs)."""
+    if chunk_size <= 0:
+        return None
+    module = models.causal_lm(cfg)
+    adapted = lora.wrap(module, lora_settings) if lora_settings is not None and lora_settings.enabled else None
+
+    def apply(params, input_ids, attention_mask, start=0):
+        model = module
+        if isinstance(params, lora.Adapted):
+            params, model = lora.combine(params.base, params.adapters, cfg.compute_dtype), adapted
+        variables = {"params": params}
+        # the backbone's hidden states [B, L, D]; logits of the last position only (qwix's LoRA cannot
+        # reshape an empty [B, 0, V])
+        hidden = model.apply(variables, input_ids, attention_mask=attention_mask,
+                             logits_from=input_ids.shape[1] - 1).hidden_states[:, start:]
+        head = lambda h: module.apply(variables, h, method="head")  # noqa: E731 (no adapter on the LM head)
+        return chunked_next_token_log_probs(hidden, head, input_ids[:, start:], chunk_size)
 
     return apply
 
@@ -346,6 +379,7 @@ def load_roles(role_names: tuple[str, ...], model: loading.ModelSettings, paths:
     check_sequence_length(actor.cfg, settings)
     masked = (tokenizer.pad_token_id, getattr(tokenizer, "unk_token_id", None))
     fns = RoleFns(policy=policy_fn(actor.cfg, lora_settings),
+                  log_probs=log_probs_fn(actor.cfg, lora_settings, settings.logits_chunk),
                   generate=sampler_fn(actor.cfg, settings, tokenizer.pad_token_id, masked, lora_settings),
                   scores=score_fns, retokenizers=retokenizers, actor_tokenizer=tokenizer, bases=bases)
     return fns, params, shardings, actor.cfg

@@ -40,7 +40,10 @@ class Experience:
 
 def policy_log_probs(fns: RoleFns, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
                      start: int) -> jax.Array:
-    """log pi(token_{t+1} | tokens_<=t) for the response slots t >= start. -> [B,R]."""
+    """log pi(token_{t+1} | tokens_<=t) for the slots t >= start. -> [B,R] (R = L - start - 1): from
+    fns.log_probs when set (rl.logits_chunk: without the full logits), else from fns.policy's logits."""
+    if fns.log_probs is not None:
+        return fns.log_probs(params, input_ids, attention_mask, start)
     logits = fns.policy(params, input_ids, attention_mask, start)  # [B, L - start, V]
     return next_token_log_probs(logits, input_ids[:, start:])
 
@@ -101,14 +104,17 @@ def retokenize(input_ids: np.ndarray, attention_mask: np.ndarray, source, dest,
 
 def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, params: dict, kl_coeff: jax.Array,
                      input_ids: jax.Array, attention_mask: jax.Array,
-                     retokenized: dict | None = None, stack: bool = False) -> tuple[Experience, dict]:
+                     retokenized: dict | None = None, stack: bool = False,
+                     sample_log_probs: jax.Array | None = None) -> tuple[Experience, dict]:
     """Scores a rollout batch with the algorithm's roles and computes each stream's advantages.
 
     params: {role: pytree} for "actor", "reference", the algorithm's scorers and critics;
     kl_coeff: [] (beta); input_ids, attention_mask: [B,L]; retokenized: {scorer: (ids, mask)
     [B,L']} for the scorers with their own tokenizer (`retokenize`), scored on those instead;
     stack: roles of one architecture (actor + reference; scorers + critics) as one batched pass
-    (rl/stacking.py). Returns (Experience, per-sequence stats {name: [B]}).
+    (rl/stacking.py); sample_log_probs [B,R]: the sampler's log-probs, the old log-probs when
+    settings.old_log_probs == "sampler" (then the actor has no forward here).
+    Returns (Experience, per-sequence stats {name: [B]}).
     """
     retokenized = retokenized or {}
     start = settings.start
@@ -118,8 +124,13 @@ def score_experience(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, p
     mask = response_mask.astype(jnp.float32)
 
     log_probs_fn = lambda p, ids, mask: policy_log_probs(fns, p, ids, mask, start)  # noqa: E731 (one fn: stackable)
-    log_probs = stacking.score_pass(dict.fromkeys(("actor", "reference"), log_probs_fn), params,
-                                    dict.fromkeys(("actor", "reference"), (input_ids, attention_mask)), stack)
+    policies = ("reference",) if settings.old_log_probs == "sampler" else ("actor", "reference")
+    log_probs = stacking.score_pass(dict.fromkeys(policies, log_probs_fn), params,
+                                    dict.fromkeys(policies, (input_ids, attention_mask)), stack)
+    if settings.old_log_probs == "sampler":
+        if sample_log_probs is None:
+            raise ValueError("config.rl.old_log_probs='sampler' needs the sampler's log-probs of the rollout")
+        log_probs["actor"] = jnp.where(response_mask, sample_log_probs.astype(jnp.float32), 0.0)
     old_log_probs = log_probs["actor"]
     kl = old_log_probs - log_probs["reference"]
     critics = tuple(f"{stream}_critic" for stream in algorithm.critics)

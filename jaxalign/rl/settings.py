@@ -14,6 +14,9 @@ import math
 from typing import Any, Mapping
 
 
+OLD_LOG_PROBS = ("recompute", "sampler")  # where the PPO ratio's old log-probs come from
+
+
 @dataclasses.dataclass(frozen=True)
 class RLSettings:
     """Rollout, KL shaping, GAE, PPO update and PTX settings of every algorithm (upstream
@@ -42,6 +45,14 @@ class RLSettings:
     # > 0: each rollout drops the padding columns no row uses (prompts on the left, responses on the
     # right), keeping a multiple of length_bucket; 0: every batch is prompt_length + max_new_tokens
     length_bucket: int
+    # > 0: the actor's log-probs (scoring, update, PTX) from its LM head and log-softmax this many
+    # positions at a time, never the whole [B, L, V] fp32 logits; 0: the whole logits
+    logits_chunk: int
+    # "recompute": the actor's old log-probs from a scoring forward; "sampler": the sampler's own,
+    # recorded while it decoded (one forward fewer), refused when they differ from the actor's by
+    # more than max_logprob_gap (measured by each iteration's first update, rl/iteration.py)
+    old_log_probs: str
+    max_logprob_gap: float
 
     def __post_init__(self):
         check_finite(self, "config.rl")
@@ -51,6 +62,13 @@ class RLSettings:
             raise ValueError("config.rl.prompt_length and config.rl.max_new_tokens must be >= 1")
         if self.num_return_sequences < 1:
             raise ValueError(f"config.rl.num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.logits_chunk < 0:
+            raise ValueError(f"config.rl.logits_chunk must be >= 0 (0 = whole logits), got {self.logits_chunk}")
+        if self.old_log_probs not in OLD_LOG_PROBS:
+            raise ValueError(f"config.rl.old_log_probs must be one of {', '.join(OLD_LOG_PROBS)}, "
+                             f"got {self.old_log_probs!r}")
+        if not self.max_logprob_gap > 0:
+            raise ValueError(f"config.rl.max_logprob_gap must be > 0, got {self.max_logprob_gap}")
         if self.length_bucket < 0:
             raise ValueError(f"config.rl.length_bucket must be >= 0 (0 = fixed lengths), got {self.length_bucket}")
 

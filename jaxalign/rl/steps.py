@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.objectives import ppo, sft
-from jaxalign.objectives.common import next_token_log_probs
 from jaxalign.models import layer_loop, lora
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.rl import stacking
@@ -108,8 +107,11 @@ def trained_fns(fns: RoleFns, frozen: dict | None) -> RoleFns:
         return lambda params, *inputs: fn(role_params(fns, role, params, frozen), *inputs)
 
     scores = {role: paired(role, fn) if role in fns.bases else fn for role, fn in fns.scores.items()}
-    policy = paired("actor", fns.policy) if fns.actor_base else fns.policy
-    return dataclasses.replace(fns, policy=policy, scores=scores)
+    policy, log_probs = fns.policy, fns.log_probs
+    if fns.actor_base:
+        policy = paired("actor", policy)
+        log_probs = None if log_probs is None else paired("actor", log_probs)
+    return dataclasses.replace(fns, policy=policy, scores=scores, log_probs=log_probs)
 
 
 def actor_shardings(fns: RoleFns, param_shardings: dict, frozen_shardings: dict) -> Any:
@@ -122,8 +124,8 @@ def actor_shardings(fns: RoleFns, param_shardings: dict, frozen_shardings: dict)
 
 def ptx_loss(fns: RoleFns, params: Any, batch: dict) -> jax.Array:
     """SFT loss of the actor on a PTX batch (an "sft" batch: input_ids, attention_mask, loss_mask [B,L])."""
-    logits = fns.policy(params, batch["input_ids"], batch["attention_mask"])
-    return sft.sft_loss(logits, batch["input_ids"], batch["loss_mask"])[0]
+    log_probs = policy_log_probs(fns, params, batch["input_ids"], batch["attention_mask"], 0)
+    return sft.token_mean_nll(log_probs, batch["loss_mask"])[0]
 
 
 def actor_advantages(algorithm: Algorithm, settings: RLSettings, exp: Experience,
@@ -138,8 +140,14 @@ def actor_advantages(algorithm: Algorithm, settings: RLSettings, exp: Experience
 def actor_rl_loss(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, params: Any, exp: Experience,
                   advantages: jax.Array) -> jax.Array:
     """The algorithm's actor loss (Algorithm.actor_loss) on one experience batch. -> []."""
+    return actor_rl_loss_and_log_probs(fns, algorithm, settings, params, exp, advantages)[0]
+
+
+def actor_rl_loss_and_log_probs(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, params: Any,
+                                exp: Experience, advantages: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """actor_rl_loss and the actor's log-probs it read. -> ([], [B,R])."""
     log_probs = policy_log_probs(fns, params, exp.input_ids, exp.attention_mask, settings.start)
-    return algorithm.actor_loss(settings, log_probs, exp, advantages)
+    return algorithm.actor_loss(settings, log_probs, exp, advantages), log_probs
 
 
 def value_loss(score_fn, settings: RLSettings, params: Any, exp: Experience, old_values: jax.Array,
@@ -156,20 +164,19 @@ def can_fuse_ptx(exp: Experience, ptx_batch: dict) -> bool:
 
 
 def actor_rl_ptx_loss(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, params: Any, exp: Experience,
-                      advantages: jax.Array, ptx_batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                      advantages: jax.Array, ptx_batch: dict) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """0.5*(L_RL + ptx_coeff*L_PTX) from ONE policy pass over the rollout and PTX rows interleaved
     ([B,2,L] -> [2B,L]; both [B,L]), L_RL the algorithm's actor loss. Its gradient is upstream's
-    0.5*(g_RL + ptx_coeff*g_PTX) up to fp32 reassociation. -> (loss, (L_RL, L_PTX))."""
+    0.5*(g_RL + ptx_coeff*g_PTX) up to fp32 reassociation. -> (loss, (L_RL, L_PTX, RL log-probs [B,R]))."""
     b, length = exp.input_ids.shape
     both = lambda x, y: jnp.stack([x, y.astype(x.dtype)], axis=1).reshape(2 * b, length)  # noqa: E731
-    logits = fns.policy(params, both(exp.input_ids, ptx_batch["input_ids"]),
-                        both(exp.attention_mask, ptx_batch["attention_mask"]))
-    logits = logits.reshape(b, 2, *logits.shape[1:])
-    start = settings.start
-    log_probs = next_token_log_probs(logits[:, 0, start:], exp.input_ids[:, start:])
-    rl = algorithm.actor_loss(settings, log_probs, exp, advantages)
-    ptx = sft.sft_loss(logits[:, 1], ptx_batch["input_ids"], ptx_batch["loss_mask"])[0]
-    return 0.5 * (rl + settings.ptx_coeff * ptx), (rl, ptx)
+    log_probs = policy_log_probs(fns, params, both(exp.input_ids, ptx_batch["input_ids"]),
+                                 both(exp.attention_mask, ptx_batch["attention_mask"]), 0)
+    log_probs = log_probs.reshape(b, 2, length - 1)
+    rl_log_probs = log_probs[:, 0, settings.start:]
+    rl = algorithm.actor_loss(settings, rl_log_probs, exp, advantages)
+    ptx = sft.token_mean_nll(log_probs[:, 1], ptx_batch["loss_mask"])[0]
+    return 0.5 * (rl + settings.ptx_coeff * ptx), (rl, ptx, rl_log_probs)
 
 
 # ------------------------------------------------------------------------------------ steps
@@ -190,14 +197,18 @@ def health_metrics(exp: Experience, scores: dict, sample_log_probs: jax.Array | 
     arrays.update({f"{stream}_value": v for stream, v in exp.values.items()})
     if sample_log_probs is not None:
         arrays["sampler_log_probs"] = jnp.where(mask, sample_log_probs, 0.0)
-        gap = jnp.where(mask, jnp.abs(sample_log_probs - exp.old_log_probs), 0.0)
-        # A non-finite gap is counted above and reported as 0 here, so the count names the culprit.
-        gap = jnp.where(jnp.isfinite(gap), gap, 0.0)
-        metrics["logprob_gap_max"] = jnp.max(gap)
-        metrics["logprob_gap_mean"] = jnp.sum(gap) / jnp.maximum(jnp.sum(mask), 1)
+        metrics.update(logprob_gap(sample_log_probs, exp.old_log_probs, mask))
     for name, value in arrays.items():
         metrics[f"nonfinite/{name}"] = jnp.sum(~jnp.isfinite(value)).astype(jnp.float32)
     return metrics
+
+
+def logprob_gap(sampler: jax.Array, actor: jax.Array, mask: jax.Array) -> dict:
+    """{"logprob_gap_max", "logprob_gap_mean"}: of |sampler - actor| log-probs over the response tokens
+    (sampler, actor, mask [B,R]). A non-finite gap counts as 0 here (health_metrics counts it)."""
+    gap = jnp.where(mask, jnp.abs(sampler - actor), 0.0)
+    gap = jnp.where(jnp.isfinite(gap), gap, 0.0)
+    return {"logprob_gap_max": jnp.max(gap), "logprob_gap_mean": jnp.sum(gap) / jnp.maximum(jnp.sum(mask), 1)}
 
 
 def score_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, frozen: dict, state: RLState,
@@ -211,31 +222,39 @@ def score_step(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, frozen:
     params.update({f"{stream}_critic": role_params(fns, f"{stream}_critic", critic.params, frozen)
                    for stream, critic in state.critics.items()})
     exp, stats = score_experience(fns, algorithm, settings, params, state.kl_coeff, input_ids, attention_mask,
-                                  retokenized, stack)
+                                  retokenized, stack, sample_log_probs)
     means = {name: jnp.mean(value) for name, value in stats.items()}
     means["mean_generated_length"] = means.pop("generated_length")
     means["max_generated_length"] = jnp.max(stats["generated_length"])
     means["max_length_fraction"] = jnp.mean(stats["generated_length"] >= settings.max_new_tokens)
     scores = {name: stats[name] for name in algorithm.scorers}
-    means.update(health_metrics(exp, scores, sample_log_probs))
+    # old log-probs from the sampler: their gap to the actor's is measured by the first update (logprob_gap)
+    recomputed = settings.old_log_probs != "sampler"
+    means.update(health_metrics(exp, scores, sample_log_probs if recomputed else None))
     return exp, scores, means
 
 
 def actor_gradients(fns: RoleFns, algorithm: Algorithm, settings: RLSettings, params: Any, exp: Experience,
                     advantages: jax.Array, ptx_batch: dict | None, stack: bool) -> tuple[Any, dict]:
     """The actor's gradient: g_RL, or 0.5*(g_RL + ptx_coeff*g_PTX) with PTX (upstream doubles GAS when
-    PTX is on: one update on the mean of the two backward passes). -> (grads, loss metrics)."""
-    if settings.ptx_coeff <= 0:
-        loss, grads = jax.value_and_grad(actor_rl_loss, argnums=3)(fns, algorithm, settings, params, exp, advantages)
-        return grads, {"actor_loss": loss}
-    if stack and can_fuse_ptx(exp, ptx_batch):
-        (_, (loss, ptx)), grads = jax.value_and_grad(actor_rl_ptx_loss, argnums=3, has_aux=True)(
+    PTX is on: one update on the mean of the two backward passes). -> (grads, loss metrics; with
+    rl.old_log_probs "sampler" also logprob_gap of the actor's log-probs against exp.old_log_probs, the
+    sampler's: exact at the first update of an iteration, whose params are the rollout's)."""
+    if stack and settings.ptx_coeff > 0 and can_fuse_ptx(exp, ptx_batch):
+        (_, (loss, ptx, log_probs)), grads = jax.value_and_grad(actor_rl_ptx_loss, argnums=3, has_aux=True)(
             fns, algorithm, settings, params, exp, advantages, ptx_batch)
-        return grads, {"actor_loss": loss, "ptx_loss": ptx}
-    loss, grads = jax.value_and_grad(actor_rl_loss, argnums=3)(fns, algorithm, settings, params, exp, advantages)
-    ptx, ptx_grads = jax.value_and_grad(ptx_loss, argnums=1)(fns, params, ptx_batch)
-    grads = jax.tree.map(lambda g, p: 0.5 * (g + settings.ptx_coeff * p), grads, ptx_grads)
-    return grads, {"actor_loss": loss, "ptx_loss": ptx}
+        metrics = {"actor_loss": loss, "ptx_loss": ptx}
+    else:
+        (loss, log_probs), grads = jax.value_and_grad(actor_rl_loss_and_log_probs, argnums=3, has_aux=True)(
+            fns, algorithm, settings, params, exp, advantages)
+        metrics = {"actor_loss": loss}
+        if settings.ptx_coeff > 0:
+            ptx, ptx_grads = jax.value_and_grad(ptx_loss, argnums=1)(fns, params, ptx_batch)
+            grads = jax.tree.map(lambda g, p: 0.5 * (g + settings.ptx_coeff * p), grads, ptx_grads)
+            metrics["ptx_loss"] = ptx
+    if settings.old_log_probs == "sampler":
+        metrics.update(logprob_gap(exp.old_log_probs, jax.lax.stop_gradient(log_probs), exp.response_mask))
+    return grads, metrics
 
 
 def critic_updates(fns: RoleFns, settings: RLSettings, optimizers: Optimizers, critics: dict, exp: Experience,
