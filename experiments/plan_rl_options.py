@@ -10,8 +10,8 @@ Every case is `jaxalign plan` (jaxalign/stages/planning.plan_config) of configs/
                  and log-softmax 128 positions at a time, each chunk rematerialised)
   old_log_probs  the scoring step, rl.old_log_probs "recompute" (actor + reference + 4 score passes)
                  vs "sampler" (the actor's forward skipped)
-  rollout        the rollout (the sampler's prefill + 384 decode steps), the stacked KV cache as the
-                 layer scan's input and output (the baseline of a cache carried through the scan)
+  rollout        the rollout (the sampler's prefill + 384 decode steps) with the code as it is: the
+                 stacked KV cache carried through the layer scan, each token's column written in place
 
 --layers N keeps N of the model's 32 decoder layers (default 2): a full 8B step takes the TPU compiler
 25-45 minutes on the 2-core project machine, a 2-layer one a few. The LM head, the vocabulary and the

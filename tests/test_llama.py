@@ -211,12 +211,30 @@ def test_kv_cache_decode_matches_full_forward(tiny):
     assert int(cache.index) == 12
     np.testing.assert_array_equal(np.asarray(cache.lengths), [12, 9])
     np.testing.assert_array_equal(np.asarray(cache.mask), full_mask)
-    # scanned layers keep one stacked cache, which the scan reads and writes as it is
+    # scanned layers keep one stacked cache, carried through the scan and written in place
     assert cfg.scan_layers and cache.k.shape == (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim, 12)
     per_layer = kv_cache.init_cache(dataclasses.replace(cfg, scan_layers=False), 2, 12)
     with pytest.raises(ValueError, match="per layer but scan_layers=True"):
         apply({"params": params}, jnp.asarray(prompt), None, None, per_layer)
     _check_decode_layout(cfg, params, prompt, prompt_mask, steps, full)
+
+
+def test_scanned_decode_step_writes_the_stacked_cache_in_place(tiny):
+    """The scanned decode step carries the stacked cache through the layer scan and writes each
+    layer's new column into it: compiled with the cache donated, its temporaries stay below half the
+    cache (one layer's slice is read for attention). Scanning the cache as the layers' input and
+    output instead stacked a new [L, ...] cache each step: temporaries above the whole cache."""
+    cfg, _ = tiny
+    cfg = dataclasses.replace(cfg, num_hidden_layers=8)
+    model = llama.Llama(cfg)
+    ids = jax.ShapeDtypeStruct((2, 1), jnp.int32)
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"])
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, 2, 1024)).replace(empty=False)
+    step = lambda p, i, c: model.apply({"params": p}, i, None, None, c, method=llama.Llama.last_token_logits)  # noqa: E731
+    memory = jax.jit(step, donate_argnums=2).lower(params, ids, cache).compile().memory_analysis()
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in (cache.k, cache.v))
+    assert cache.k.shape[0] == 8 and memory.alias_size_in_bytes >= cache_bytes  # the cache is updated in its buffers
+    assert memory.temp_size_in_bytes < cache_bytes / 2, (memory.temp_size_in_bytes, cache_bytes)
 
 
 def _check_decode_layout(cfg, params, prompt, prompt_mask, steps, full):

@@ -87,9 +87,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, inputs: LayerInputs, cache_kv, kind):
-        """x [B, T, D]; cache_kv: None (no cache) or this layer's (k, v) buffers (kv_cache layout),
-        written at slot inputs.index; kind: see LayerInputs.of_kind.
-        Returns (out [B, T, D], updated (k, v) buffers or None)."""
+        """x [B, T, D]; cache_kv: None (no cache), this layer's (k, v) buffers (kv_cache layout) or
+        its kv_cache.LayerSlot in the stacked buffers, written at slot inputs.index; kind: see
+        LayerInputs.of_kind. Returns (out [B, T, D], cache_kv updated, of the same kind, or None)."""
         cfg, options = self.cfg, self.cfg.attention_options
         d, h, kv, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = options.qkv_bias
@@ -113,12 +113,12 @@ class Attention(nn.Module):
         scale = dh**-0.5 if options.query_scale is None else options.query_scale
         q = apply_rope(q, cos, sin) * jnp.asarray(scale, q.dtype)
         k = apply_rope(k, cos, sin)
-        new_cache = None if cache_kv is None else kv_cache.write_layer(*cache_kv, k, v, inputs.index)
+        new_cache = None if cache_kv is None else kv_cache.write_layer(cache_kv, k, v, inputs.index)
         if inputs.cache_mask is None:
             out = attention.causal_attention(q, k, v, inputs.mask, window=window, softcap=options.softcap,
                                              impl=cfg.attention_impl, windows=inputs.windows)
         else:  # the cached slots and the new tokens, from the cache as written
-            out = attention.cache_attention(q, *new_cache, inputs.cache_mask, inputs.index, window=window,
+            out = attention.cache_attention(q, *kv_cache.layer_buffers(new_cache), inputs.cache_mask, inputs.index, window=window,
                                             softcap=options.softcap)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = Linear(cfg, (h, dh), (d,), ("heads", "head_dim", "embed"), options.o_bias, name="o_proj")(out)
@@ -174,16 +174,8 @@ class Backbone(nn.Module):
         cfg = self.cfg
         self.embed_tokens = Embed(cfg)
         layer = _remat(self.layer_class, cfg)
-        if cfg.scan_layers:
-            self.layers = nn.scan(
-                layer,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, 0, 0),
-                length=cfg.num_hidden_layers,
-                unroll=cfg.num_hidden_layers if layer_loop.unroll_training(cfg.hidden_size) else 1,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg)
+        if cfg.scan_layers:  # one module whose params are stacked [L, ...] by the scan in __call__
+            self.layers = layer(cfg)
         else:
             self.layers = [layer(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = self.norm_class(cfg)
@@ -219,9 +211,11 @@ class Backbone(nn.Module):
         if cache is not None and isinstance(cache.k, tuple) == cfg.scan_layers:
             raise ValueError(f"the KV cache is {'per layer' if isinstance(cache.k, tuple) else 'stacked'} but "
                              f"scan_layers={cfg.scan_layers}: make it with init_cache of this config")
-        if cfg.scan_layers:  # the stacked cache is the scan's per-layer input and output as it is
+        if cfg.scan_layers:  # the stacked cache rides in the scan's carry: each layer writes its columns in place
             kinds = jnp.asarray(cfg.layer_kinds, jnp.int32) if len(cfg.attention_kinds) > 1 else None
-            x, new_kv = self.layers(x, inputs, None if cache is None else (cache.k, cache.v), kinds)
+            slot = None if cache is None else kv_cache.LayerSlot(cache.k, cache.v, jnp.zeros((), jnp.int32))
+            x, slot = self._scan_layers(x, slot, inputs, kinds)
+            new_kv = None if cache is None else (slot.k, slot.v)
         else:
             layer_kvs = []
             for i, layer in enumerate(self.layers):
@@ -240,6 +234,28 @@ class Backbone(nn.Module):
                 lengths=cache.lengths + jnp.sum(mask, axis=-1, dtype=jnp.int32),
             )
         return x, cache
+
+    def _scan_layers(self, x, slot, inputs: LayerInputs, kinds):
+        """The scanned stack: x [B, T, D] and slot (a kv_cache.LayerSlot or None) carried through
+        the layers, kinds [L] int32 (or None) their per-layer input. Returns (x, slot)."""
+        cfg = self.cfg
+
+        def body(layer, carry, inputs, kind):
+            x, slot = carry
+            x, slot = layer(x, inputs, slot, kind)
+            return (x, None if slot is None else slot.replace(layer=slot.layer + 1)), None
+
+        scan = nn.scan(
+            body,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0),
+            length=cfg.num_hidden_layers,
+            unroll=cfg.num_hidden_layers if layer_loop.unroll_training(cfg.hidden_size) else 1,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        (x, slot), _ = scan(self.layers, (x, slot), inputs, kinds)
+        return x, slot
 
     def attend(self, h):
         """Tied-embedding logits: h [B, T, D] -> [B, T, V] fp32."""

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 class KVCache:
     """Decoding cache, laid out for the decode matmuls (keys transposed): k: L x [B, KV, Dh, S];
     v: L x [B, KV, S, Dh], a tuple of per-layer buffers, or one [L, ...] array each when the
-    layers are scanned (the scan reads and writes it as it is: no per-step stacking of the
-    cache); mask: [B, S] (slot holds a real token);
+    layers are scanned (carried through the scan, each layer writing its new columns in place:
+    LayerSlot); mask: [B, S] (slot holds a real token);
     index: int32 [] next slot to write (shared by the batch); lengths: [B] int32 real
     tokens seen per row (= the next position). `empty` (static) marks a fresh cache, so
     the prefill skips attending to its slots (none is valid)."""
@@ -68,10 +68,35 @@ def grow_cache(cache: KVCache, max_length: int) -> KVCache:
                          mask=pad(cache.mask, -1))
 
 
-def write_layer(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, jax.Array]:
-    """One layer's buffers with this call's k, v [B, T, KV, Dh] written at slot `index`."""
-    k_cache = jax.lax.dynamic_update_slice(
-        k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (0, 0, 0, index))
-    v_cache = jax.lax.dynamic_update_slice(
-        v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
+@flax.struct.dataclass
+class LayerSlot:
+    """One layer's place in a stacked cache inside the layer scan (decoder.Backbone): the whole
+    buffers k [L, B, KV, Dh, S], v [L, B, KV, S, Dh], carried through the scan, and layer (int32 []),
+    the index of the layer running. The layer writes only its new columns into them (write_layer),
+    so XLA updates the carried buffers in place instead of stacking a new [L, ...] cache per step."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array
+
+
+def write_layer(cache_kv, k: jax.Array, v: jax.Array, index):
+    """cache_kv: one layer's (k, v) buffers or a LayerSlot; this call's k, v [B, T, KV, Dh] written at
+    slot `index` (of layer cache_kv.layer for a LayerSlot). Returns cache_kv updated, of the same kind."""
+    k_cols, v_cols = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, KV, Dh, T], [B, KV, T, Dh]
+    if isinstance(cache_kv, LayerSlot):
+        layer = cache_kv.layer
+        return cache_kv.replace(
+            k=jax.lax.dynamic_update_slice(cache_kv.k, k_cols[None].astype(cache_kv.k.dtype), (layer, 0, 0, 0, index)),
+            v=jax.lax.dynamic_update_slice(cache_kv.v, v_cols[None].astype(cache_kv.v.dtype), (layer, 0, 0, index, 0)))
+    k_cache, v_cache = cache_kv
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_cols.astype(k_cache.dtype), (0, 0, 0, index))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_cols.astype(v_cache.dtype), (0, 0, index, 0))
     return k_cache, v_cache
+
+
+def layer_buffers(cache_kv) -> tuple[jax.Array, jax.Array]:
+    """This layer's (k [B, KV, Dh, S], v [B, KV, S, Dh]) of cache_kv (one layer's buffers or a LayerSlot)."""
+    if isinstance(cache_kv, LayerSlot):
+        return tuple(jax.lax.dynamic_index_in_dim(x, cache_kv.layer, keepdims=False) for x in (cache_kv.k, cache_kv.v))
+    return cache_kv
