@@ -30,13 +30,11 @@ and the turning sentence back from the text alone.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any
 
 import numpy as np
 
 from jaxalign.data import mini
-from jaxalign.data.pku_saferlhf import SUBSET_DIRS
 
 PROMPT_SOURCE = "jaxalign-mini-hard"
 
@@ -263,13 +261,7 @@ def write_hard(
 
     Returns {subset dir: {split: rows}}.
     """
-    counts: dict[str, dict[str, int]] = {}
-    subsets = list(SUBSET_DIRS.values())
-    for i, subset in enumerate(subsets):
-        n = rows // len(subsets) + (1 if i < rows % len(subsets) else 0)
-        n_test = int(round(n * test_fraction))
-        folder = pathlib.Path(out_dir) / "data" / subset
-        mini.write_jsonl(folder / "train.jsonl", generate_rows(n - n_test, "train", seed, noise, subset))
-        mini.write_jsonl(folder / "test.jsonl", generate_rows(n_test, "test", seed, noise, subset))
-        counts[subset] = {"train": n - n_test, "test": n_test}
-    return counts
+    return mini.write_release(
+        out_dir, rows, test_fraction,
+        lambda subset, n, n_test: (generate_rows(n - n_test, "train", seed, noise, subset),
+                                   generate_rows(n_test, "test", seed, noise, subset)))

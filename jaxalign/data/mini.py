@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -330,14 +330,14 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def write_mini(
+def write_release(
     out_dir: str | os.PathLike,
-    rows: int = 3000,
-    seed: int = 0,
-    noise: float = 0.02,
-    test_fraction: float = 0.1,
+    rows: int,
+    test_fraction: float,
+    split_rows: Callable[[str, int, int], tuple[list[dict], list[dict]]],
 ) -> dict[str, dict[str, int]]:
-    """Write `rows` rows in the release layout under out_dir, split evenly over the three subsets.
+    """Write `rows` rows in the release layout under out_dir, split evenly over the three subsets;
+    split_rows(subset dir, n, n_test) -> (train rows, test rows) makes each subset's rows.
 
     Returns {subset dir: {split: rows}}.
     """
@@ -345,10 +345,29 @@ def write_mini(
     subsets = list(SUBSET_DIRS.values())
     for i, subset in enumerate(subsets):
         n = rows // len(subsets) + (1 if i < rows % len(subsets) else 0)
-        n_test = int(round(n * test_fraction))
-        generated = generate_rows(n, seed=seed, noise=noise, source=subset)
+        train, test = split_rows(subset, n, int(round(n * test_fraction)))
         folder = pathlib.Path(out_dir) / "data" / subset
-        write_jsonl(folder / "train.jsonl", generated[n_test:])
-        write_jsonl(folder / "test.jsonl", generated[:n_test])
-        counts[subset] = {"train": n - n_test, "test": n_test}
+        write_jsonl(folder / "train.jsonl", train)
+        write_jsonl(folder / "test.jsonl", test)
+        counts[subset] = {"train": len(train), "test": len(test)}
     return counts
+
+
+def write_mini(
+    out_dir: str | os.PathLike,
+    rows: int = 3000,
+    seed: int = 0,
+    noise: float = 0.02,
+    test_fraction: float = 0.1,
+) -> dict[str, dict[str, int]]:
+    """Write `rows` rows of mini in the release layout under out_dir (write_release); the first
+    n_test generated rows of each subset are its test split.
+
+    Returns {subset dir: {split: rows}}.
+    """
+
+    def split_rows(subset: str, n: int, n_test: int) -> tuple[list[dict], list[dict]]:
+        generated = generate_rows(n, seed=seed, noise=noise, source=subset)
+        return generated[n_test:], generated[:n_test]
+
+    return write_release(out_dir, rows, test_fraction, split_rows)
