@@ -29,7 +29,7 @@ hard: install
 	bash experiments/hard.sh
 
 test: install-test
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 # The CPU benchmarks of docs/performance.md, one after another (tens of minutes on 2 cores): JSON under out/.
 bench: install-test
