@@ -181,6 +181,17 @@ def check_compiler(topo: Topology) -> None:
         raise ValueError(f"compiling for a TPU needs libtpu, which is not installed: {TPU_EXTRA}")
 
 
+def compile_only_host(accelerator_type: str = "v5e-1") -> None:
+    """Set this process up to compile for a slice it is not on (call before any JAX backend starts):
+    libtpu asks the machine which TPU it is on and where its workers are, so tell it; JAX's own
+    backend stays the CPU (the CUDA plugin would look for a GPU driver)."""
+    import jax
+
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    jax.config.update("jax_platforms", "cpu")
+
+
 def compile_only_devices(topo: Topology) -> list:
     """The slice's compile-only devices (a mesh of them compiles for the slice; nothing runs).
 

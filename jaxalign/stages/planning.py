@@ -10,8 +10,9 @@ compiler. Model shapes: config.model.init_path's config.json when it exists, els
 config.model.hf_config; the vocabulary of config.tokenizer (or init_path) when it exists. A score
 role whose export does not exist yet (rl.reward_model_path, ...) takes the actor's architecture
 (as a reward model trained from the SFT policy has); a cost model that a moderation signal or
-the algorithm's per-token costs (config.rl.ppo_lag.cost_per_token) read is then a moderation model. Data-dependent values that do not change the
-program (moderation's per-category positive weights) are placeholders.
+the algorithm's per-token costs (config.rl.ppo_lag.cost_per_token) read is then a moderation model.
+Data-dependent values that do not change the program (moderation's per-category positive weights)
+are stand-ins.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 
 import jax
@@ -319,10 +319,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     topology = chips.topology(args.topology)  # a bad name fails before anything is loaded
     chips.check_compiler(topology)
-    # libtpu asks the machine which TPU it is on; a plan runs on any host, and never on the TPU itself.
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topology.chip.name}-{topology.chip.cores_per_chip}")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    jax.config.update("jax_platforms", "cpu")
+    chips.compile_only_host(f"{topology.chip.name}-{topology.chip.cores_per_chip}")  # any host, never the TPU
     config = config_lib.load_config(args.config, args.extra_args)
     config_lib.validate_config(config)
     mesh, built, plans = plan_config(config, topology)
